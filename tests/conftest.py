@@ -1,0 +1,34 @@
+"""Shared fixtures: autouse hygiene checks that fail a test leaking processes, threads, /dev/shm or process groups."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests._hygiene import LeakChecker
+
+
+@pytest.fixture(autouse=True)
+def _hygiene():
+    """Fails the test (at teardown) when it leaks, after cleaning up so later tests are not polluted."""
+    checker = LeakChecker()
+    yield
+    problems = checker.check_and_clean()
+    if problems:
+        pytest.fail("test is not hygienic:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def tmp_ckpt_dir(tmp_path: Path) -> Path:
+    """A fresh per-test directory for checkpoints (alias of ``tmp_path``)."""
+    return tmp_path
