@@ -21,7 +21,7 @@ from lightning_ckpt.barriers import BarrierConfig
 from lightning_ckpt.checkpoint_writer import CheckpointWriterConfig, WriterHook, WriteStats
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError, CheckpointWriteError, WriterProcessDiedError
 from lightning_ckpt.serialization import PreparedCheckpoint
-from lightning_ckpt.staging import StagingBuffer
+from lightning_ckpt.staging_buffer import StagingBuffer
 from lightning_ckpt.types import RankInfo
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpoint_writer import CheckpointWriter, WriteStats
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError
 from lightning_ckpt.futures import TrackedFuture, completed_future
-from lightning_ckpt.staging import CheckpointStager, StagedCheckpoint, StagingBufferTooLarge
+from lightning_ckpt.staging import CheckpointStager, StagedCheckpoint
+from lightning_ckpt.staging_buffer import StagingBufferTooLarge
 from lightning_ckpt.types import STATE_DICT
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,11 @@ class AsyncCheckpointer(Checkpointer):
         self.stager = checkpoint_stager
         if hasattr(checkpoint_stager, "on_buffer_closed"):
             checkpoint_stager.on_buffer_closed = checkpoint_process.drop_buffer
+        # A stager that bounds its buffers makes saves wait for a free buffer (a save sharing an unchanged
+        # snapshot needs none); others are bounded here by counting pending saves.
+        self._stager_bounds_buffers = hasattr(checkpoint_stager, "max_buffers")
+        if self._stager_bounds_buffers:
+            checkpoint_stager.max_buffers = max_in_flight
         self.process = checkpoint_process
         self.reader = reader
         self.max_in_flight = max_in_flight
@@ -170,6 +176,13 @@ class AsyncCheckpointer(Checkpointer):
     def save(self, path: str | os.PathLike, state_dict: STATE_DICT, **kwargs: Any) -> tuple[Future, Future]:
         """Start saving ``state_dict`` at ``path``.
 
+        Args:
+            path: final path (a file; a directory with several ranks).
+            state_dict: what to save.
+            **kwargs: ``metadata`` (json-able facts kept with the checksums); ``snapshot_token`` (a value such as
+                the training step: a save with the same token as the previous one, of the same unchanged tensors,
+                shares its staged copy).
+
         Returns:
             ``(stage_future, write_future)``; ``write_future`` resolves to ``SaveStats``.
 
@@ -181,14 +194,16 @@ class AsyncCheckpointer(Checkpointer):
         if self._closed:
             raise CheckpointError("AsyncCheckpointer is closed")
         self.check_for_errors()
-        self._wait_for_slot()
+        if not self._stager_bounds_buffers:
+            self._wait_for_slot()
         self._seq += 1
         save_key = f"save-{self._seq}"
         path = os.path.abspath(os.fspath(path))
         start = time.perf_counter()
         self._host_store()
         try:
-            staged = self.stager.stage(state_dict, metadata=kwargs.get("metadata"))
+            staged = self.stager.stage(state_dict, metadata=kwargs.get("metadata"),
+                                       snapshot_token=kwargs.get("snapshot_token"))
         except StagingBufferTooLarge as e:
             return self._save_fallback(path, state_dict, save_key, start, e)
         stall = time.perf_counter() - start

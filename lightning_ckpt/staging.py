@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
-import mmap
-import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -16,13 +14,15 @@ from typing import Any, Callable
 import torch
 
 from lightning_ckpt.errors import CheckpointTimeoutError
-from lightning_ckpt.serialization import STORAGE_ALIGNMENT, PreparedCheckpoint, prepare
+from lightning_ckpt.serialization import PreparedCheckpoint, prepare
+from lightning_ckpt.staging_buffer import (
+    StagingBuffer,
+    StagingBufferTooLarge,
+    StagingPlan,
+    accelerator_available,
+)
 
 log = logging.getLogger(__name__)
-
-
-def accelerator_available() -> bool:
-    return torch.cuda.is_available()
 
 
 @dataclass
@@ -64,63 +64,6 @@ class CheckpointStagerConfig:
         return accelerator_available() if self.use_non_blocking_copy is None else self.use_non_blocking_copy
 
 
-class StagingBufferTooLarge(Exception):
-    """A state needs more staging memory than the whole budget allows."""
-
-
-class StagingBuffer:
-    """One contiguous region, anonymous shared memory (memfd) or private, that staged tensors are carved from.
-
-    A memfd vanishes with the last descriptor or mapping, so a crash never leaves a ``/dev/shm`` entry behind.
-    """
-
-    _ids = iter(range(1, 1 << 62))
-
-    def __init__(self, nbytes: int, *, shared: bool, pinned: bool) -> None:
-        self.id = next(StagingBuffer._ids)
-        self.nbytes = nbytes
-        self.fd: int | None = None
-        if shared:
-            self.fd = os.memfd_create(f"lightning_ckpt-staging-{self.id}", os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, nbytes)
-            self._mmap = mmap.mmap(self.fd, nbytes)
-        else:
-            self._mmap = mmap.mmap(-1, nbytes)
-        self.base = torch.frombuffer(self._mmap, dtype=torch.uint8)
-        self.address = self.base.data_ptr()
-        self.pinned = False
-        if pinned and accelerator_available():
-            err = torch.cuda.cudart().cudaHostRegister(self.address, nbytes, 0)
-            self.pinned = int(err) == 0
-            if not self.pinned:
-                log.warning("cudaHostRegister failed (%s); staging buffer %d stays pageable", err, self.id)
-        self.users = 0
-
-    @property
-    def range(self) -> tuple[int, int]:
-        return self.address, self.address + self.nbytes
-
-    def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-        """A tensor whose own storage is exactly ``[offset, offset+nbytes)`` of this buffer."""
-        flat = torch.frombuffer(self._mmap, dtype=torch.uint8, count=nbytes, offset=offset)
-        return flat.view(dtype).view(shape)
-
-    def close(self) -> None:
-        if self.base is None:
-            return
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.address)
-        self.base = None
-        try:
-            self._mmap.close()
-        except BufferError:
-            # A staged tensor still references the mapping; it is unmapped when that tensor dies.
-            log.debug("staging buffer %d still referenced at close; leaving the mapping to the GC", self.id)
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
 @dataclass
 class StagedCheckpoint:
     """A staged state dict: its pickle bytes and records, and the buffer its tensor bytes live in."""
@@ -147,70 +90,39 @@ class CheckpointStager(ABC):
         """Free every buffer and thread; idempotent."""
 
 
-def _align(n: int) -> int:
-    return (n + STORAGE_ALIGNMENT - 1) // STORAGE_ALIGNMENT * STORAGE_ALIGNMENT
+@dataclass
+class _Snapshot:
+    """The state a buffer last received: reused without copying when the same tensors are saved unchanged."""
 
-
-def _stageable(t: torch.Tensor) -> bool:
-    return t.layout == torch.strided and t.device.type != "meta" and not t.is_quantized and t.numel() > 0
-
-
-class _Plan:
-    """Where each tensor of one state dict goes in a staging buffer, and the staged structure."""
-
-    def __init__(self, state_dict: Any) -> None:
-        self.copies: list[tuple[torch.Tensor, int, int]] = []  # (source, offset, nbytes)
-        self._by_identity: dict[tuple, int] = {}
-        self.nbytes = 0
-        self._collect(state_dict)
-
-    def _collect(self, obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            if _stageable(obj):
-                ident = (obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride(), obj.device)
-                if ident not in self._by_identity:
-                    nbytes = obj.numel() * obj.element_size()
-                    self._by_identity[ident] = len(self.copies)
-                    self.copies.append((obj, self.nbytes, nbytes))
-                    self.nbytes += _align(nbytes)
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                self._collect(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                self._collect(v)
-
-    def build(self, obj: Any, staged: list[torch.Tensor]) -> Any:
-        """The state dict's structure with each stageable tensor replaced by its staged tensor."""
-        if isinstance(obj, torch.Tensor):
-            if _stageable(obj):
-                ident = (obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride(), obj.device)
-                return staged[self._by_identity[ident]]
-            return obj.detach().clone() if obj.device.type != "meta" else obj
-        if isinstance(obj, dict):
-            # copy.copy keeps the dict's type and attributes (e.g. an OrderedDict state_dict's _metadata).
-            out = copy.copy(obj) if type(obj) is not dict else {}
-            for k, v in obj.items():
-                out[k] = self.build(v, staged)
-            return out
-        if isinstance(obj, list):
-            return [self.build(v, staged) for v in obj]
-        if isinstance(obj, tuple):
-            items = [self.build(v, staged) for v in obj]
-            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-        return obj
+    token: Any
+    signature: tuple
+    buffer: StagingBuffer
+    copy_future: Future | None
 
 
 class DefaultStager(CheckpointStager):
     """Stages into a pool of reusable buffers; a second save of same-sized state allocates nothing.
 
     Better than the PyTorch original: works on CPU-only machines by default (pinned memory and non-blocking
-    copies only with CUDA), bounds memory by ``budget_bytes``, and pickles the structure at ``stage`` time so
-    non-tensor values are captured at the moment of the save too.
+    copies only with CUDA), bounds memory by ``budget_bytes`` and ``max_buffers`` (a save waits for a buffer
+    rather than allocating past them), and pickles the structure at ``stage`` time so non-tensor values are
+    captured at the moment of the save too.
+
+    A save passing the same ``snapshot_token`` as the previous one (e.g. Lightning's ``last.ckpt`` written right
+    after the top-k file of the same step), whose tensors are the same objects with unchanged version counters,
+    shares the previous staged copy: no copy, no new buffer, no wait.
+
+    Args:
+        config: buffer kinds, async staging, budget.
+        max_buffers: staging buffers that may exist at once (the async checkpointer's ``max_in_flight``).
     """
 
-    def __init__(self, config: CheckpointStagerConfig | None = None) -> None:
+    def __init__(self, config: CheckpointStagerConfig | None = None, max_buffers: int = 1) -> None:
+        if max_buffers < 1:
+            raise ValueError(f"DefaultStager.max_buffers must be >= 1, got {max_buffers}")
         self.config = config or CheckpointStagerConfig()
+        self.max_buffers = max_buffers
+        self._snapshot: _Snapshot | None = None
         self._free: list[StagingBuffer] = []
         self._all: list[StagingBuffer] = []
         self._cond = threading.Condition()
@@ -218,6 +130,7 @@ class DefaultStager(CheckpointStager):
         self._stream = None
         self.on_buffer_closed: Callable[[int], None] | None = None  # told the id of each buffer freed early
         self.allocations = 0  # buffers ever allocated: tests and metrics watch this
+        self.shared_saves = 0  # saves that reused the previous staged copy
         self.allocated_bytes = 0
 
     def __getstate__(self) -> dict:
@@ -245,8 +158,11 @@ class DefaultStager(CheckpointStager):
             TypeError: the state dict holds an object that cannot be pickled (named by key path).
         """
         start = time.perf_counter()
-        plan = _Plan(state_dict)
-        buffer = self._acquire(max(plan.nbytes, 1))
+        plan = StagingPlan(state_dict)
+        token = kwargs.get("snapshot_token")
+        signature = plan.signature() if token is not None else None
+        shared = self._share(token, signature)
+        buffer = shared.buffer if shared is not None else self._acquire(max(plan.nbytes, 1))
         try:
             staged_tensors = [buffer.tensor(off, n, src.dtype, src.shape) for src, off, n in plan.copies]
             structure = plan.build(state_dict, staged_tensors)
@@ -256,16 +172,58 @@ class DefaultStager(CheckpointStager):
             self._release_buffer(buffer)
             raise
         staged = StagedCheckpoint(prepared, buffer, plan.nbytes)
+        if shared is not None:
+            return self._after(shared.copy_future, staged, start)
         if not self.config.use_async_staging:
             self._copy(plan, buffer)
             staged.stage_secs = time.perf_counter() - start
+            self._remember(token, signature, buffer, None)
             return staged
         ready = self._start_side_stream()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-stager")
-        return self._executor.submit(self._copy_async, plan, buffer, staged, start, ready)
+        future = self._executor.submit(self._copy_async, plan, buffer, staged, start, ready)
+        self._remember(token, signature, buffer, future)
+        return future
 
-    def _copy_async(self, plan: _Plan, buffer: StagingBuffer, staged: StagedCheckpoint, start: float,
+    def _share(self, token: Any, signature: tuple | None) -> _Snapshot | None:
+        """The previous snapshot, with one more user, when this save is of the very same unchanged tensors."""
+        snap = self._snapshot
+        if snap is None or signature is None or snap.token != token or snap.signature != signature:
+            return None
+        if snap.copy_future is not None and snap.copy_future.done() and snap.copy_future.exception() is not None:
+            return None
+        with self._cond:
+            if snap.buffer not in self._all:
+                return None
+            if snap.buffer in self._free:
+                self._free.remove(snap.buffer)
+            snap.buffer.users += 1
+            self.shared_saves += 1
+        return snap
+
+    def _remember(self, token: Any, signature: tuple | None, buffer: StagingBuffer, future: Future | None) -> None:
+        self._snapshot = _Snapshot(token, signature, buffer, future) if signature is not None else None
+
+    @staticmethod
+    def _after(copy_future: Future | None, staged: StagedCheckpoint, start: float) -> Any:
+        """``staged`` once the shared copy is complete (at once when it already is)."""
+        if copy_future is None:
+            staged.stage_secs = time.perf_counter() - start
+            return staged
+        future: Future = Future()
+
+        def done(f: Future) -> None:
+            staged.stage_secs = time.perf_counter() - start
+            if f.exception() is not None:
+                future.set_exception(f.exception())
+            else:
+                future.set_result(staged)
+
+        copy_future.add_done_callback(done)
+        return future
+
+    def _copy_async(self, plan: StagingPlan, buffer: StagingBuffer, staged: StagedCheckpoint, start: float,
                     ready: Any) -> StagedCheckpoint:
         try:
             self._copy(plan, buffer, ready)
@@ -284,9 +242,9 @@ class DefaultStager(CheckpointStager):
         self._stream.wait_stream(torch.cuda.current_stream())
         return self._stream
 
-    def _copy(self, plan: _Plan, buffer: StagingBuffer, stream: Any = None) -> None:
+    def _copy(self, plan: StagingPlan, buffer: StagingBuffer, stream: Any = None) -> None:
         non_blocking = stream is not None and buffer.pinned
-        ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with torch.no_grad(), ctx:
             for src, offset, nbytes in plan.copies:
                 dst = buffer.tensor(offset, nbytes, src.dtype, src.shape)
@@ -308,23 +266,31 @@ class DefaultStager(CheckpointStager):
                     buffer = min(fits, key=lambda b: b.nbytes)
                     self._free.remove(buffer)
                     buffer.users += 1
+                    if self._snapshot is not None and self._snapshot.buffer is buffer:
+                        self._snapshot = None  # about to be overwritten
                     return buffer
                 # Free buffers too small for this state are dropped before a bigger one is made.
                 for small in list(self._free):
-                    self._free.remove(small)
-                    self._all.remove(small)
-                    small.close()
-                    if self.on_buffer_closed is not None:
-                        self.on_buffer_closed(small.id)
-                if budget is None or self.buffer_bytes + nbytes <= budget:
+                    self._drop(small)
+                within_budget = budget is None or self.buffer_bytes + nbytes <= budget
+                if within_budget and len(self._all) < self.max_buffers:
                     return self._allocate(nbytes)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise CheckpointTimeoutError(
                         f"waited {self.config.buffer_wait_timeout_secs}s for a staging buffer of {nbytes} bytes "
-                        f"(budget_bytes={budget}, in use {self.buffer_bytes})"
+                        f"(budget_bytes={budget}, max_buffers={self.max_buffers}, in use {self.buffer_bytes})"
                     )
                 self._cond.wait(remaining)
+
+    def _drop(self, buffer: StagingBuffer) -> None:
+        self._free.remove(buffer)
+        self._all.remove(buffer)
+        if self._snapshot is not None and self._snapshot.buffer is buffer:
+            self._snapshot = None
+        buffer.close()
+        if self.on_buffer_closed is not None:
+            self.on_buffer_closed(buffer.id)
 
     def _allocate(self, nbytes: int) -> StagingBuffer:
         buffer = StagingBuffer(nbytes, shared=self.config.use_shared_memory, pinned=self.config.pinned)
@@ -354,14 +320,7 @@ class DefaultStager(CheckpointStager):
         with self._cond:
             for buffer in self._all:
                 buffer.close()
+            self._snapshot = None
             self._all.clear()
             self._free.clear()
             self._cond.notify_all()
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

@@ -278,3 +278,36 @@ def test_wrap_future():
     failing.set_exception(ValueError("boom"))
     with pytest.raises(ValueError, match="boom"):
         wrapped.result(timeout=1)
+
+
+def test_unchanged_state_with_same_token_shares_the_staged_copy(tmp_path):
+    sd = nested_state_dict()
+    with lc.make_async_checkpointer() as ck:
+        stage_a, write_a = ck.save(tmp_path / "a.ckpt", sd, snapshot_token=17)
+        sd["global_step"] = 18  # non-tensor leaves may differ: they are pickled per save
+        stage_b, write_b = ck.save(tmp_path / "last.ckpt", sd, snapshot_token=17)  # no wait for a's write
+        write_a.result(timeout=60), write_b.result(timeout=60)
+        assert (ck.stager.allocations, ck.stager.shared_saves) == (1, 1)
+        assert ck.load(tmp_path / "last.ckpt")["global_step"] == 18
+        assert_equal_state(ck.load(tmp_path / "a.ckpt")["state_dict"], sd["state_dict"])
+        # An in-place change bumps the version counter: the same token no longer shares a stale copy.
+        sd["state_dict"]["w"].add_(1.0)
+        ck.save(tmp_path / "c.ckpt", sd, snapshot_token=17)[1].result(timeout=60)
+        assert ck.stager.shared_saves == 1
+        assert torch.equal(ck.load(tmp_path / "c.ckpt")["state_dict"]["w"], sd["state_dict"]["w"])
+
+
+def test_one_buffer_by_default_so_a_second_save_waits_for_the_first(tmp_path):
+    gate = GateHook(str(tmp_path / "entered"), str(tmp_path / "release"))
+    with lc.make_async_checkpointer(commit_hook=gate) as ck:
+        ck.save(tmp_path / "a.ckpt", {"w": torch.ones(8)})
+        wait_for(lambda: os.path.exists(tmp_path / "entered"), what="pre_commit")
+        second = {}
+        worker = threading.Thread(target=lambda: second.update(out=ck.save(tmp_path / "b.ckpt", {"w": torch.ones(8)})))
+        worker.start()
+        worker.join(timeout=0.3)
+        assert worker.is_alive()  # blocked: the only staging buffer is still being written
+        assert ck.stager.buffer_bytes == ck.stager._all[0].nbytes and len(ck.stager._all) == 1
+        (tmp_path / "release").touch()
+        worker.join(timeout=60)
+        second["out"][1].result(timeout=60)

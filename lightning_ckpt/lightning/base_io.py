@@ -1,0 +1,264 @@
+"""``LightningCkptIO``: what ``AsyncCheckpointIO`` and ``SyncCheckpointIO`` share (Lightning's CheckpointIO API)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+import warnings
+from concurrent.futures import Future
+from typing import Any, Callable, Iterable, Literal, Optional
+
+import torch
+from lightning.fabric.plugins.io import CheckpointIO
+from typing_extensions import override
+
+from lightning_ckpt.barriers import Barrier
+from lightning_ckpt.checkpoint_reader import CheckpointReader
+from lightning_ckpt.checkpoint_writer import WriterHook
+from lightning_ckpt.config import CheckpointerConfig
+from lightning_ckpt.lightning.ledger import CompletedSave, SaveLedger
+from lightning_ckpt.types import RankInfo
+
+log = logging.getLogger(__name__)
+
+ErrorPolicy = Literal["raise", "warn"]
+
+
+def _to_cpu(storage: Any, location: Any) -> Any:
+    """Lightning's default map location: keep every storage on the CPU."""
+    return storage
+
+
+class LightningCkptIO(CheckpointIO):
+    """Common ground of our CheckpointIO plugins: ordering, errors, loading, metrics.
+
+    Args:
+        config: the core config tree (staging, queue depth ``max_in_flight``, timeouts, ``verify_on_load``).
+        error_policy: ``"raise"``: a failed save fails training at the next save, callback hook or teardown;
+            ``"warn"``: it is logged (logger ``lightning_ckpt.lightning``) and training continues.
+        commit_hook: a ``WriterHook`` called around each commit (importable by module path).
+    """
+
+    def __init__(self, config: Optional[CheckpointerConfig] = None, error_policy: ErrorPolicy = "raise",
+                 commit_hook: Optional[WriterHook] = None) -> None:
+        if error_policy not in ("raise", "warn"):
+            raise ValueError(f"{type(self).__name__}.error_policy must be 'raise' or 'warn', got {error_policy!r}")
+        self.config = config if config is not None else CheckpointerConfig()
+        self.error_policy = error_policy
+        self.commit_hook = commit_hook
+        self.rank_info = RankInfo(0, 1)
+        self.barrier: Barrier | None = None
+        self.defer_staging = False  # set by AsyncCheckpointCallback inside its safe window
+        self._buffer_source: Callable[[], Iterable[torch.Tensor]] | None = None
+        self._defer_errors = False
+        self._attached = False
+        self._checkpointer: Any = None
+        self._ledger = SaveLedger()
+        self._ledger.keep_errors = error_policy == "raise"
+
+    def __getstate__(self) -> dict:
+        if self._checkpointer is not None:
+            raise TypeError(f"a {type(self).__name__} in use cannot be pickled; pickle it before the first save")
+        state = self.__dict__.copy()
+        state["barrier"] = state["_buffer_source"] = None
+        return state
+
+    # ------------------------------------------------------------------ Lightning's API
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        """Save ``checkpoint`` at ``path`` (the directory is created now, the file appears atomically).
+
+        Raises:
+            TypeError: ``storage_options`` is not None (like ``TorchCheckpointIO``).
+            CheckpointError: an earlier save failed (``error_policy="raise"``, single process).
+        """
+        if storage_options is not None:
+            raise TypeError(
+                f"`Trainer.save_checkpoint(..., storage_options=...)` with `storage_options` arg is not supported for "
+                f"`{type(self).__name__}`. Please implement your custom `CheckpointIO` to define how you'd like to "
+                f"use `storage_options`."
+            )
+        self._check_world()
+        self.raise_pending_error()
+        path = os.path.abspath(os.fspath(path))
+        os.makedirs(os.path.dirname(path), exist_ok=True)  # a save_last="link" symlink needs the directory now
+        step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+        start = time.perf_counter()
+        try:
+            stage_future, write_future = self._save(path, checkpoint, step)
+        except Exception as e:
+            if self.error_policy == "raise" and not self._defer_errors:
+                raise
+            self._ledger.record_error(e)
+            return
+        self._ledger.add_save(path, step, stage_future, write_future, time.perf_counter() - start)
+
+    @override
+    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Load a checkpoint after any pending save of the same path, verifying checksums (``verify_on_load``).
+
+        Args:
+            path: the checkpoint file.
+            map_location: as ``torch.load``; None keeps every tensor on the CPU (Lightning's default).
+            weights_only: as ``torch.load`` (None: torch's default).
+
+        Raises:
+            FileNotFoundError: nothing at ``path``.
+            CorruptCheckpointError: the checksums do not match.
+        """
+        path = os.fspath(path)
+        self._ledger.wait(self.config.wait_timeout_secs, path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        reader = CheckpointReader(RankInfo(0, 1), verify=self.config.verify_on_load)
+        loaded, _ = reader.read(path, map_location=_to_cpu if map_location is None else map_location,
+                                weights_only=weights_only)
+        return loaded
+
+    @override
+    def remove_checkpoint(self, path: Any) -> None:
+        """Remove ``path`` once the saves issued before this call are committed.
+
+        It is never removed while its own save or a newer save is in flight, and kept when one of them failed (it
+        may be the newest complete checkpoint). A missing path is not an error.
+        """
+        self._ledger.request_removal(os.fspath(path))
+
+    @override
+    def teardown(self) -> None:
+        """Drain pending saves, run what waits on them, and raise a failed save once; idempotent, reusable after.
+
+        Raises:
+            CheckpointError: a save failed and was not raised yet (``error_policy="raise"``).
+        """
+        self.defer_staging = False
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            self._close(checkpointer)
+        try:
+            self._ledger.wait(self.config.process_config.shutdown_timeout_secs)
+        except Exception as e:  # noqa: BLE001 - reported like any failed save
+            self._ledger.record_error(e)
+        self._ledger.run_main_thread_actions()
+        error = self._ledger.take_error()
+        if error is not None:
+            raise error
+
+    # ------------------------------------------------------------------ for AsyncCheckpointCallback
+
+    def attach(self, rank_info: RankInfo, barrier: Barrier | None = None,
+               buffer_source: Callable[[], Iterable[torch.Tensor]] | None = None) -> None:
+        """Called by the callback at setup: the trainer's ranks (errors are then agreed on, not raised on rank 0
+        alone), a barrier over the strategy, and where the module's buffers are (cloned at save time)."""
+        self.rank_info = rank_info
+        self.barrier = barrier
+        self._buffer_source = buffer_source
+        self._defer_errors = rank_info.global_world_size > 1
+        self._attached = True
+
+    def wait_for_staging(self) -> float:
+        """Block until no pending save reads live tensors; returns the seconds waited."""
+        return self._ledger.wait_for_staging(self.config.wait_timeout_secs)
+
+    def wait_for_saves(self, path: str | None = None) -> None:
+        """Block until every pending save (of ``path``) is committed or failed; errors stay pending."""
+        self._ledger.wait(self.config.wait_timeout_secs, path)
+
+    def has_pending_saves(self) -> bool:
+        return bool(self._ledger.pending_paths())
+
+    def is_pending(self, path: Any) -> bool:
+        """True while a save of ``path`` is in flight (ModelCheckpoint's version counter asks)."""
+        return self._ledger.is_pending(os.fspath(path))
+
+    def peek_error(self) -> BaseException | None:
+        """The failed save that will be raised next, without clearing it."""
+        self._adopt_core_errors()
+        return self._ledger.peek_error()
+
+    def raise_pending_error(self) -> None:
+        """Raise a failed save once (policy ``raise``; with several ranks only where the callback agrees)."""
+        self._adopt_core_errors()
+        if not self._defer_errors:
+            self.raise_error()
+
+    def raise_error(self) -> None:
+        error = self._ledger.take_error()
+        if error is not None:
+            raise error
+
+    def pop_completed(self) -> list[CompletedSave]:
+        """Saves committed since the last call, with their step and stall (for metrics)."""
+        return self._ledger.pop_completed()
+
+    def link_after_commit(self, target: str, linkpath: str) -> None:
+        """Point ``linkpath`` at ``target`` atomically once ``target`` is committed (never a dangling link)."""
+        os.makedirs(os.path.dirname(os.path.abspath(linkpath)), exist_ok=True)
+        self._ledger.request_link(target, linkpath)
+
+    def call_after_commit(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on the training thread once the saves pending now are committed (``run_main_thread_actions``)."""
+        self._ledger.request_call(fn)
+        self._ledger.run_main_thread_actions()
+
+    def run_main_thread_actions(self) -> None:
+        self._ledger.run_main_thread_actions()
+
+    # ------------------------------------------------------------------ for subclasses
+
+    def _save(self, path: str, checkpoint: dict[str, Any], step: int | None) -> tuple[Future, Future]:
+        raise NotImplementedError
+
+    def _close(self, checkpointer: Any) -> None:
+        try:
+            checkpointer.close()
+        except Exception as e:  # noqa: BLE001 - raised once from teardown through the ledger
+            self._ledger.record_error(e)
+
+    def _adopt_core_errors(self) -> None:
+        """Errors the core kept but the ledger has not seen (a race between ``wait`` and future callbacks)."""
+        if self._checkpointer is not None and hasattr(self._checkpointer, "check_for_errors"):
+            try:
+                self._checkpointer.check_for_errors()
+            except Exception as e:  # noqa: BLE001 - kept by the ledger, raised once
+                self._ledger.record_error(e)
+
+    def _check_world(self) -> None:
+        """Without the callback under several ranks, raising on rank 0 alone would hang the others."""
+        if self._attached or self._defer_errors:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            self._defer_errors = True
+            warnings.warn(
+                f"{type(self).__name__} runs with several ranks but without AsyncCheckpointCallback: failed saves "
+                "are logged and raised from teardown on rank 0 only; add the callback so every rank fails together",
+                stacklevel=3,
+            )
+
+    def _staged_state(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """With deferred staging, buffers (mutated by the next forward) are cloned now; the rest is copied later."""
+        if not (self.defer_staging and self._buffer_source is not None):
+            return checkpoint
+        pointers = {b.untyped_storage().data_ptr() for b in self._buffer_source() if b.numel()}
+        return clone_aliasing(checkpoint, pointers) if pointers else checkpoint
+
+
+def clone_aliasing(obj: Any, pointers: set[int]) -> Any:
+    """``obj`` with every tensor whose storage starts at one of ``pointers`` replaced by a detached clone."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone() if obj.untyped_storage().data_ptr() in pointers else obj
+    if isinstance(obj, dict):
+        out = copy.copy(obj) if type(obj) is not dict else {}  # keeps an OrderedDict's _metadata
+        for k, v in obj.items():
+            out[k] = clone_aliasing(v, pointers)
+        return out
+    if isinstance(obj, list):
+        return [clone_aliasing(v, pointers) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return type(obj)(clone_aliasing(v, pointers) for v in obj)
+    return obj

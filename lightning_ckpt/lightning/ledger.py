@@ -1,0 +1,284 @@
+"""``SaveLedger``: orders removals, links and main-thread work after the async saves issued before them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from lightning_ckpt import layout
+from lightning_ckpt.checkpointer import SaveStats
+from lightning_ckpt.errors import CheckpointTimeoutError
+
+log = logging.getLogger(__name__)
+
+_OUTCOMES_KEPT = 256  # outcomes of finished saves remembered for removal decisions
+
+
+@dataclass
+class CompletedSave:
+    """A committed save with the step it belongs to and the time the training loop was blocked by it."""
+
+    step: int | None
+    stats: SaveStats
+    stall_secs: float
+
+
+@dataclass
+class _Save:
+    seq: int
+    path: str
+    step: int | None
+    stage_future: Future
+    stall_secs: float = 0.0
+
+
+@dataclass
+class _Action:
+    kind: str  # "remove" | "link" | "call"
+    after_seq: int  # the newest save issued before the request
+    waits_for: set[int]  # saves pending at request time (and the newest save)
+    path: str = ""
+    target: str = ""
+    fn: Callable[[], Any] | None = None
+    requested: float = field(default_factory=time.monotonic)
+
+
+class SaveLedger:
+    """Tracks pending saves and runs what must follow them, in request order, on any thread.
+
+    - a removal waits for every save pending when it was requested and for the newest save; it is skipped when
+      one of those failed (the file may be the only complete checkpoint left) and dropped when the same path was
+      saved again after the request (that save replaces the file atomically anyway);
+    - a link (``last.ckpt`` -> target) is made atomically once the target is committed, and skipped (the old
+      link stays valid) when the target's save failed;
+    - main-thread calls (logger hooks) wait the same way but only run from ``run_main_thread_actions``.
+
+    Errors of failed saves are kept until ``take_error`` (each raised once); with ``keep_errors=False`` they
+    are only logged.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._pending: dict[int, _Save] = {}
+        self._outcomes: dict[int, bool] = {}
+        self._latest_by_path: dict[str, int] = {}
+        self._actions: deque[_Action] = deque()
+        self._calls: deque[_Action] = deque()
+        self._errors: list[BaseException] = []
+        self._error_ids: set[int] = set()
+        self._completed: deque[CompletedSave] = deque()
+        self.keep_errors = True
+
+    def __getstate__(self) -> dict:
+        if self._pending or self._actions or self._calls:
+            raise TypeError("a SaveLedger with pending work cannot be pickled")
+        state = self.__dict__.copy()
+        state["_cond"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cond = threading.Condition()
+
+    # ------------------------------------------------------------------ saves
+
+    def add_save(self, path: str, step: int | None, stage_future: Future, write_future: Future,
+                 stall_secs: float) -> None:
+        """Register a save; ``write_future`` resolves to ``SaveStats`` or fails."""
+        path = os.path.abspath(path)
+        with self._cond:
+            self._seq += 1
+            save = _Save(self._seq, path, step, stage_future, stall_secs)
+            self._pending[save.seq] = save
+            self._latest_by_path[path] = save.seq
+        write_future.add_done_callback(lambda f: self._complete(save, f))
+
+    def _complete(self, save: _Save, future: Future) -> None:
+        exc = future.exception()  # marks the core's future observed: errors are reported through this ledger
+        with self._cond:
+            self._pending.pop(save.seq, None)
+            self._outcomes[save.seq] = exc is None
+            for old in [s for s in self._outcomes if s <= save.seq - _OUTCOMES_KEPT]:
+                del self._outcomes[old]
+            if exc is None:
+                self._completed.append(CompletedSave(save.step, future.result(), save.stall_secs))
+            self._cond.notify_all()
+        if exc is None:
+            stats = future.result()
+            log.info("checkpoint %s committed: %.1f MB, stall %.1f ms, write %.3f s (%.2f GB/s)", stats.path,
+                     stats.nbytes / 1e6, save.stall_secs * 1e3, stats.write_secs, stats.gb_per_sec)
+        else:
+            self.record_error(exc)
+        self.process()
+
+    def record_error(self, exc: BaseException) -> None:
+        """Keep ``exc`` to be raised once by ``take_error`` (the same exception object is kept only once)."""
+        with self._cond:
+            if id(exc) in self._error_ids:
+                return
+            self._error_ids.add(id(exc))
+            if self.keep_errors:
+                self._errors.append(exc)
+        log.error("checkpoint save failed: %s", exc)
+
+    def peek_error(self) -> BaseException | None:
+        with self._cond:
+            return self._errors[0] if self._errors else None
+
+    def take_error(self) -> BaseException | None:
+        """The first error not yet taken (the others are logged); forgets them all."""
+        with self._cond:
+            errors, self._errors = self._errors, []
+        if len(errors) > 1:
+            log.error("%d more checkpoint saves failed; the first is raised", len(errors) - 1)
+        return errors[0] if errors else None
+
+    def pending_paths(self) -> list[str]:
+        with self._cond:
+            return [s.path for s in sorted(self._pending.values(), key=lambda s: s.seq)]
+
+    def is_pending(self, path: str) -> bool:
+        path = os.path.abspath(path)
+        with self._cond:
+            return any(s.path == path for s in self._pending.values())
+
+    def pop_completed(self) -> list[CompletedSave]:
+        with self._cond:
+            done, self._completed = list(self._completed), deque()
+        return done
+
+    # ------------------------------------------------------------------ waiting
+
+    def wait_for_staging(self, timeout_secs: float) -> float:
+        """Block until every pending save's copy no longer reads live tensors; returns the seconds waited."""
+        with self._cond:
+            saves = list(self._pending.values())
+        start = time.perf_counter()
+        for save in saves:
+            if not save.stage_future.done():
+                t0 = time.perf_counter()
+                _wait(save.stage_future, timeout_secs, f"staging of {save.path}")
+                save.stall_secs += time.perf_counter() - t0
+        return time.perf_counter() - start
+
+    def wait(self, timeout_secs: float, path: str | None = None) -> None:
+        """Block until no save (of ``path``, when given) is pending; errors stay for ``take_error``.
+
+        Raises:
+            CheckpointTimeoutError: still pending after ``timeout_secs``.
+        """
+        path = os.path.abspath(path) if path is not None else None
+        deadline = time.monotonic() + timeout_secs
+
+        def busy() -> list[str]:
+            return [s.path for s in self._pending.values() if path is None or s.path == path]
+
+        with self._cond:
+            while busy():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CheckpointTimeoutError(f"saves of {busy()} did not finish within {timeout_secs}s")
+                self._cond.wait(remaining)
+        self.process()
+
+    # ------------------------------------------------------------------ ordered actions
+
+    def request_removal(self, path: str) -> None:
+        self._request(_Action("remove", 0, set(), path=os.path.abspath(path)))
+
+    def request_link(self, target: str, linkpath: str) -> None:
+        self._request(_Action("link", 0, set(), path=os.path.abspath(linkpath), target=os.path.abspath(target)))
+
+    def request_call(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` from ``run_main_thread_actions`` once the saves pending now are done."""
+        with self._cond:
+            action = _Action("call", self._seq, set(self._pending), fn=fn)
+            self._calls.append(action)
+
+    def _request(self, action: _Action) -> None:
+        with self._cond:
+            action.after_seq = self._seq
+            action.waits_for = set(self._pending)
+            if action.kind == "link":
+                target_seq = self._latest_by_path.get(action.target)
+                if target_seq is not None:
+                    action.waits_for.add(target_seq)
+            elif self._seq:
+                action.waits_for.add(self._seq)
+            self._actions.append(action)
+        self.process()
+
+    def _ready(self, action: _Action) -> bool:
+        return not (action.waits_for & set(self._pending))
+
+    def process(self) -> None:
+        """Run the ordered removals and links whose saves are done (any thread)."""
+        with self._cond:
+            while self._actions and self._ready(self._actions[0]):
+                action = self._actions.popleft()
+                try:
+                    self._run(action)
+                except OSError as e:
+                    log.warning("could not %s %s: %s", action.kind, action.path, e)
+
+    def _failed(self, seqs: set[int]) -> bool:
+        return any(not self._outcomes.get(s, True) for s in seqs)
+
+    def _run(self, action: _Action) -> None:
+        if action.kind == "remove":
+            if self._latest_by_path.get(action.path, 0) > action.after_seq:
+                log.debug("removal of %s dropped: it was saved again after the request", action.path)
+            elif self._failed(action.waits_for):
+                log.warning("kept %s: a save issued before its removal failed, so it may be the newest complete "
+                            "checkpoint", action.path)
+            else:
+                layout.remove_tree(action.path)
+            return
+        target_seq = self._latest_by_path.get(action.target)
+        if target_seq is not None and target_seq <= action.after_seq and self._failed({target_seq}):
+            log.warning("kept the link %s: its new target %s failed to save", action.path, action.target)
+            return
+        atomic_link(action.target, action.path)
+
+    def run_main_thread_actions(self) -> None:
+        """Run deferred main-thread calls whose saves are done (call from the training thread only)."""
+        while True:
+            with self._cond:
+                if not self._calls or not self._ready(self._calls[0]):
+                    return
+                action = self._calls.popleft()
+            action.fn()
+
+
+def atomic_link(target: str, linkpath: str) -> None:
+    """Point ``linkpath`` at ``target`` (relative symlink, or a copy where links fail) in one rename."""
+    if os.path.abspath(target) == os.path.abspath(linkpath):
+        return
+    tmp = layout.tmp_file_path(linkpath)
+    try:
+        try:
+            os.symlink(os.path.relpath(target, os.path.dirname(linkpath)), tmp)
+        except OSError:
+            shutil.copy(target, tmp)
+        if os.path.isdir(linkpath) and not os.path.islink(linkpath):
+            shutil.rmtree(linkpath)
+        os.replace(tmp, linkpath)
+    except BaseException:
+        layout.remove_tree(tmp)
+        raise
+
+
+def _wait(future: Future, timeout_secs: float, what: str) -> None:
+    from concurrent.futures import wait
+
+    done, _ = wait([future], timeout=timeout_secs)
+    if not done:
+        raise CheckpointTimeoutError(f"{what} did not finish within {timeout_secs}s")
