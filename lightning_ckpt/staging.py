@@ -167,7 +167,7 @@ class DefaultStager(CheckpointStager):
             staged_tensors = [buffer.tensor(off, n, src.dtype, src.shape) for src, off, n in plan.copies]
             structure = plan.build(state_dict, staged_tensors)
             prepared = prepare(structure, buffer.range, metadata=kwargs.get("metadata")).for_transfer()
-            del structure, staged_tensors
+            del structure
         except BaseException:
             self._release_buffer(buffer)
             raise
@@ -175,14 +175,14 @@ class DefaultStager(CheckpointStager):
         if shared is not None:
             return self._after(shared.copy_future, staged, start)
         if not self.config.use_async_staging:
-            self._copy(plan, buffer)
+            self._copy(plan, staged_tensors, buffer)
             staged.stage_secs = time.perf_counter() - start
             self._remember(token, signature, buffer, None)
             return staged
         ready = self._start_side_stream()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-stager")
-        future = self._executor.submit(self._copy_async, plan, buffer, staged, start, ready)
+        future = self._executor.submit(self._copy_async, plan, staged_tensors, buffer, staged, start, ready)
         self._remember(token, signature, buffer, future)
         return future
 
@@ -223,10 +223,10 @@ class DefaultStager(CheckpointStager):
         copy_future.add_done_callback(done)
         return future
 
-    def _copy_async(self, plan: StagingPlan, buffer: StagingBuffer, staged: StagedCheckpoint, start: float,
-                    ready: Any) -> StagedCheckpoint:
+    def _copy_async(self, plan: StagingPlan, dsts: list, buffer: StagingBuffer, staged: StagedCheckpoint,
+                    start: float, ready: Any) -> StagedCheckpoint:
         try:
-            self._copy(plan, buffer, ready)
+            self._copy(plan, dsts, buffer, ready)
         except BaseException:
             self._release_buffer(buffer)
             raise
@@ -242,12 +242,11 @@ class DefaultStager(CheckpointStager):
         self._stream.wait_stream(torch.cuda.current_stream())
         return self._stream
 
-    def _copy(self, plan: StagingPlan, buffer: StagingBuffer, stream: Any = None) -> None:
+    def _copy(self, plan: StagingPlan, dsts: list, buffer: StagingBuffer, stream: Any = None) -> None:
         non_blocking = stream is not None and buffer.pinned
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with torch.no_grad(), ctx:
-            for src, offset, nbytes in plan.copies:
-                dst = buffer.tensor(offset, nbytes, src.dtype, src.shape)
+            for (src, _, _), dst in zip(plan.copies, dsts):
                 if src.is_cuda and stream is not None:
                     src.record_stream(stream)
                 dst.copy_(src.detach(), non_blocking=non_blocking and src.is_cuda)

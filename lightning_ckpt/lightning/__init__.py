@@ -1,0 +1,7 @@
+"""The Lightning layer: ``AsyncCheckpointIO``/``SyncCheckpointIO`` plugins and the ``AsyncCheckpointCallback``."""
+
+from lightning_ckpt.lightning.async_io import AsyncCheckpointIO
+from lightning_ckpt.lightning.base_io import LightningCkptIO
+from lightning_ckpt.lightning.sync_io import SyncCheckpointIO
+
+__all__ = ["AsyncCheckpointIO", "LightningCkptIO", "SyncCheckpointIO"]
