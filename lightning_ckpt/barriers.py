@@ -55,32 +55,81 @@ class KeyedBarrier:
 class DistBarrier(KeyedBarrier):
     """A barrier over the default ``torch.distributed`` group; call it from the main thread only.
 
-    Better than a bare ``dist.barrier()``: each rank contributes ok/failed through one ``all_reduce``, so a rank
-    whose write failed releases its peers with ``BarrierPeerError`` instead of leaving them hanging.
+    Better than a bare ``dist.barrier()``: each rank contributes ok/failed through one ``all_gather``, so a rank
+    whose write failed releases its peers with ``BarrierPeerError`` naming it instead of leaving them hanging; the
+    wait is bounded by ``timeout_secs`` (not the process group's timeout), and a timeout or a vanished peer raises
+    an error naming the ranks that never arrived (recorded in the process group's store).
     """
 
-    def __init__(self, rank_info: RankInfo | None = None, timeout_secs: float | None = None) -> None:
+    def __init__(self, rank_info: RankInfo | None = None, timeout_secs: float = 600.0) -> None:
         self.rank_info = rank_info
+        self.timeout_secs = timeout_secs
+        self._seq = 0
 
     def execute_barrier(self, key: str | None = None) -> None:
-        if not self._vote(ok=True):
-            raise BarrierPeerError(f"another rank failed before barrier '{key or 'dist'}'")
+        name = self._name(key)
+        failed = self._vote(ok=True, name=name)
+        if failed:
+            raise BarrierPeerError(f"barrier '{name}': ranks {failed} failed before it")
 
     def report_error(self, message: str, key: str | None = None) -> None:
-        self._vote(ok=False)
+        self._vote(ok=False, name=self._name(key))
 
-    @staticmethod
-    def _vote(ok: bool) -> bool:
+    def _name(self, key: str | None) -> str:
+        if key is None:
+            self._seq += 1
+            key = f"seq-{self._seq}"
+        return f"lightning_ckpt/dist/{key}"
+
+    def _vote(self, ok: bool, name: str) -> list[int]:
+        """All-gather this rank's flag within ``timeout_secs``; returns the ranks that voted failed."""
         import torch
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
-            return ok
+            return [] if ok else [0]
+        rank, world = dist.get_rank(), dist.get_world_size()
+        store = _default_store()
+        arrivals = store.add(f"{name}/arrived/{rank}", 1) if store is not None else 0
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
         if dist.get_backend() == "nccl":
             flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        flags = [torch.zeros_like(flag) for _ in range(world)]
+        start = time.monotonic()
+        try:
+            dist.all_gather(flags, flag, async_op=True).wait(timeout=timedelta(seconds=self.timeout_secs))
+        except RuntimeError as e:
+            missing = _missing_ranks(store, name, arrivals, world)
+            waited = time.monotonic() - start
+            if waited >= self.timeout_secs:
+                raise BarrierTimeoutError(
+                    f"barrier '{name}' timed out after {self.timeout_secs}s on rank {rank}: "
+                    f"ranks {missing} of {world} never arrived"
+                ) from e
+            raise BarrierPeerError(
+                f"barrier '{name}' failed on rank {rank} after {waited:.1f}s: ranks {missing} of {world} never "
+                f"arrived ({e})"
+            ) from e
+        return [r for r, f in enumerate(flags) if int(f.item()) == 0]
+
+
+def _default_store() -> Any:
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:  # noqa: BLE001 - naming missing ranks is best effort
+        return None
+
+
+def _missing_ranks(store: Any, name: str, arrivals: int, world: int) -> list[int] | str:
+    """Ranks that reached barrier ``name`` fewer times than this rank (counters survive reused names)."""
+    if store is None:
+        return "unknown"
+    try:
+        return [r for r in range(world) if store.add(f"{name}/arrived/{r}", 0) < arrivals]
+    except Exception:  # noqa: BLE001 - the store may be gone with rank 0
+        return "unknown"
 
 
 class TCPStoreBarrier(KeyedBarrier):
@@ -207,7 +256,7 @@ class BarrierConfig:
                 f"BarrierConfig.barrier_type must be one of {sorted(BARRIER_REGISTRY)} or None, got {self.barrier_type!r}"
             )
         timeout = self.barrier_args.get("timeout_secs")
-        if timeout is not None and float(timeout) <= 0:
+        if timeout is not None and not float(timeout) > 0:  # NaN too
             raise ValueError(f"BarrierConfig.barrier_args['timeout_secs'] must be > 0, got {timeout}")
 
 

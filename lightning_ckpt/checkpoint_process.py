@@ -43,7 +43,7 @@ class CheckpointProcessConfig:
 
     def __post_init__(self) -> None:
         for name in ("startup_timeout_secs", "write_timeout_secs", "shutdown_timeout_secs"):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # NaN too
                 raise ValueError(f"CheckpointProcessConfig.{name} must be > 0, got {getattr(self, name)}")
 
 
@@ -162,6 +162,17 @@ class CheckpointProcess:
 
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Start the writer now (it starts at the first write otherwise); a no-op when it runs.
+
+        Raises:
+            CheckpointError: closed. WriterProcessDiedError, CheckpointTimeoutError: it failed to start.
+        """
+        with self._lock:
+            if self._closed:
+                raise CheckpointError("CheckpointProcess is closed")
+            self._ensure_started()
 
     def write(self, path: str, prepared: PreparedCheckpoint, buffer: StagingBuffer | None,
               save_key: str | None = None) -> Future:

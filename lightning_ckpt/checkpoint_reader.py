@@ -81,8 +81,12 @@ class CheckpointReader:
                 manifest = json.loads(f.read())
         except ValueError as e:
             raise CorruptCheckpointError(f"unreadable manifest {manifest_path}: {e}", path=manifest_path) from e
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or not all(
+                isinstance(v, dict) and isinstance(v.get("nbytes"), int) for v in files.values()):
+            raise CorruptCheckpointError(f"malformed manifest {manifest_path}: no file sizes", path=manifest_path)
         name = layout.rank_file_name(self.rank_info.global_rank)
-        entry = manifest.get("files", {}).get(name)
+        entry = files.get(name)
         file_path = os.path.join(path, name)
         if entry is None or not os.path.exists(file_path):
             raise IncompleteCheckpointError(
@@ -109,6 +113,8 @@ def _open_checked(path: str) -> dict | None:
         data_pkl = bytes(reader.get_record("data.pkl"))
     except (RuntimeError, ValueError, OSError) as e:
         raise CorruptCheckpointError(f"corrupt checkpoint {path}: unreadable ({e})", path=path) from e
+    if not _well_formed(record):
+        raise CorruptCheckpointError(f"corrupt checkpoint {path}: malformed {layout.CHECKSUM_RECORD}", path=path)
     actual = checksum(data_pkl)
     if actual != record["data_pkl_xxh3"]:
         raise CorruptCheckpointError(
@@ -118,12 +124,23 @@ def _open_checked(path: str) -> dict | None:
     return record
 
 
+def _well_formed(record: Any) -> bool:
+    """The checksum record has every field verification reads (a flipped byte can leave valid JSON behind)."""
+    if not isinstance(record, dict) or not isinstance(record.get("data_pkl_xxh3"), str):
+        return False
+    records, key_paths = record.get("records"), record.get("key_paths")
+    if not isinstance(records, dict) or not isinstance(key_paths, list):
+        return False
+    return all(isinstance(v, dict) and isinstance(v.get("xxh3"), str) for v in records.values()) and all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], list) and p[1] in records for p in key_paths)
+
+
 def _load(path: str, *, map_location: Any, weights_only: bool, mmap: bool) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError:
         raise  # weights_only refusals are not corruption: torch's own message says what to do
-    except (RuntimeError, EOFError, OSError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # ValueError: a damaged .storage_alignment
         raise CorruptCheckpointError(f"corrupt checkpoint {path}: {e}", path=path) from e
 
 
@@ -168,7 +185,11 @@ def _verify_unreached(path: str, record: dict, done: set[str]) -> None:
     reader = torch._C.PyTorchFileReader(path)
     for key in rest:
         expected = record["records"][key]["xxh3"]
-        actual = checksum(bytes(reader.get_record(f"data/{key}")))
+        try:
+            actual = checksum(bytes(reader.get_record(f"data/{key}")))
+        except RuntimeError as e:
+            raise CorruptCheckpointError(f"corrupt checkpoint {path}: record data/{key} unreadable ({e})",
+                                         path=path, key=f"data/{key}") from e
         if actual != expected:
             raise CorruptCheckpointError(
                 f"corrupt checkpoint {path}: record data/{key} checksum mismatch (expected {expected}, got {actual})",

@@ -160,6 +160,8 @@ class AsyncCheckpointer(Checkpointer):
         self._seq = 0
         self._store: Any = None
         self._fallback: CheckpointWriter | None = None
+        self._starter: threading.Thread | None = None
+        self._start_error: BaseException | None = None
         self._closed = False
 
     def __getstate__(self) -> dict:
@@ -193,6 +195,8 @@ class AsyncCheckpointer(Checkpointer):
         """
         if self._closed:
             raise CheckpointError("AsyncCheckpointer is closed")
+        if self._starter is not None and not self._starter.is_alive():
+            self._join_starter()  # never waits here: a start still running is waited for by the write itself
         self.check_for_errors()
         if not self._stager_bounds_buffers:
             self._wait_for_slot()
@@ -280,6 +284,36 @@ class AsyncCheckpointer(Checkpointer):
         if not done:
             raise CheckpointTimeoutError(f"save of {entry.path} did not finish within {timeout_secs}s")
 
+    def start(self, block: bool = True) -> None:
+        """Start the writer process ahead of the first save (which would otherwise pay for it).
+
+        Args:
+            block: wait until it runs; False starts it from a short-lived background thread (a failure to start
+                is then raised by the next ``save``, ``wait`` or ``close``).
+        """
+        if self._closed:
+            raise CheckpointError("AsyncCheckpointer is closed")
+        if block:
+            self.process.start()
+        elif self._starter is None:
+            self._starter = threading.Thread(target=self._start_quietly, name="lightning_ckpt-writer-start",
+                                             daemon=True)
+            self._starter.start()
+
+    def _start_quietly(self) -> None:
+        try:
+            self.process.start()
+        except BaseException as e:  # noqa: BLE001 - raised on the caller's thread later
+            self._start_error = e
+
+    def _join_starter(self) -> None:
+        if self._starter is not None:
+            self._starter.join(timeout=self.process.config.startup_timeout_secs)
+            self._starter = None
+        error, self._start_error = self._start_error, None
+        if error is not None:
+            raise error
+
     def pending_paths(self) -> list[str]:
         """Final paths of saves not yet committed (or failed), oldest first."""
         with self._lock:
@@ -331,6 +365,7 @@ class AsyncCheckpointer(Checkpointer):
         self._closed = True
         error: BaseException | None = None
         try:
+            self._join_starter()
             self.wait()
         except BaseException as e:  # noqa: BLE001 - released first, raised after
             error = e

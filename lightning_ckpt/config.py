@@ -35,7 +35,7 @@ class CheckpointerConfig:
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
             raise ValueError(f"CheckpointerConfig.max_in_flight must be >= 1, got {self.max_in_flight}")
-        if self.wait_timeout_secs <= 0:
+        if not self.wait_timeout_secs > 0:  # NaN too
             raise ValueError(f"CheckpointerConfig.wait_timeout_secs must be > 0, got {self.wait_timeout_secs}")
         budget = self.staging_config.budget_bytes
         if budget is not None and self.max_in_flight > 1 and self.staging_config.use_shared_memory is False:

@@ -180,8 +180,35 @@ def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | Non
 
     Records with an ``offset`` are read from ``buffer`` (a staging buffer mapping); others from their storage or
     inline bytes. Each record is hashed from the same memory it is written from.
+
+    Raises:
+        OSError: the disk refused (ENOSPC, EFBIG, EACCES, ...), with its errno and ``path``.
     """
-    writer = _open_writer(path)
+    try:
+        # A Python file keeps the OS error (torch's own file writer reports any failure as "iostream error").
+        with open(path, "wb") as stream:
+            writer = torch._C.PyTorchFileWriter(stream, False, STORAGE_ALIGNMENT)
+            try:
+                return _write_records(writer, prepared, buffer)
+            except BaseException:
+                _finalize_quietly(writer)
+                raise
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
+
+
+def _finalize_quietly(writer: torch._C.PyTorchFileWriter) -> None:
+    """Mark a failed writer finalized: its destructor would otherwise retry the end record and std::terminate."""
+    try:
+        writer.write_end_of_file()
+    except Exception:  # noqa: BLE001 - the first error is the one raised
+        pass
+
+
+def _write_records(writer: torch._C.PyTorchFileWriter, prepared: PreparedCheckpoint,
+                   buffer: memoryview | None) -> dict:
     writer.write_record("data.pkl", prepared.data_pkl, len(prepared.data_pkl))
     writer.write_record(".format_version", "1", 1)
     writer.write_record(".storage_alignment", str(STORAGE_ALIGNMENT), len(str(STORAGE_ALIGNMENT)))
@@ -204,31 +231,6 @@ def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | Non
     writer.write_record(CHECKSUM_RECORD, payload, len(payload))
     writer.write_end_of_file()
     return record
-
-
-def _open_writer(path: str) -> torch._C.PyTorchFileWriter:
-    try:
-        path.encode("ascii")
-    except UnicodeEncodeError:
-        # PyTorchFileWriter opens only ascii names itself; others go through a Python file it writes into.
-        stream = open(path, "wb")  # noqa: SIM115 - closed by _FileWriter.write_end_of_file
-        return _FileWriter(stream)
-    return torch._C.PyTorchFileWriter(path, False, STORAGE_ALIGNMENT)
-
-
-class _FileWriter:
-    """PyTorchFileWriter over a Python file object, closing the file at the end."""
-
-    def __init__(self, stream: io.BufferedWriter) -> None:
-        self._stream = stream
-        self._writer = torch._C.PyTorchFileWriter(stream, False, STORAGE_ALIGNMENT)
-
-    def write_record(self, name: str, data: Any, size: int) -> None:
-        self._writer.write_record(name, data, size)
-
-    def write_end_of_file(self) -> None:
-        self._writer.write_end_of_file()
-        self._stream.close()
 
 
 def _record_bytes(rec: Record, buffer: memoryview | None) -> Any:

@@ -50,7 +50,7 @@ class CheckpointStagerConfig:
     def __post_init__(self) -> None:
         if self.budget_bytes is not None and self.budget_bytes <= 0:
             raise ValueError(f"CheckpointStagerConfig.budget_bytes must be > 0 or None, got {self.budget_bytes}")
-        if self.buffer_wait_timeout_secs <= 0:
+        if not self.buffer_wait_timeout_secs > 0:  # NaN too
             raise ValueError(
                 f"CheckpointStagerConfig.buffer_wait_timeout_secs must be > 0, got {self.buffer_wait_timeout_secs}"
             )

@@ -27,6 +27,10 @@ class AsyncCheckpointIO(LightningCkptIO):
     Staging: alone, ``save_checkpoint`` returns once the copy no longer reads live tensors. With
     ``AsyncCheckpointCallback`` the copy overlaps the next training step (see that class).
 
+    ModelCheckpoint hazards that need the callback (it guards ModelCheckpoint at setup): without it,
+    ``save_last="link"`` works (the directory is created at save time) but ``last.ckpt`` can point at a file still
+    being written, and loggers reading the file in ``after_save_checkpoint`` may not find it yet.
+
     Saves made after ``teardown`` (e.g. ``trainer.save_checkpoint`` after ``fit``) restart the writer; call
     ``teardown()`` to wait for them, or they are drained at interpreter exit.
 
@@ -38,10 +42,14 @@ class AsyncCheckpointIO(LightningCkptIO):
         self._adopt_core_errors()
         state = self._staged_state(checkpoint)
         metadata = {"step": int(step)} if step is not None else None
-        stage_future, write_future = checkpointer.save(path, state, metadata=metadata)
+        stage_future, write_future = checkpointer.save(path, state, metadata=metadata,
+                                                       snapshot_token=self.snapshot_token(step))
         if not self.defer_staging:
             _wait(stage_future, self.config.wait_timeout_secs, f"staging of {path}")
         return stage_future, write_future
+
+    def _warm_up(self) -> None:
+        self._ensure_checkpointer().start(block=False)
 
     def _ensure_checkpointer(self) -> AsyncCheckpointer:
         if self._checkpointer is None:

@@ -50,7 +50,9 @@ class LightningCkptIO(CheckpointIO):
         self.commit_hook = commit_hook
         self.rank_info = RankInfo(0, 1)
         self.barrier: Barrier | None = None
-        self.defer_staging = False  # set by AsyncCheckpointCallback inside its safe window
+        self._defer_staging = False  # set by AsyncCheckpointCallback inside its safe window
+        self._window = 0  # counts the callback's safe windows: saves within one may share a staged copy
+        self._buffer_clones: dict[tuple, torch.Tensor] = {}
         self._buffer_source: Callable[[], Iterable[torch.Tensor]] | None = None
         self._defer_errors = False
         self._attached = False
@@ -58,11 +60,29 @@ class LightningCkptIO(CheckpointIO):
         self._ledger = SaveLedger()
         self._ledger.keep_errors = error_policy == "raise"
 
+    @property
+    def defer_staging(self) -> bool:
+        """True inside the callback's safe window: staging may finish after ``save_checkpoint`` returns."""
+        return self._defer_staging
+
+    @defer_staging.setter
+    def defer_staging(self, on: bool) -> None:
+        if on and not self._defer_staging:
+            self._window += 1
+            self._buffer_clones = {}
+        self._defer_staging = on
+
+    def snapshot_token(self, step: int | None) -> Any:
+        """Saves of one safe window and step may share one staged copy (the stager also checks that every tensor
+        is the same object with an unchanged version counter); outside a window nothing is shared."""
+        return (self._window, step) if self._defer_staging and step is not None else None
+
     def __getstate__(self) -> dict:
         if self._checkpointer is not None:
             raise TypeError(f"a {type(self).__name__} in use cannot be pickled; pickle it before the first save")
         state = self.__dict__.copy()
         state["barrier"] = state["_buffer_source"] = None
+        state["_buffer_clones"] = {}
         return state
 
     # ------------------------------------------------------------------ Lightning's API
@@ -159,6 +179,11 @@ class LightningCkptIO(CheckpointIO):
         self._buffer_source = buffer_source
         self._defer_errors = rank_info.global_world_size > 1
         self._attached = True
+        if rank_info.global_rank == 0:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Start what the first save would otherwise wait for (the async writer process)."""
 
     def wait_for_staging(self) -> float:
         """Block until no pending save reads live tensors; returns the seconds waited."""
@@ -245,20 +270,32 @@ class LightningCkptIO(CheckpointIO):
         if not (self.defer_staging and self._buffer_source is not None):
             return checkpoint
         pointers = {b.untyped_storage().data_ptr() for b in self._buffer_source() if b.numel()}
-        return clone_aliasing(checkpoint, pointers) if pointers else checkpoint
+        return clone_aliasing(checkpoint, pointers, self._buffer_clones) if pointers else checkpoint
 
 
-def clone_aliasing(obj: Any, pointers: set[int]) -> Any:
-    """``obj`` with every tensor whose storage starts at one of ``pointers`` replaced by a detached clone."""
+def clone_aliasing(obj: Any, pointers: set[int], cache: dict[tuple, torch.Tensor] | None = None) -> Any:
+    """``obj`` with every tensor whose storage starts at one of ``pointers`` replaced by a detached clone.
+
+    ``cache`` reuses the clone of an unchanged tensor (same storage, view and version counter) across the saves of
+    one safe window, so that their staged copies can be shared.
+    """
     if isinstance(obj, torch.Tensor):
-        return obj.detach().clone() if obj.untyped_storage().data_ptr() in pointers else obj
+        if obj.untyped_storage().data_ptr() not in pointers:
+            return obj
+        if cache is None:
+            return obj.detach().clone()
+        key = (obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride(), obj._version)
+        clone = cache.get(key)
+        if clone is None:
+            clone = cache[key] = obj.detach().clone()
+        return clone
     if isinstance(obj, dict):
         out = copy.copy(obj) if type(obj) is not dict else {}  # keeps an OrderedDict's _metadata
         for k, v in obj.items():
-            out[k] = clone_aliasing(v, pointers)
+            out[k] = clone_aliasing(v, pointers, cache)
         return out
     if isinstance(obj, list):
-        return [clone_aliasing(v, pointers) for v in obj]
+        return [clone_aliasing(v, pointers, cache) for v in obj]
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return type(obj)(clone_aliasing(v, pointers) for v in obj)
+        return type(obj)(clone_aliasing(v, pointers, cache) for v in obj)
     return obj

@@ -9,7 +9,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from lightning_ckpt import layout
@@ -47,7 +47,7 @@ class _Action:
     path: str = ""
     target: str = ""
     fn: Callable[[], Any] | None = None
-    requested: float = field(default_factory=time.monotonic)
+    order: int = 0  # request order across removals, links and calls
 
 
 class SaveLedger:
@@ -75,6 +75,7 @@ class SaveLedger:
         self._errors: list[BaseException] = []
         self._error_ids: set[int] = set()
         self._completed: deque[CompletedSave] = deque()
+        self._orders = 0
         self.keep_errors = True
 
     def __getstate__(self) -> dict:
@@ -200,11 +201,14 @@ class SaveLedger:
     def request_call(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` from ``run_main_thread_actions`` once the saves pending now are done."""
         with self._cond:
-            action = _Action("call", self._seq, set(self._pending), fn=fn)
+            self._orders += 1
+            action = _Action("call", self._seq, set(self._pending), fn=fn, order=self._orders)
             self._calls.append(action)
 
     def _request(self, action: _Action) -> None:
         with self._cond:
+            self._orders += 1
+            action.order = self._orders
             action.after_seq = self._seq
             action.waits_for = set(self._pending)
             if action.kind == "link":
@@ -217,7 +221,10 @@ class SaveLedger:
         self.process()
 
     def _ready(self, action: _Action) -> bool:
-        return not (action.waits_for & set(self._pending))
+        if action.waits_for & set(self._pending):
+            return False
+        # a file is not removed or relinked under a logger hook requested before it (it may read that file)
+        return action.kind == "call" or not (self._calls and self._calls[0].order < action.order)
 
     def process(self) -> None:
         """Run the ordered removals and links whose saves are done (any thread)."""
@@ -255,7 +262,10 @@ class SaveLedger:
                 if not self._calls or not self._ready(self._calls[0]):
                     return
                 action = self._calls.popleft()
-            action.fn()
+            try:
+                action.fn()
+            finally:
+                self.process()
 
 
 def atomic_link(target: str, linkpath: str) -> None:

@@ -91,6 +91,24 @@ def guard_loggers(loggers: list, plugin: LightningCkptIO) -> None:
         original = logger.after_save_checkpoint
 
         def after_save_checkpoint(checkpoint_callback: Any, _logger: Any = logger, _original: Any = original) -> None:
-            _logger._lightning_ckpt_plugin.call_after_commit(lambda: _original(checkpoint_callback))
+            view = CheckpointCallbackView(checkpoint_callback)  # its paths as they are now, not when it runs
+            _logger._lightning_ckpt_plugin.call_after_commit(lambda: _original(view))
 
         logger.after_save_checkpoint = after_save_checkpoint
+
+
+class CheckpointCallbackView:
+    """A ModelCheckpoint as it was at one save: its paths and scores frozen, everything else read live."""
+
+    FROZEN = ("best_model_path", "last_model_path", "best_model_score", "best_k_models", "kth_best_model_path",
+              "kth_value", "current_score", "_last_checkpoint_saved", "_last_global_step_saved")
+
+    def __init__(self, callback: Any) -> None:
+        object.__setattr__(self, "_callback", callback)
+        for name in self.FROZEN:
+            if hasattr(callback, name):
+                value = getattr(callback, name)
+                object.__setattr__(self, name, dict(value) if isinstance(value, dict) else value)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._callback, name)

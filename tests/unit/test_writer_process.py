@@ -91,3 +91,11 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_start_ahead_of_the_first_save(tmp_path):
+    with lc.make_async_checkpointer() as ck:
+        ck.start(block=False)
+        ck.save(tmp_path / "a.ckpt", {"w": torch.ones(8)})[1].result(timeout=60)
+        ck.start()  # already running: nothing new
+        assert ck.process.starts == 1 and ck.process.is_alive()

@@ -1,0 +1,291 @@
+"""``AsyncCheckpointCallback``: save cadence, keep-last-k, resume, safe points for async staging, error agreement."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Optional
+
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_ckpt.errors import CheckpointWriteError
+from lightning_ckpt.lightning.base_io import LightningCkptIO
+from lightning_ckpt.lightning.ledger import CompletedSave
+from lightning_ckpt.lightning.resume import CKPT_SUFFIX, find_latest_checkpoint, matching_checkpoints
+from lightning_ckpt.lightning.sync_io import SyncCheckpointIO
+from lightning_ckpt.lightning.trainer_glue import (
+    StrategyBarrier, bypass_reason, find_plugin, guard_loggers, guard_model_checkpoint,
+)
+from lightning_ckpt.types import RankInfo
+
+log = logging.getLogger(__name__)
+
+
+class AsyncCheckpointCallback(Callback):
+    """Saves every N steps and/or T seconds and at train end, keeps the last k, and makes async saves safe.
+
+    Put it beside ``Trainer(plugins=[AsyncCheckpointIO()])``. On ``setup`` it finds the plugin (also inside a
+    ``_WrappingCheckpointIO``) and hands it the trainer's ranks and a barrier; without our plugin it writes its own
+    checkpoints with a synchronous atomic writer and warns once. It also guards ModelCheckpoint (``-v1`` names see
+    files still being written; ``save_last="link"`` links only committed files, atomically) and loggers that read
+    the file in ``after_save_checkpoint`` (called once the file is committed, on the training thread).
+
+    Staging (when the copy runs): after ``on_train_batch_end`` (ours and every save after it in the same hook,
+    ModelCheckpoint's included) the copy of parameters and optimizer state overlaps the next step and is waited for
+    in ``on_before_optimizer_step``, before ``optimizer.step`` mutates them in place. Buffers are different: the
+    next forward mutates them (BatchNorm running stats), so tensors aliasing the module's buffers are cloned at
+    save time (they are small) and never read live later. With manual optimization the wait moves to
+    ``on_train_batch_start``. Saves anywhere else (epoch end, validation, after fit) return only once their copy
+    is done. Callbacks or hooks that change parameters in place outside ``optimizer.step`` after a save (EMA weight
+    swaps, SWA) need ``CheckpointStagerConfig(use_async_staging=False)``.
+
+    Errors: a failed save fails ``fit`` at the next training step. With several ranks, all ranks agree with
+    ``reduce_boolean_decision`` at each step while a save is in flight and at train end, so every rank raises
+    together instead of the others hanging in the next collective.
+
+    Metrics: after each committed save, ``ckpt/stall_ms``, ``ckpt/write_secs``, ``ckpt/gb_per_s`` and ``ckpt/bytes``
+    are logged (logger ``lightning_ckpt.lightning`` and, from rank 0 on the training thread, the trainer's logger
+    at the save's step). ``saves`` keeps them.
+
+    Args:
+        dirpath: where its checkpoints go; default ``<default_root_dir>/checkpoints``.
+        filename: name pattern with ``{step}`` (and optionally ``{epoch}``); ``.ckpt`` is appended.
+        every_n_train_steps: save when ``global_step`` is a multiple of it.
+        every_n_seconds: save when this many seconds passed since the last save (rank 0 decides).
+        save_on_train_end: save at the end of fit (unless this step was just saved).
+        keep_last_k: keep only the newest k of its own checkpoints (None: keep all). A file is removed only once
+            the newer ones are committed; the newest committed one and one still being written are never removed.
+
+    Raises:
+        ValueError: a field out of range (named).
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, filename: str = "step={step}",
+                 every_n_train_steps: Optional[int] = None, every_n_seconds: Optional[float] = None,
+                 save_on_train_end: bool = True, keep_last_k: Optional[int] = None) -> None:
+        if keep_last_k is not None and keep_last_k < 1:
+            raise ValueError(f"AsyncCheckpointCallback.keep_last_k must be >= 1 or None, got {keep_last_k}")
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(
+                f"AsyncCheckpointCallback.every_n_train_steps must be >= 1 or None, got {every_n_train_steps}"
+            )
+        if every_n_seconds is not None and every_n_seconds <= 0:
+            raise ValueError(f"AsyncCheckpointCallback.every_n_seconds must be > 0 or None, got {every_n_seconds}")
+        if "{step}" not in filename:
+            raise ValueError(f"AsyncCheckpointCallback.filename must contain '{{step}}', got {filename!r}")
+        self.dirpath = dirpath
+        self.filename = filename
+        self.every_n_train_steps = every_n_train_steps
+        self.every_n_seconds = every_n_seconds
+        self.save_on_train_end = save_on_train_end
+        self.keep_last_k = keep_last_k
+        self.saves: list[CompletedSave] = []
+        self._plugin: LightningCkptIO | None = None
+        self._fallback: SyncCheckpointIO | None = None
+        self._dirpath: str | None = None
+        self._saved: list[str] = []
+        self._last_step_saved = -1
+        self._last_save_time = time.monotonic()
+        self._maybe_pending = False
+        self._warned_absent = False
+
+    @staticmethod
+    def find_latest(dirpath: str, filename: str = "step={step}", verify: bool = False) -> str | None:
+        """The newest complete checkpoint in ``dirpath`` (highest step whose checksum record reads; temp names never
+        count), for ``trainer.fit(ckpt_path=...)``; None when there is none. ``verify`` also checks every tensor."""
+        return find_latest_checkpoint(dirpath, filename, verify=verify)
+
+    @property
+    def io(self) -> LightningCkptIO | None:
+        """The plugin its saves go through (ours on the trainer, or its synchronous fallback)."""
+        return self._plugin if self._plugin is not None else self._fallback
+
+    @property
+    def total_stall_secs(self) -> float:
+        return sum(s.stall_secs for s in self.saves)
+
+    # ------------------------------------------------------------------ setup
+
+    @override
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._plugin = find_plugin(trainer.strategy)
+        if self._plugin is None:
+            if not self._warned_absent:
+                rank_zero_warn("AsyncCheckpointCallback: no AsyncCheckpointIO/SyncCheckpointIO on the trainer; its "
+                               "own checkpoints are written synchronously (add plugins=[AsyncCheckpointIO()])")
+                self._warned_absent = True
+            self._fallback = self._fallback or SyncCheckpointIO()
+        self.io.attach(RankInfo(trainer.global_rank, trainer.world_size), StrategyBarrier(trainer.strategy),
+                       buffer_source=pl_module.buffers)
+        reason = bypass_reason(trainer.strategy)
+        if reason is not None:
+            rank_zero_warn(f"{reason}: the CheckpointIO plugin is bypassed for saves, so they are neither async nor "
+                           "checksummed by lightning_ckpt; AsyncCheckpointCallback only sets the cadence")
+        if self._plugin is not None:
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint):
+                    guard_model_checkpoint(callback, self._plugin)
+            guard_loggers(trainer.loggers, self._plugin)
+        self._dirpath = os.path.abspath(self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints"))
+
+    @override
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._last_save_time = time.monotonic()
+        self._saved = [p for _, p in matching_checkpoints(self._dirpath, self.filename)] if self.keep_last_k else []
+
+    # ------------------------------------------------------------------ safe points
+
+    def _arm(self, on: bool) -> None:
+        if self.io is not None:
+            self.io.defer_staging = on
+
+    def _wait_staging(self) -> None:
+        self._arm(False)
+        if self.io is not None:
+            self.io.wait_for_staging()
+
+    @override
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._arm(False)
+        if not pl_module.automatic_optimization:
+            self._wait_staging()
+        self._flush(trainer)
+
+    @override
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self._wait_staging()
+
+    @override
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._agree_on_errors(trainer)
+        self._flush(trainer)
+        self._arm(True)  # our save and ModelCheckpoint's (it runs after us) overlap the next step
+        if self._should_save(trainer):
+            self._save(trainer)
+
+    @override
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._arm(False)
+
+    @override
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._arm(True)
+
+    @override
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._wait_staging()
+
+    @override
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._arm(True)
+
+    @override
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._wait_staging()
+        if self.save_on_train_end and trainer.global_step > 0 and self._last_step_saved != trainer.global_step:
+            self._save(trainer)
+        if trainer.is_global_zero and self.io is not None:
+            self.io.wait_for_saves()
+        self._agree_on_errors(trainer, always=True)
+        self._flush(trainer)
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        try:
+            self._wait_staging()
+        except Exception as e:  # noqa: BLE001 - the original exception is what propagates
+            log.warning("waiting for checkpoint staging after %r failed: %s", exception, e)
+
+    @override
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._arm(False)
+
+    @override
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self._maybe_pending = True  # every rank runs this for every save: the agreement condition stays in step
+
+    # ------------------------------------------------------------------ saving
+
+    def _should_save(self, trainer: Any) -> bool:
+        step = trainer.global_step
+        if trainer.sanity_checking or trainer.fast_dev_run or step == 0 or step == self._last_step_saved:
+            return False
+        due = bool(self.every_n_train_steps and step % self.every_n_train_steps == 0)
+        if self.every_n_seconds is not None:
+            elapsed = time.monotonic() - self._last_save_time >= self.every_n_seconds
+            due = trainer.strategy.broadcast(elapsed, src=0) or due  # rank 0 decides for every rank
+        return due
+
+    def _save(self, trainer: Any) -> None:
+        name = self.filename.format(step=trainer.global_step, epoch=trainer.current_epoch) + CKPT_SUFFIX
+        path = os.path.join(self._dirpath, name)
+        if self._plugin is not None:
+            trainer.save_checkpoint(path)
+        else:
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(False)
+            if trainer.is_global_zero:
+                self._fallback.save_checkpoint(checkpoint, path)
+            trainer.strategy.barrier("AsyncCheckpointCallback.save")
+        self._last_step_saved = trainer.global_step
+        self._last_save_time = time.monotonic()
+        self._prune(trainer, path)
+
+    def _prune(self, trainer: Any, path: str) -> None:
+        if self.keep_last_k is None:
+            return
+        if path in self._saved:
+            self._saved.remove(path)
+        self._saved.append(path)
+        while len(self._saved) > self.keep_last_k:
+            old = self._saved.pop(0)
+            if trainer.is_global_zero:
+                self.io.remove_checkpoint(old)  # ordered after the newer saves commit (see the ledger)
+
+    # ------------------------------------------------------------------ errors and metrics
+
+    def _agree_on_errors(self, trainer: Any, always: bool = False) -> None:
+        """Raise a failed save on every rank at once (single process: just raise it)."""
+        io = self.io
+        if io is None:
+            return
+        if trainer.world_size <= 1:
+            io.raise_pending_error()
+            return
+        if not (always or self._maybe_pending):
+            return
+        zero = trainer.is_global_zero
+        pending = zero and io.has_pending_saves()  # asked before the error, so a failure after it is not missed
+        error = io.peek_error() if zero else None
+        all_ok = trainer.strategy.reduce_boolean_decision(error is None, all=True)
+        self._maybe_pending = trainer.strategy.reduce_boolean_decision(pending, all=False)
+        if all_ok:
+            return
+        if error is not None:
+            io.raise_error()
+        raise CheckpointWriteError(
+            f"a checkpoint save failed on global rank 0 (see its log); global rank {trainer.global_rank} stops too"
+        )
+
+    def _flush(self, trainer: Any) -> None:
+        """Deferred logger hooks and metrics of committed saves, on the training thread (rank 0 only)."""
+        io = self.io
+        if io is None or not trainer.is_global_zero:
+            return
+        io.run_main_thread_actions()
+        for done in io.pop_completed():
+            self.saves.append(done)
+            if trainer.logger is None:
+                continue
+            stats = done.stats
+            metrics = {
+                "ckpt/stall_ms": done.stall_secs * 1e3,
+                "ckpt/write_secs": stats.write_secs,
+                "ckpt/gb_per_s": stats.gb_per_sec if stats.write_secs > 0 else 0.0,
+                "ckpt/bytes": float(stats.nbytes),
+            }
+            trainer.logger.log_metrics(metrics, step=done.step if done.step is not None else trainer.global_step)

@@ -1,0 +1,45 @@
+"""Run by test_ddp.py: a 2-rank CPU DDP fit (Lightning's ddp launcher re-executes this file for rank 1).
+
+Usage: python tests/lightning/ddp_script.py <dir> <ok|fail>
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_ckpt.lightning import AsyncCheckpointCallback, AsyncCheckpointIO
+from tests.lightning.helpers import FailCommitHook, TinyModel, loader
+
+
+class Report(Callback):
+    def on_exception(self, trainer, pl_module, exception):
+        print(f"RANK {trainer.global_rank} FAILED at step {trainer.global_step}: {type(exception).__name__}: "
+              f"{str(exception).splitlines()[0]}", flush=True)
+
+    def on_fit_end(self, trainer, pl_module):
+        print(f"RANK {trainer.global_rank} OK at step {trainer.global_step}", flush=True)
+
+
+def main() -> None:
+    directory, mode = sys.argv[1], sys.argv[2]
+    hook = FailCommitHook("step=2") if mode == "fail" else None
+    trainer = pl.Trainer(
+        default_root_dir=directory, accelerator="cpu", devices=2, strategy="ddp", max_steps=4 if mode == "ok" else 40,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        plugins=[AsyncCheckpointIO(commit_hook=hook)],
+        callbacks=[
+            Report(),
+            AsyncCheckpointCallback(dirpath=os.path.join(directory, "own"), every_n_train_steps=1, keep_last_k=2),
+            ModelCheckpoint(dirpath=os.path.join(directory, "mc"), every_n_train_steps=1, save_top_k=1,
+                            save_last="link"),
+        ],
+    )
+    trainer.fit(TinyModel(), loader(n=1024))
+
+
+if __name__ == "__main__":
+    main()

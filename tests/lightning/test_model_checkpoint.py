@@ -1,0 +1,123 @@
+"""ModelCheckpoint with the async plugin (and the callback guarding it): LIGHTNING_NOTES §3 hazards, one by one."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_ckpt.lightning import AsyncCheckpointCallback, AsyncCheckpointIO, SyncCheckpointIO
+from lightning_ckpt.lightning.resume import is_complete
+from tests.lightning import helpers
+from tests.lightning.helpers import DelayCommitHook, TinyModel
+
+pytestmark = [pytest.mark.lightning, pytest.mark.timeout(90)]
+
+
+def _plugin():
+    return AsyncCheckpointIO(commit_hook=DelayCommitHook(0.15))  # writes land well after ModelCheckpoint moves on
+
+
+class _LastProbe(Callback):
+    """At every step start: a last.ckpt that exists must be complete (never dangling, never torn)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.seen = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if os.path.lexists(self.path):
+            assert os.path.exists(self.path), "last.ckpt is a dangling link"
+            assert is_complete(os.path.realpath(self.path))
+            self.seen += 1
+
+
+@pytest.mark.parametrize("save_last", [True, "link"])
+def test_top_k_and_last_stay_consistent(save_last, tmp_path):
+    """save_top_k=1 leaves exactly one top-k file (no orphans); last.ckpt is valid whenever it exists, from a
+    fresh directory on; every file loads with load_from_checkpoint."""
+    ck = tmp_path / "ck"
+    mc = ModelCheckpoint(dirpath=ck, every_n_train_steps=1, save_top_k=1, save_last=save_last)
+    probe = _LastProbe(ck / "last.ckpt")
+    cb = AsyncCheckpointCallback(dirpath=str(tmp_path / "own"), save_on_train_end=False)
+    trainer = helpers.trainer(tmp_path, max_steps=5, plugins=[_plugin()], callbacks=[probe, cb, mc],
+                              enable_checkpointing=True)
+    trainer.fit(TinyModel(), helpers.loader())
+    assert helpers.final_files(ck) == ["epoch=0-step=5.ckpt", "last.ckpt"]
+    assert probe.seen >= 1
+    if save_last == "link":
+        assert os.path.islink(ck / "last.ckpt") and os.readlink(ck / "last.ckpt") == "epoch=0-step=5.ckpt"
+    for name in helpers.final_files(ck):
+        assert TinyModel.load_from_checkpoint(ck / name).hparams.width == 16
+        assert torch.load(ck / name, weights_only=False)["global_step"] == 5
+    assert helpers.temp_files(tmp_path) == []
+
+
+def test_plugin_alone_top_k_has_no_orphans(tmp_path):
+    """Without our callback: removals are still ordered after the writes (Lightning's async plugin leaves 4 files)."""
+    ck = tmp_path / "ck"
+    mc = ModelCheckpoint(dirpath=ck, every_n_train_steps=1, save_top_k=1)
+    helpers.trainer(tmp_path, max_steps=4, plugins=[_plugin()], callbacks=[mc], enable_checkpointing=True).fit(
+        TinyModel(), helpers.loader())
+    assert helpers.final_files(ck) == ["epoch=0-step=4.ckpt"]
+
+
+@pytest.mark.parametrize("plugin", ["async", "sync"])
+def test_version_counter_sees_pending_files(plugin, tmp_path):
+    """A fixed filename gives fixed, fixed-v1, fixed-v2 as with a synchronous writer: no two saves share a name."""
+    ck = tmp_path / "ck"
+    mc = ModelCheckpoint(dirpath=ck, filename="fixed", monitor="train_loss", every_n_train_steps=1, save_top_k=-1)
+    cb = AsyncCheckpointCallback(dirpath=str(tmp_path / "own"), save_on_train_end=False)
+    io = _plugin() if plugin == "async" else SyncCheckpointIO()
+    helpers.trainer(tmp_path, max_steps=3, plugins=[io], callbacks=[cb, mc], enable_checkpointing=True).fit(
+        TinyModel(), helpers.loader())
+    assert helpers.final_files(ck) == ["fixed-v1.ckpt", "fixed-v2.ckpt", "fixed.ckpt"]
+    steps = {n: torch.load(ck / n, weights_only=False)["global_step"] for n in helpers.final_files(ck)}
+    assert steps == {"fixed.ckpt": 1, "fixed-v1.ckpt": 2, "fixed-v2.ckpt": 3}
+
+
+@pytest.mark.parametrize("how", ["last", "explicit"])
+def test_resume_matches_an_uninterrupted_run(how, tmp_path):
+    data = helpers.loader(n=8)  # one batch per epoch: resuming mid-epoch sees the same data
+    torch.manual_seed(0)
+    straight = TinyModel()
+    helpers.trainer(tmp_path / "a", max_steps=6).fit(straight, data)
+
+    ck = tmp_path / "ck"
+    torch.manual_seed(0)
+    first = TinyModel()
+    mc = ModelCheckpoint(dirpath=ck, every_n_train_steps=1, save_top_k=-1, save_last=True)
+    helpers.trainer(tmp_path / "b", max_steps=3, plugins=[_plugin()], callbacks=[mc], enable_checkpointing=True).fit(
+        first, data)
+    resumed = TinyModel()
+    mc2 = ModelCheckpoint(dirpath=ck, every_n_train_steps=1, save_top_k=-1, save_last=True)
+    t = helpers.trainer(tmp_path / "b", max_steps=6, plugins=[_plugin()], callbacks=[mc2], enable_checkpointing=True)
+    t.fit(resumed, data, ckpt_path="last" if how == "last" else str(ck / "epoch=2-step=3.ckpt"))
+    helpers.assert_trees_equal(resumed.state_dict(), straight.state_dict())
+    helpers.assert_trees_equal(t.optimizers[0].state_dict(), straight.trainer.optimizers[0].state_dict())
+    for name in helpers.final_files(ck):
+        assert TinyModel.load_from_checkpoint(ck / name) is not None
+
+
+class _ReadingLogger(CSVLogger):
+    """Like W&B's log_model: reads the checkpoint file in after_save_checkpoint."""
+
+    read = 0
+
+    def after_save_checkpoint(self, checkpoint_callback):
+        path = checkpoint_callback.last_model_path or checkpoint_callback.best_model_path
+        assert is_complete(path), f"{path} not written yet"
+        self.read += 1
+
+
+def test_logger_after_save_checkpoint_sees_committed_files(tmp_path):
+    ck = tmp_path / "ck"
+    logger = _ReadingLogger(str(tmp_path / "logs"))
+    mc = ModelCheckpoint(dirpath=ck, every_n_train_steps=1, save_top_k=1)
+    cb = AsyncCheckpointCallback(dirpath=str(tmp_path / "own"), save_on_train_end=False)
+    helpers.trainer(tmp_path, max_steps=3, plugins=[_plugin()], callbacks=[cb, mc], logger=logger,
+                    enable_checkpointing=True).fit(TinyModel(), helpers.loader())
+    assert logger.read == 3
