@@ -15,14 +15,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import send_handle
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning_ckpt.barriers import BarrierConfig
 from lightning_ckpt.checkpoint_writer import CheckpointWriterConfig, WriterHook, WriteStats
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError, CheckpointWriteError, WriterProcessDiedError
-from lightning_ckpt.serialization import PreparedCheckpoint
-from lightning_ckpt.staging_buffer import StagingBuffer
+from lightning_ckpt.checkpoint_file import PreparedCheckpoint
 from lightning_ckpt.types import RankInfo
+
+if TYPE_CHECKING:
+    from lightning_ckpt.staging_buffer import StagingBuffer
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +176,7 @@ class CheckpointProcess:
                 raise CheckpointError("CheckpointProcess is closed")
             self._ensure_started()
 
-    def write(self, path: str, prepared: PreparedCheckpoint, buffer: StagingBuffer | None,
+    def write(self, path: str, prepared: PreparedCheckpoint, buffer: "StagingBuffer | None",
               save_key: str | None = None) -> Future:
         """Send one write; the future resolves to ``WriteStats`` or fails with the writer's error text."""
         future: Future = Future()

@@ -12,7 +12,9 @@ import torch
 
 from lightning_ckpt import layout
 from lightning_ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
-from lightning_ckpt.serialization import checksum, iter_leaves, path_str, read_checksum_record
+from lightning_ckpt.checkpoint_file import read_checksum_record
+from lightning_ckpt.serialization import checksum, iter_leaves, path_str
+from lightning_ckpt.torch_zip import read_record
 from lightning_ckpt.types import STATE_DICT, RankInfo
 
 log = logging.getLogger(__name__)
@@ -109,8 +111,9 @@ def _open_checked(path: str) -> dict | None:
         if record is None:
             log.debug("%s has no checksum record (plain torch.save file); read unverified", path)
             return None
-        reader = torch._C.PyTorchFileReader(path)
-        data_pkl = bytes(reader.get_record("data.pkl"))
+        data_pkl = read_record(path, "data.pkl")
+        if data_pkl is None:
+            raise ValueError("no data.pkl record")
     except (RuntimeError, ValueError, OSError) as e:
         raise CorruptCheckpointError(f"corrupt checkpoint {path}: unreadable ({e})", path=path) from e
     if not _well_formed(record):

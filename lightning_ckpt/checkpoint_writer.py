@@ -9,12 +9,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from lightning_ckpt import layout
 from lightning_ckpt.barriers import Barrier, barrier_report_error, barrier_wait
 from lightning_ckpt.errors import IncompleteCheckpointError
-from lightning_ckpt.serialization import PreparedCheckpoint, prepare, read_checksum_record, write_file
+from lightning_ckpt.checkpoint_file import PreparedCheckpoint, read_checksum_record, write_file
 from lightning_ckpt.types import STATE_DICT, RankInfo
 
 log = logging.getLogger(__name__)
@@ -91,8 +89,10 @@ class CheckpointWriter:
             TypeError: the state dict holds an object that cannot be pickled.
             OSError: the disk refused the write; nothing is left at ``path`` and earlier checkpoints stay.
         """
-        return self.write_prepared(path, prepare(state_dict, metadata=kwargs.get("metadata")),
-                                   save_key=kwargs.get("save_key"))
+        from lightning_ckpt.serialization import prepare, resolve_storages  # torch: not in the writer process
+
+        prepared = resolve_storages(prepare(state_dict, metadata=kwargs.get("metadata")))
+        return self.write_prepared(path, prepared, save_key=kwargs.get("save_key"))
 
     def write_prepared(self, path: str | os.PathLike, prepared: PreparedCheckpoint, buffer: memoryview | None = None,
                        save_key: str | None = None) -> WriteStats:
@@ -195,7 +195,7 @@ class CheckpointWriter:
             "files": files,
             "metadata": metadata,
             "lightning_ckpt_version": _version(),
-            "torch_version": torch.__version__,
+            "torch_version": _torch_version(),
             "created_unix": time.time(),
         }
         self._write_small_file(os.path.join(tmp_dir, layout.MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
@@ -226,6 +226,15 @@ class CheckpointWriter:
 
     def close(self) -> None:
         """Nothing is held between writes; kept for symmetry with the other components."""
+
+
+def _torch_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _version() -> str:

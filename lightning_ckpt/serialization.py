@@ -10,57 +10,41 @@ from __future__ import annotations
 
 import ctypes
 import io
-import json
 import pickle
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
-import xxhash
 from torch.serialization import location_tag, normalize_storage_type
 
-from lightning_ckpt.layout import CHECKSUM_RECORD, FORMAT_VERSION
+from lightning_ckpt import torch_zip
+from lightning_ckpt.checkpoint_file import PreparedCheckpoint, Record
+from lightning_ckpt.torch_zip import ALIGNMENT as STORAGE_ALIGNMENT
 
 PICKLE_PROTOCOL = 2  # torch.save's default; keeps files loadable by every torch that reads the zip format
-STORAGE_ALIGNMENT = 64
 KeyPath = tuple  # path of a leaf inside nested dicts/lists, e.g. ("state_dict", "layer.weight")
 
 
-@dataclass
-class Record:
-    """One tensor storage to write as ``data/<key>``: either at ``offset`` in a staging buffer or a live storage."""
+def for_transfer(prepared: PreparedCheckpoint) -> PreparedCheckpoint:
+    """A copy without live storages, fit to pickle through the pipe (buffer records keep their offsets)."""
+    records = []
+    for r in prepared.records:
+        inline = r.inline
+        if r.offset is None and r.storage is not None:
+            inline = bytes(storage_view(r.storage.cpu())) if r.nbytes else b""
+        elif isinstance(inline, memoryview):
+            inline = bytes(inline)
+        records.append(Record(r.key, r.nbytes, r.location, r.offset, None, inline))
+    return PreparedCheckpoint(prepared.data_pkl, records, prepared.key_paths, prepared.metadata)
 
-    key: str
-    nbytes: int
-    location: str
-    offset: int | None = None
-    storage: Any = None  # torch.UntypedStorage when written in-process (never sent to the writer process)
-    inline: bytes | None = None  # bytes of a storage outside the staging buffer, shipped with the request
 
-
-@dataclass
-class PreparedCheckpoint:
-    """Everything the writer needs: the pickle bytes, the records, and which key path names each record."""
-
-    data_pkl: bytes
-    records: list[Record]
-    key_paths: list[tuple[list, str]] = field(default_factory=list)  # (json-able key path, record key)
-    metadata: dict = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.data_pkl) + sum(r.nbytes for r in self.records)
-
-    def for_transfer(self) -> "PreparedCheckpoint":
-        """A copy without live storages, fit to pickle through the pipe (buffer records keep their offsets)."""
-        records = []
-        for r in self.records:
-            if r.offset is None and r.inline is None and r.storage is not None:
-                inline = bytes(storage_view(r.storage.cpu())) if r.nbytes else b""
-                records.append(Record(r.key, r.nbytes, r.location, inline=inline))
-            else:
-                records.append(Record(r.key, r.nbytes, r.location, r.offset, None, r.inline))
-        return PreparedCheckpoint(self.data_pkl, records, self.key_paths, self.metadata)
+def resolve_storages(prepared: PreparedCheckpoint) -> PreparedCheckpoint:
+    """Point each live-storage record at its bytes (copied to the CPU first if needed), for an in-process write."""
+    for r in prepared.records:
+        if r.offset is None and r.inline is None and r.storage is not None:
+            if r.storage.device.type != "cpu":
+                r.storage = r.storage.cpu()
+            r.inline = storage_view(r.storage)
+    return prepared
 
 
 def path_str(path: KeyPath | list) -> str:
@@ -95,7 +79,7 @@ def checksum(data: Any) -> str:
     """xxh3-64 hex digest of bytes, a buffer, or a CPU storage (hashed in place, no copy)."""
     if isinstance(data, torch.UntypedStorage):
         data = storage_view(data)
-    return xxhash.xxh3_64_hexdigest(data)
+    return torch_zip.checksum(data)
 
 
 class _Pickler(pickle.Pickler):
@@ -173,84 +157,3 @@ def _find_unpicklable(obj: Any) -> str | None:
         except Exception as e:  # noqa: BLE001 - we only look for the culprit's name
             return f"value at key '{path_str(path)}' of type {type(leaf).__qualname__}: {e}"
     return None
-
-
-def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | None = None) -> dict:
-    """Write ``prepared`` as a torch zip file at ``path`` (not fsynced); returns the checksum record written.
-
-    Records with an ``offset`` are read from ``buffer`` (a staging buffer mapping); others from their storage or
-    inline bytes. Each record is hashed from the same memory it is written from.
-
-    Raises:
-        OSError: the disk refused (ENOSPC, EFBIG, EACCES, ...), with its errno and ``path``.
-    """
-    try:
-        # A Python file keeps the OS error (torch's own file writer reports any failure as "iostream error").
-        with open(path, "wb") as stream:
-            writer = torch._C.PyTorchFileWriter(stream, False, STORAGE_ALIGNMENT)
-            try:
-                return _write_records(writer, prepared, buffer)
-            except BaseException:
-                _finalize_quietly(writer)
-                raise
-    except OSError as e:
-        if e.filename is None:
-            raise OSError(e.errno, e.strerror, path) from e
-        raise
-
-
-def _finalize_quietly(writer: torch._C.PyTorchFileWriter) -> None:
-    """Mark a failed writer finalized: its destructor would otherwise retry the end record and std::terminate."""
-    try:
-        writer.write_end_of_file()
-    except Exception:  # noqa: BLE001 - the first error is the one raised
-        pass
-
-
-def _write_records(writer: torch._C.PyTorchFileWriter, prepared: PreparedCheckpoint,
-                   buffer: memoryview | None) -> dict:
-    writer.write_record("data.pkl", prepared.data_pkl, len(prepared.data_pkl))
-    writer.write_record(".format_version", "1", 1)
-    writer.write_record(".storage_alignment", str(STORAGE_ALIGNMENT), len(str(STORAGE_ALIGNMENT)))
-    sums = {}
-    for rec in prepared.records:
-        data = _record_bytes(rec, buffer)
-        sums[rec.key] = {"nbytes": rec.nbytes, "xxh3": checksum(data)}
-        if isinstance(data, torch.UntypedStorage):
-            writer.write_record(f"data/{rec.key}", data, rec.nbytes)
-        else:
-            writer.write_record(f"data/{rec.key}", bytes(data) if rec.nbytes == 0 else data, rec.nbytes)
-    record = {
-        "format": FORMAT_VERSION,
-        "data_pkl_xxh3": checksum(prepared.data_pkl),
-        "records": sums,
-        "key_paths": prepared.key_paths,
-        "metadata": prepared.metadata,
-    }
-    payload = json.dumps(record).encode()
-    writer.write_record(CHECKSUM_RECORD, payload, len(payload))
-    writer.write_end_of_file()
-    return record
-
-
-def _record_bytes(rec: Record, buffer: memoryview | None) -> Any:
-    if rec.inline is not None:
-        return rec.inline
-    if rec.offset is not None:
-        if buffer is None:
-            raise ValueError(f"record {rec.key} points into a staging buffer but none was given")
-        if rec.nbytes == 0:
-            return b""
-        return torch.frombuffer(buffer, dtype=torch.uint8, count=rec.nbytes, offset=rec.offset).untyped_storage()
-    storage = rec.storage
-    if storage.device.type != "cpu":
-        storage = storage.cpu()
-    return storage if rec.nbytes else b""
-
-
-def read_checksum_record(path: str) -> dict | None:
-    """The checksum record of a checkpoint file, or None for a plain ``torch.save`` file without one."""
-    reader = torch._C.PyTorchFileReader(path)
-    if not reader.has_record(CHECKSUM_RECORD):
-        return None
-    return json.loads(bytes(reader.get_record(CHECKSUM_RECORD)))

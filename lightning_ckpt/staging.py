@@ -14,7 +14,8 @@ from typing import Any, Callable
 import torch
 
 from lightning_ckpt.errors import CheckpointTimeoutError
-from lightning_ckpt.serialization import PreparedCheckpoint, prepare
+from lightning_ckpt.checkpoint_file import PreparedCheckpoint
+from lightning_ckpt.serialization import for_transfer, prepare
 from lightning_ckpt.staging_buffer import (
     StagingBuffer,
     StagingBufferTooLarge,
@@ -166,7 +167,7 @@ class DefaultStager(CheckpointStager):
         try:
             staged_tensors = [buffer.tensor(off, n, src.dtype, src.shape) for src, off, n in plan.copies]
             structure = plan.build(state_dict, staged_tensors)
-            prepared = prepare(structure, buffer.range, metadata=kwargs.get("metadata")).for_transfer()
+            prepared = for_transfer(prepare(structure, buffer.range, metadata=kwargs.get("metadata")))
             del structure
         except BaseException:
             self._release_buffer(buffer)

@@ -9,7 +9,7 @@ import re
 from lightning_ckpt import layout
 from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.errors import CheckpointError
-from lightning_ckpt.serialization import read_checksum_record
+from lightning_ckpt.checkpoint_file import read_checksum_record
 
 log = logging.getLogger(__name__)
 

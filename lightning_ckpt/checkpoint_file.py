@@ -1,0 +1,103 @@
+"""One checkpoint file: prepared records written as a torch zip plus the checksum record (no torch needed).
+
+The writer subprocess imports this and not torch, so it starts in a fraction of a second and stays small.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning_ckpt.layout import CHECKSUM_RECORD, FORMAT_VERSION
+from lightning_ckpt.torch_zip import ALIGNMENT, TorchZipWriter, checksum, read_record
+
+
+@dataclass
+class Record:
+    """One tensor storage to write as ``data/<key>``: at ``offset`` in a staging buffer, or ``inline`` bytes."""
+
+    key: str
+    nbytes: int
+    location: str
+    offset: int | None = None
+    storage: Any = None  # torch.UntypedStorage when written in-process (never sent to the writer process)
+    inline: Any = None  # bytes (or, in-process, a memoryview of ``storage``)
+
+
+@dataclass
+class PreparedCheckpoint:
+    """Everything the writer needs: the pickle bytes, the records, and which key path names each record."""
+
+    data_pkl: bytes
+    records: list[Record]
+    key_paths: list[tuple[list, str]] = field(default_factory=list)  # (json-able key path, record key)
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data_pkl) + sum(r.nbytes for r in self.records)
+
+
+def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | None = None) -> dict:
+    """Write ``prepared`` as a torch zip at ``path`` (not fsynced); returns the checksum record written.
+
+    Records with an ``offset`` are read from ``buffer`` (a staging buffer mapping), others from ``inline``. Each
+    record is hashed from the same memory it is written from.
+
+    Raises:
+        OSError: the disk refused (ENOSPC, EFBIG, ...), with its errno and ``path``.
+    """
+    writer = TorchZipWriter(path)
+    try:
+        writer.write_record("data.pkl", prepared.data_pkl)
+        writer.write_record(".format_version", b"1")
+        writer.write_record(".storage_alignment", str(ALIGNMENT).encode())
+        sums = {}
+        for rec in prepared.records:
+            data = _record_bytes(rec, buffer)
+            sums[rec.key] = {"nbytes": rec.nbytes, "xxh3": checksum(data)}
+            writer.write_record(f"data/{rec.key}", data)
+        record = {
+            "format": FORMAT_VERSION,
+            "data_pkl_xxh3": checksum(prepared.data_pkl),
+            "records": sums,
+            "key_paths": prepared.key_paths,
+            "metadata": prepared.metadata,
+        }
+        writer.write_record(CHECKSUM_RECORD, json.dumps(record).encode())
+        writer.close()
+    except OSError as e:
+        writer.abort()
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
+    except BaseException:
+        writer.abort()
+        raise
+    return record
+
+
+def _record_bytes(rec: Record, buffer: memoryview | None) -> Any:
+    if rec.offset is None:
+        if rec.inline is None:
+            raise ValueError(f"record {rec.key} has no bytes: resolve live storages before writing")
+        return rec.inline
+    if buffer is None:
+        raise ValueError(f"record {rec.key} points into a staging buffer but none was given")
+    return buffer[rec.offset:rec.offset + rec.nbytes]
+
+
+def read_checksum_record(path: str) -> dict | None:
+    """The checksum record of a checkpoint file, or None for a plain ``torch.save`` file without one.
+
+    Raises:
+        ValueError: not a zip file or an unreadable record (``zipfile.BadZipFile`` is a ``ValueError`` here).
+        OSError: the file cannot be read.
+    """
+    try:
+        payload = read_record(path, CHECKSUM_RECORD)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path} is not a readable torch zip: {e}") from e
+    return None if payload is None else json.loads(payload)

@@ -1,0 +1,119 @@
+"""The ``torch.save`` zip container, written and read without importing torch (so the writer process stays small).
+
+What ``torch.load`` needs is a zip of stored (uncompressed) records under one folder: ``data.pkl``, ``version``,
+``byteorder`` and ``data/<key>`` per storage, each record's bytes starting at a 64-byte aligned offset (``mmap``
+loading maps them in place). CRC fields are written as 0, as ``torch.save`` does with its CRC option off; our own
+xxh3 checksums live in an extra record that ``torch.load`` ignores.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+import sys
+import zipfile
+from typing import Any, BinaryIO
+
+import xxhash
+
+ARCHIVE = "archive"
+ALIGNMENT = 64
+_ZIP64_MARKER = 0xFFFFFFFF  # a 32-bit field holding this means "see the zip64 extra field"
+_ZIP64_THRESHOLD = 0xFFFFFFFF  # sizes/offsets from here on need zip64 (tests lower it to exercise that path)
+_PAD_EXTRA_ID = 0x4246  # "FB", the id torch uses for its padding field
+_FLAGS = 0x0800  # names are UTF-8
+_CHUNK = 64 << 20
+
+
+def checksum(data: Any) -> str:
+    """xxh3-64 hex digest of bytes or any buffer."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+class TorchZipWriter:
+    """Writes records into a new zip file; ``close`` writes the trailer records and the central directory."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._pos = 0
+        self._entries: list[tuple[bytes, int, int]] = []  # (name, header offset, size)
+
+    def write_record(self, name: str, data: Any) -> None:
+        """Write one record from bytes or a buffer (large buffers go to the file without a copy)."""
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        full = f"{ARCHIVE}/{name}".encode()
+        zip64 = size >= _ZIP64_THRESHOLD or self._pos >= _ZIP64_THRESHOLD
+        extra = struct.pack("<HHQQ", 0x0001, 16, size, size) if zip64 else b""
+        base = self._pos + 30 + len(full) + len(extra)
+        pad = (-(base + 4)) % ALIGNMENT
+        extra += struct.pack("<HH", _PAD_EXTRA_ID, pad) + b"\0" * pad
+        small = _ZIP64_MARKER if zip64 else size
+        header = struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 20, _FLAGS, 0, 0, 0x21, 0, small, small,
+                             len(full), len(extra))
+        self._entries.append((full, self._pos, size))
+        self._write(header + full + extra)
+        for start in range(0, size, _CHUNK):
+            self._write(view[start:start + _CHUNK])
+
+    def _write(self, data: Any) -> None:
+        n = self._file.write(data)
+        self._pos += len(data) if n is None else n
+
+    def close(self) -> None:
+        """Write ``version``, ``byteorder``, the serialization id and the central directory, then close."""
+        self.write_record("version", b"3\n")
+        self.write_record("byteorder", sys.byteorder.encode())
+        self.write_record(".data/serialization_id", str(secrets.randbelow(10**40)).zfill(40).encode())
+        cd_offset = self._pos
+        for full, offset, size in self._entries:
+            zip64 = size >= _ZIP64_THRESHOLD or offset >= _ZIP64_THRESHOLD
+            extra = struct.pack("<HHQQQ", 0x0001, 24, size, size, offset) if zip64 else b""
+            small, small_off = (_ZIP64_MARKER, _ZIP64_MARKER) if zip64 else (size, offset)
+            self._write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45 if zip64 else 20, _FLAGS, 0, 0, 0x21, 0,
+                                    small, small, len(full), len(extra), 0, 0, 0, 0, small_off) + full + extra)
+        cd_size = self._pos - cd_offset
+        count = len(self._entries)
+        if count >= 0xFFFF or cd_offset >= _ZIP64_THRESHOLD or cd_size >= _ZIP64_THRESHOLD:
+            eocd64 = self._pos
+            self._write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, cd_size, cd_offset))
+            self._write(struct.pack("<IIQI", 0x07064B50, 0, eocd64, 1))
+            count, cd_size, cd_offset = 0xFFFF, _ZIP64_MARKER, _ZIP64_MARKER
+        self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, cd_size, cd_offset, 0))
+        self._file.flush()
+        self._file.close()
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def abort(self) -> None:
+        """Close without finishing (the caller removes the temp file)."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+
+
+def read_record(path: str, name: str) -> bytes | None:
+    """The bytes of record ``<folder>/<name>`` of a torch zip (any folder name), or None when absent.
+
+    Raises:
+        zipfile.BadZipFile, OSError: not a readable zip.
+    """
+    with open(path, "rb") as f, zipfile.ZipFile(f) as z:
+        info = next((i for i in z.infolist() if i.filename.split("/", 1)[-1] == name), None)
+        if info is None:
+            return None
+        # Read the stored bytes directly: zipfile would check the CRC fields, which torch leaves at 0.
+        f.seek(info.header_offset)
+        header = f.read(30)
+        if header[:4] != b"PK\x03\x04":
+            raise zipfile.BadZipFile(f"bad local header for {info.filename} in {path}")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        data = f.read(info.file_size)
+        if len(data) != info.file_size:
+            raise zipfile.BadZipFile(f"record {info.filename} of {path} is truncated")
+        return data

@@ -1,0 +1,43 @@
+"""The torch-free zip writer produces files torch.load reads, plain and mmap, including the zip64 layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lightning_ckpt as lc
+from lightning_ckpt import torch_zip
+from tests._helpers import assert_equal_state, nested_state_dict
+
+
+@pytest.mark.parametrize("zip64", [False, True])
+def test_files_load_with_torch_plain_and_mmap(zip64, tmp_path, monkeypatch):
+    if zip64:
+        monkeypatch.setattr(torch_zip, "_ZIP64_THRESHOLD", 512)  # every big record and the directory go zip64
+    sd = nested_state_dict()
+    sd["big"] = torch.arange(100_000, dtype=torch.float32)
+    with lc.make_sync_checkpointer() as ck:
+        ck.save(tmp_path / "a.ckpt", sd)
+        assert_equal_state(ck.load(tmp_path / "a.ckpt"), sd)
+    assert_equal_state(torch.load(tmp_path / "a.ckpt", weights_only=True), sd)
+    mapped = torch.load(tmp_path / "a.ckpt", weights_only=True, mmap=True)
+    assert_equal_state(mapped, sd)
+
+
+def test_tensor_records_start_at_aligned_offsets(tmp_path):
+    import zipfile
+
+    with lc.make_sync_checkpointer() as ck:
+        ck.save(tmp_path / "a.ckpt", {"a": torch.ones(3), "b": torch.ones(5, dtype=torch.int8), "c": torch.ones(7)})
+    raw = (tmp_path / "a.ckpt").read_bytes()
+    with zipfile.ZipFile(tmp_path / "a.ckpt") as z:
+        for info in z.infolist():
+            name_len, extra_len = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little"), \
+                int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+            assert (info.header_offset + 30 + name_len + extra_len) % torch_zip.ALIGNMENT == 0, info.filename
+
+
+def test_read_record_finds_records_of_torch_save_files(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt")
+    assert torch_zip.read_record(str(tmp_path / "plain.pt"), "byteorder") in (b"little", b"big")
+    assert torch_zip.read_record(str(tmp_path / "plain.pt"), "lightning_ckpt/checksums.json") is None
