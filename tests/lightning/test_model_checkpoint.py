@@ -121,3 +121,32 @@ def test_logger_after_save_checkpoint_sees_committed_files(tmp_path):
     helpers.trainer(tmp_path, max_steps=3, plugins=[_plugin()], callbacks=[cb, mc], logger=logger,
                     enable_checkpointing=True).fit(TinyModel(), helpers.loader())
     assert logger.read == 3
+
+
+def test_last_ckpt_shares_the_staged_copy_of_the_top_k_save(tmp_path):
+    """ModelCheckpoint(save_last=True) saves twice per step; with the callback the second save reuses the first's
+    staged copy (no copy, no second buffer), and last.ckpt still holds exactly that step's state."""
+    ck = tmp_path / "ck"
+    mc = ModelCheckpoint(dirpath=ck, every_n_train_steps=2, save_top_k=-1, save_last=True)
+    cb = AsyncCheckpointCallback(dirpath=str(tmp_path / "own"), save_on_train_end=False)
+    plugin = AsyncCheckpointIO()
+    model = TinyModel()
+    model.record_snapshots = True
+    trainer = helpers.trainer(tmp_path, max_steps=4, plugins=[plugin], callbacks=[cb, mc], enable_checkpointing=True)
+    stagers = []
+    original = plugin._ensure_checkpointer
+
+    def spy():
+        checkpointer = original()
+        if checkpointer.stager not in stagers:
+            stagers.append(checkpointer.stager)
+        return checkpointer
+
+    plugin._ensure_checkpointer = spy
+    trainer.fit(model, helpers.loader())
+    assert sum(s.shared_saves for s in stagers) >= 2  # steps 2 and 4: last.ckpt shared the top-k copy
+    assert all(s.allocations == 1 for s in stagers)
+    last = torch.load(ck / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 4
+    helpers.assert_trees_equal(last["state_dict"], model.snapshots[4]["state_dict"])
+    helpers.assert_trees_equal(last["optimizer_states"], model.snapshots[4]["optimizer_states"])
