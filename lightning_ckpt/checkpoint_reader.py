@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+import zipfile
 from typing import Any
 
 import torch
@@ -14,7 +15,6 @@ from lightning_ckpt import layout
 from lightning_ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
 from lightning_ckpt.checkpoint_file import read_checksum_record
 from lightning_ckpt.serialization import checksum, iter_leaves, path_str
-from lightning_ckpt.torch_zip import read_record
 from lightning_ckpt.types import STATE_DICT, RankInfo
 
 log = logging.getLogger(__name__)
@@ -111,10 +111,9 @@ def _open_checked(path: str) -> dict | None:
         if record is None:
             log.debug("%s has no checksum record (plain torch.save file); read unverified", path)
             return None
-        data_pkl = read_record(path, "data.pkl")
-        if data_pkl is None:
-            raise ValueError("no data.pkl record")
-    except (RuntimeError, ValueError, OSError) as e:
+        # Checked as torch's own zip reader returns it, so that torch.load unpickles exactly the verified bytes.
+        data_pkl = bytes(torch._C.PyTorchFileReader(path).get_record("data.pkl"))
+    except (RuntimeError, ValueError, OSError, zipfile.BadZipFile) as e:
         raise CorruptCheckpointError(f"corrupt checkpoint {path}: unreadable ({e})", path=path) from e
     if not _well_formed(record):
         raise CorruptCheckpointError(f"corrupt checkpoint {path}: malformed {layout.CHECKSUM_RECORD}", path=path)
