@@ -7,14 +7,14 @@ import logging
 import os
 import pickle
 import zipfile
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
 
 import torch
 
 from lightning_ckpt import layout
 from lightning_ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
-from lightning_ckpt.checkpoint_file import read_checksum_record
-from lightning_ckpt.serialization import checksum, iter_leaves, path_str
+from lightning_ckpt.serialization import json_key, checksum, iter_leaves, path_str
 from lightning_ckpt.types import STATE_DICT, RankInfo
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,19 @@ class CheckpointReader:
         """
         file_path = self.resolve_file(path)
         verify = self.verify if verify is None else verify
+        if state_dict is None:
+            _advise_sequential(file_path)  # the kernel starts reading the whole file now
         record = _open_checked(file_path) if verify else None
         if state_dict is None:
-            loaded = _load(file_path, map_location=map_location, weights_only=weights_only, mmap=False)
-            if record is not None:
-                _verify_tree(file_path, loaded, record, wanted=None)
+            if _is_cpu(map_location) and (record is not None or not verify):
+                # Our files hold CPU tensors: map the file, copy each storage out once while the kernel reads
+                # ahead, and hash each copy on a second thread while the next one is copied.
+                mapped = _load(file_path, map_location="cpu", weights_only=weights_only, mmap=True)
+                loaded = _copy_and_verify(file_path, mapped, record)
+            else:
+                loaded = _load(file_path, map_location=map_location, weights_only=weights_only, mmap=False)
+                if record is not None:
+                    _verify_tree(file_path, loaded, record, wanted=None)
             return loaded, []
         loaded = _load(file_path, map_location="cpu", weights_only=weights_only, mmap=True)
         missing = _fill(state_dict, loaded, file_path, record, map_location)
@@ -107,12 +115,13 @@ class CheckpointReader:
 def _open_checked(path: str) -> dict | None:
     """The checksum record after checking the zip directory and the pickle bytes; None for plain torch files."""
     try:
-        record = read_checksum_record(path)
-        if record is None:
+        # Read as torch's own zip reader returns them, so that torch.load unpickles exactly the verified bytes.
+        reader = torch._C.PyTorchFileReader(path)
+        if not reader.has_record(layout.CHECKSUM_RECORD):
             log.debug("%s has no checksum record (plain torch.save file); read unverified", path)
             return None
-        # Checked as torch's own zip reader returns it, so that torch.load unpickles exactly the verified bytes.
-        data_pkl = bytes(torch._C.PyTorchFileReader(path).get_record("data.pkl"))
+        record = json.loads(bytes(reader.get_record(layout.CHECKSUM_RECORD)))
+        data_pkl = bytes(reader.get_record("data.pkl"))
     except (RuntimeError, ValueError, OSError, zipfile.BadZipFile) as e:
         raise CorruptCheckpointError(f"corrupt checkpoint {path}: unreadable ({e})", path=path) from e
     if not _well_formed(record):
@@ -144,6 +153,92 @@ def _load(path: str, *, map_location: Any, weights_only: bool, mmap: bool) -> An
         raise  # weights_only refusals are not corruption: torch's own message says what to do
     except (RuntimeError, EOFError, OSError, ValueError) as e:  # ValueError: a damaged .storage_alignment
         raise CorruptCheckpointError(f"corrupt checkpoint {path}: {e}", path=path) from e
+
+
+def _is_cpu(map_location: Any) -> bool:
+    return map_location is None or (isinstance(map_location, (str, torch.device))
+                                    and torch.device(map_location).type == "cpu")
+
+
+def _advise_sequential(path: str) -> None:
+    """Ask the kernel to read the whole file ahead, in order (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except (AttributeError, OSError):
+        pass
+    finally:
+        os.close(fd)
+
+
+def _copy_and_verify(path: str, mapped: Any, record: dict | None) -> Any:
+    """``copy_out_of_mapping`` with each copied record hashed on a worker thread (xxhash releases the GIL)."""
+    if record is None:
+        return copy_out_of_mapping(mapped)
+    record_by_path = {tuple(p): key for p, key in record["key_paths"]}
+    hashes: dict[str, tuple[tuple, Future]] = {}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-verify") as pool:
+
+        def on_copy(key_path: tuple, tensor: torch.Tensor) -> None:
+            key = record_by_path.get(key_path)
+            if key is not None and key not in hashes:
+                hashes[key] = (key_path, pool.submit(_storage_checksum, tensor))
+
+        loaded = copy_out_of_mapping(mapped, on_copy)
+        for key, (key_path, future) in hashes.items():
+            expected, actual = record["records"][key]["xxh3"], future.result()
+            if actual != expected:
+                raise CorruptCheckpointError(
+                    f"corrupt checkpoint {path}: tensor '{path_str(key_path)}' checksum mismatch "
+                    f"(expected {expected}, got {actual})",
+                    path=path, key=path_str(key_path), expected=expected, actual=actual,
+                )
+    _verify_unreached(path, record, set(hashes))
+    return loaded
+
+
+def copy_out_of_mapping(obj: Any, on_copy: Callable[[tuple, torch.Tensor], None] | None = None) -> Any:
+    """Replace the file-mapped tensors of a ``torch.load(mmap=True)`` result with in-memory copies.
+
+    Each storage is copied once, so tensors that shared a storage (views, tied weights) still share it.
+    ``on_copy(key_path, tensor)`` is told of every copied tensor reachable through dicts, lists and tuples.
+    """
+    copies: dict[tuple[int, int], torch.UntypedStorage] = {}
+
+    def copy_tensor(t: torch.Tensor) -> torch.Tensor:
+        if t.layout != torch.strided or t.device.type != "cpu":
+            return t
+        src = t.untyped_storage()
+        key = (src.data_ptr(), src.nbytes())
+        dst = copies.get(key)
+        if dst is None:
+            flat = torch.empty(0, dtype=torch.uint8).set_(src)
+            dst = copies[key] = flat.clone().untyped_storage()
+        out = torch.empty(0, dtype=t.dtype).set_(dst, t.storage_offset(), t.size(), t.stride())
+        return torch.nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else out
+
+    def visit(o: Any, key_path: tuple) -> Any:
+        if isinstance(o, torch.Tensor):
+            out = copy_tensor(o)
+            if on_copy is not None and out is not o:
+                on_copy(key_path, out)
+            return out
+        if isinstance(o, dict):
+            for k in list(o):
+                o[k] = visit(o[k], key_path + (json_key(k),))
+            return o
+        if isinstance(o, list):
+            o[:] = [visit(v, key_path + (i,)) for i, v in enumerate(o)]
+            return o
+        if isinstance(o, tuple) and not hasattr(o, "_fields"):
+            return type(o)(visit(v, key_path + (i,)) for i, v in enumerate(o))
+        return o
+
+    return visit(obj, ())
 
 
 def _storage_checksum(tensor: torch.Tensor) -> str:

@@ -51,7 +51,7 @@ def path_str(path: KeyPath | list) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _json_key(key: Any) -> Any:
+def json_key(key: Any) -> Any:
     return key if isinstance(key, (str, int)) and not isinstance(key, bool) else repr(key)
 
 
@@ -59,7 +59,7 @@ def iter_leaves(obj: Any, prefix: KeyPath = ()) -> Iterator[tuple[KeyPath, Any]]
     """Yield ``(key_path, leaf)`` for every leaf of nested dicts, lists and tuples (depth first, in order)."""
     if isinstance(obj, dict):
         for k, v in obj.items():
-            yield from iter_leaves(v, prefix + (_json_key(k),))
+            yield from iter_leaves(v, prefix + (json_key(k),))
     elif isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         for i, v in enumerate(obj):
             yield from iter_leaves(v, prefix + (i,))

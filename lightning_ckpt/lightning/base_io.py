@@ -135,7 +135,7 @@ class LightningCkptIO(CheckpointIO):
         if not os.path.exists(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
         reader = CheckpointReader(RankInfo(0, 1), verify=self.config.verify_on_load)
-        loaded, _ = reader.read(path, map_location=_to_cpu if map_location is None else map_location,
+        loaded, _ = reader.read(path, map_location="cpu" if map_location is None else map_location,
                                 weights_only=weights_only)
         return loaded
 
