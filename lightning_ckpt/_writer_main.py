@@ -49,6 +49,7 @@ def _serve(conn: Connection) -> None:
                 mapping.close()
         elif isinstance(msg, WriteRequest):
             conn.send(_write(writer, msg, buffers))
+            writer.remove_replaced()  # after the reply: the trainer does not wait for freeing old blocks
     for mapping in buffers.values():
         mapping.close()
 
@@ -59,7 +60,7 @@ def _write(writer, msg, buffers) -> "Response":
     try:
         buffer = memoryview(buffers[msg.buffer_id]) if msg.buffer_id is not None else None
         try:
-            stats = writer.write_prepared(msg.path, msg.prepared, buffer, save_key=msg.save_key)
+            stats = writer.write_prepared(msg.path, msg.prepared, buffer, save_key=msg.save_key, defer_cleanup=True)
         finally:
             if buffer is not None:
                 _release(buffer)

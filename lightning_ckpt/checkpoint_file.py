@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_ckpt.layout import CHECKSUM_RECORD, FORMAT_VERSION
 from lightning_ckpt.torch_zip import ALIGNMENT, TorchZipWriter, checksum, read_record
+
+_HASH_IN_THREAD_BYTES = 1 << 20
 
 
 @dataclass
@@ -54,11 +57,7 @@ def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | Non
         writer.write_record("data.pkl", prepared.data_pkl)
         writer.write_record(".format_version", b"1")
         writer.write_record(".storage_alignment", str(ALIGNMENT).encode())
-        sums = {}
-        for rec in prepared.records:
-            data = _record_bytes(rec, buffer)
-            sums[rec.key] = {"nbytes": rec.nbytes, "xxh3": checksum(data)}
-            writer.write_record(f"data/{rec.key}", data)
+        sums = _write_tensor_records(writer, prepared, buffer)
         record = {
             "format": FORMAT_VERSION,
             "data_pkl_xxh3": checksum(prepared.data_pkl),
@@ -77,6 +76,18 @@ def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | Non
         writer.abort()
         raise
     return record
+
+
+def _write_tensor_records(writer: TorchZipWriter, prepared: PreparedCheckpoint, buffer: memoryview | None) -> dict:
+    """Write every record; large ones are hashed on a worker thread while they are written (both release the GIL)."""
+    sums = {}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-hash") as pool:
+        for rec in prepared.records:
+            data = _record_bytes(rec, buffer)
+            digest = pool.submit(checksum, data) if rec.nbytes >= _HASH_IN_THREAD_BYTES else None
+            writer.write_record(f"data/{rec.key}", data)
+            sums[rec.key] = {"nbytes": rec.nbytes, "xxh3": digest.result() if digest else checksum(data)}
+    return sums
 
 
 def _record_bytes(rec: Record, buffer: memoryview | None) -> Any:

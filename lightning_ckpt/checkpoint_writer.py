@@ -80,6 +80,7 @@ class CheckpointWriter:
                 f"CheckpointWriter with global_world_size={self.rank_info.global_world_size} needs a barrier"
             )
         self._cleaned_dirs: set[str] = set()
+        self._replaced: list[str] = []
         self._seq = 0
 
     def write(self, path: str | os.PathLike, state_dict: STATE_DICT, **kwargs: Any) -> WriteStats:
@@ -95,14 +96,23 @@ class CheckpointWriter:
         return self.write_prepared(path, prepared, save_key=kwargs.get("save_key"))
 
     def write_prepared(self, path: str | os.PathLike, prepared: PreparedCheckpoint, buffer: memoryview | None = None,
-                       save_key: str | None = None) -> WriteStats:
-        """Write an already pickled checkpoint whose records live in ``buffer`` or in storages, and commit it."""
+                       save_key: str | None = None, defer_cleanup: bool = False) -> WriteStats:
+        """Write an already pickled checkpoint whose records live in ``buffer`` or in storages, and commit it.
+
+        Args:
+            defer_cleanup: leave freeing a replaced file to ``remove_replaced`` (the writer process calls it after
+                reporting the commit, so the caller does not wait for it).
+        """
         path = os.path.abspath(os.fspath(path))
         self._seq += 1
         key = save_key or f"{os.path.basename(path)}-{self._seq}"
-        if self.rank_info.global_world_size == 1:
-            return self._write_single(path, prepared, buffer)
-        return self._write_ranked(path, prepared, buffer, key)
+        try:
+            if self.rank_info.global_world_size == 1:
+                return self._write_single(path, prepared, buffer)
+            return self._write_ranked(path, prepared, buffer, key)
+        finally:
+            if not defer_cleanup:
+                self.remove_replaced()
 
     def _prepare_dir(self, directory: str, in_use: str | None = None) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -140,7 +150,14 @@ class CheckpointWriter:
             self._pre_commit(path)
             if self.barrier is not None:
                 barrier_wait(self.barrier, f"{os.path.basename(path)}-{self._seq}/written")
-            os.replace(tmp, path)
+            kept = self._keep_replaced(path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if kept is not None:
+                    self._replaced.remove(kept)
+                    layout.remove_tree(kept)
+                raise
         except BaseException:
             layout.remove_tree(tmp)
             raise
@@ -148,6 +165,28 @@ class CheckpointWriter:
             layout.fsync_dir(os.path.dirname(path))
         self._post_commit(path)
         return WriteStats(path, nbytes, written - start, time.perf_counter() - written)
+
+    def _keep_replaced(self, path: str) -> str | None:
+        """Hard-link a file about to be replaced to a temp name, so the rename does not free its blocks.
+
+        Freeing a large file's blocks can take longer than writing a checkpoint; ``remove_replaced`` does it
+        after the commit is reported (a crash in between leaves a stale temp name the next writer removes).
+        """
+        if not os.path.isfile(path) or os.path.islink(path):
+            return None
+        kept = layout.tmp_file_path(path)
+        try:
+            os.link(path, kept)
+        except OSError:
+            return None  # no hard links here: the rename frees the old blocks itself
+        self._replaced.append(kept)
+        return kept
+
+    def remove_replaced(self) -> None:
+        """Free the files that commits replaced (see ``write_prepared``'s ``defer_cleanup``)."""
+        replaced, self._replaced = self._replaced, []
+        for kept in replaced:
+            layout.remove_tree(kept)
 
     def _write_ranked(self, path: str, prepared: PreparedCheckpoint, buffer: memoryview | None,
                       key: str) -> WriteStats:

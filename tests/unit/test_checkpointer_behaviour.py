@@ -311,3 +311,18 @@ def test_one_buffer_by_default_so_a_second_save_waits_for_the_first(tmp_path):
         (tmp_path / "release").touch()
         worker.join(timeout=60)
         second["out"][1].result(timeout=60)
+
+
+def test_overwriting_a_checkpoint_replaces_it_atomically_and_frees_the_old_file(kind, tmp_path):
+    path = tmp_path / "last.ckpt"
+    with _make(kind) as ck:
+        _save(ck, path, {"w": torch.zeros(1000)})
+        inode = os.stat(path).st_ino
+        _save(ck, path, {"w": torch.ones(1000)})
+        assert os.stat(path).st_ino != inode  # a new file was renamed over the old one
+        ck.wait()
+        assert torch.equal(ck.load(path)["w"], torch.ones(1000))
+        if kind == "async":
+            # the hard link that kept the old blocks is removed right after the commit is reported
+            wait_for(lambda: os.listdir(tmp_path) == ["last.ckpt"], what="the replaced file to be freed")
+    assert os.listdir(tmp_path) == ["last.ckpt"]
