@@ -14,7 +14,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ckpt import CheckpointerConfig
 from lightning_ckpt.lightning import AsyncCheckpointCallback, AsyncCheckpointIO
 
 
@@ -58,8 +57,8 @@ def main() -> None:
     trainer = pl.Trainer(
         default_root_dir=args.dir, accelerator="cpu", devices=1, max_steps=args.max_steps, logger=False,
         enable_progress_bar=False, enable_model_summary=False,
-        # two saves may coincide (ours and ModelCheckpoint's): let both be in flight instead of queueing
-        plugins=[AsyncCheckpointIO(config=CheckpointerConfig(max_in_flight=2))],
+        # Ours and ModelCheckpoint's saves of the same step share one staged copy: zero-argument use is enough.
+        plugins=[AsyncCheckpointIO()],
         callbacks=[callback, ModelCheckpoint(dirpath=os.path.join(args.dir, "best"), monitor="train_loss",
                                              every_n_train_steps=args.every_n_steps, save_top_k=1, save_last="link")],
     )
