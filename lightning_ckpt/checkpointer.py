@@ -214,6 +214,8 @@ class AsyncCheckpointer(Checkpointer):
         stage_future = staged if isinstance(staged, Future) else completed_future(staged)
         write_future = TrackedFuture()
         with self._lock:
+            while self._inflight and self._inflight[0].write_future.done():
+                self._inflight.popleft()  # finished saves are forgotten (their errors are kept in _errors)
             self._inflight.append(_InFlight(path, stage_future, write_future))
         stage_future.add_done_callback(lambda f: self._dispatch(f, path, write_future, save_key, start, stall))
         return stage_future, write_future
