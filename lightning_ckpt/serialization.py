@@ -82,6 +82,9 @@ def checksum(data: Any) -> str:
     return torch_zip.checksum(data)
 
 
+_NOT_STORAGE = frozenset({str, int, float, bool, type(None), bytes, dict, list, tuple, torch.Size, torch.dtype})
+
+
 class _Pickler(pickle.Pickler):
     """``torch.save``'s pickling of storages as persistent ids, recording each storage instead of writing it."""
 
@@ -93,6 +96,8 @@ class _Pickler(pickle.Pickler):
         self._range = buffer_range
 
     def persistent_id(self, obj: Any) -> Any:
+        if type(obj) in _NOT_STORAGE:  # called for every object pickled: answer the common ones at once
+            return None
         if isinstance(obj, torch.storage.TypedStorage):
             storage, dtype = obj._untyped_storage, obj.dtype
             storage_type, numel = getattr(torch, obj._pickle_storage_type()), obj._size()
