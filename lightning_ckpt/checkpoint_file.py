@@ -43,7 +43,8 @@ class PreparedCheckpoint:
         return len(self.data_pkl) + sum(r.nbytes for r in self.records)
 
 
-def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | None = None) -> dict:
+def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | None = None,
+               direct_io: bool = False) -> dict:
     """Write ``prepared`` as a torch zip at ``path`` (not fsynced); returns the checksum record written.
 
     Records with an ``offset`` are read from ``buffer`` (a staging buffer mapping), others from ``inline``. Each
@@ -52,7 +53,7 @@ def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | Non
     Raises:
         OSError: the disk refused (ENOSPC, EFBIG, ...), with its errno and ``path``.
     """
-    writer = TorchZipWriter(path)
+    writer = TorchZipWriter(path, direct_io=direct_io)
     try:
         writer.write_record("data.pkl", prepared.data_pkl)
         writer.write_record(".format_version", b"1")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from lightning_ckpt.serialization import STORAGE_ALIGNMENT
+from lightning_ckpt.torch_zip import DIRECT_IO_ALIGNMENT, DIRECT_IO_MIN_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,8 @@ class StagingBuffer:
             self.fd = None
 
 
-def _align(n: int) -> int:
-    return (n + STORAGE_ALIGNMENT - 1) // STORAGE_ALIGNMENT * STORAGE_ALIGNMENT
+def _align(n: int, alignment: int = STORAGE_ALIGNMENT) -> int:
+    return (n + alignment - 1) // alignment * alignment
 
 
 def _stageable(t: torch.Tensor) -> bool:
@@ -99,6 +100,8 @@ class StagingPlan:
                 ident = (obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride(), obj.device)
                 if ident not in self._by_identity:
                     nbytes = obj.numel() * obj.element_size()
+                    if nbytes >= DIRECT_IO_MIN_BYTES:  # page-aligned, so the writer can write it with O_DIRECT
+                        self.nbytes = _align(self.nbytes, DIRECT_IO_ALIGNMENT)
                     self._by_identity[ident] = len(self.copies)
                     self.copies.append((obj, self.nbytes, nbytes))
                     self.nbytes += _align(nbytes)
