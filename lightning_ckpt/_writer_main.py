@@ -22,6 +22,8 @@ def _serve(conn: Connection) -> None:
     init = conn.recv()
     assert isinstance(init, InitRequest), f"expected InitRequest, got {type(init).__name__}"
     logging.basicConfig(level=init.log_level, format="[lightning_ckpt writer %(process)d] %(levelname)s %(message)s")
+    if init.niceness:
+        os.nice(init.niceness)
     try:
         barrier = create_barrier_from_config(init.barrier_config, init.rank_info)
         writer = CheckpointWriter(init.writer_config, init.rank_info, barrier, init.commit_hook)

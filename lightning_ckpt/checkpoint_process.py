@@ -37,21 +37,27 @@ class CheckpointProcessConfig:
         startup_timeout_secs: starting the interpreter and importing torch (slow on a cold disk).
         write_timeout_secs: one write, barrier waits included; past it the writer is killed and replaced.
         shutdown_timeout_secs: a clean exit at ``close``; past it the writer is killed.
+        writer_niceness: added to the writer's nice value, so that hashing and writing yield the CPU to training
+            (0 keeps the training process's priority).
     """
 
     startup_timeout_secs: float = 300.0
     write_timeout_secs: float = 3600.0
     shutdown_timeout_secs: float = 60.0
+    writer_niceness: int = 10
 
     def __post_init__(self) -> None:
         for name in ("startup_timeout_secs", "write_timeout_secs", "shutdown_timeout_secs"):
             if not getattr(self, name) > 0:  # NaN too
                 raise ValueError(f"CheckpointProcessConfig.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.writer_niceness <= 19:
+            raise ValueError(f"CheckpointProcessConfig.writer_niceness must be in [0, 19], got {self.writer_niceness}")
 
 
 # Typed messages. Requests go parent -> writer; every request with an id gets exactly one Response.
 @dataclass
 class InitRequest:
+    niceness: int
     rank_info: RankInfo
     writer_config: CheckpointWriterConfig
     barrier_config: BarrierConfig | None
@@ -231,7 +237,7 @@ class CheckpointProcess:
         self._conn = Connection(parent_sock.detach())
         self._buffers.clear()
         self.starts += 1
-        self._conn.send(InitRequest(self.rank_info, self.writer_config, self.barrier_config, self.commit_hook,
+        self._conn.send(InitRequest(self.config.writer_niceness, self.rank_info, self.writer_config, self.barrier_config, self.commit_hook,
                                     logging.getLogger("lightning_ckpt").getEffectiveLevel()))
         ready = self._recv_ready()
         if not ready.ok:
