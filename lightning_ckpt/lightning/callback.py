@@ -225,7 +225,7 @@ class AsyncCheckpointCallback(Callback):
         name = self.filename.format(step=trainer.global_step, epoch=trainer.current_epoch) + CKPT_SUFFIX
         path = os.path.join(self._dirpath, name)
         if self._plugin is not None:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
         else:
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(False)
             if trainer.is_global_zero:
