@@ -50,7 +50,8 @@ class LightningCkptIO(CheckpointIO):
         self.commit_hook = commit_hook
         self.rank_info = RankInfo(0, 1)
         self.barrier: Barrier | None = None
-        self._defer_staging = False  # set by AsyncCheckpointCallback inside its safe window
+        self.defer_staging = False  # set by AsyncCheckpointCallback inside its safe window (with overlap)
+        self._window_open = False
         self._window = 0  # counts the callback's safe windows: saves within one may share a staged copy
         self._buffer_clones: dict[tuple, torch.Tensor] = {}
         self._buffer_source: Callable[[], Iterable[torch.Tensor]] | None = None
@@ -60,22 +61,19 @@ class LightningCkptIO(CheckpointIO):
         self._ledger = SaveLedger()
         self._ledger.keep_errors = error_policy == "raise"
 
-    @property
-    def defer_staging(self) -> bool:
-        """True inside the callback's safe window: staging may finish after ``save_checkpoint`` returns."""
-        return self._defer_staging
-
-    @defer_staging.setter
-    def defer_staging(self, on: bool) -> None:
-        if on and not self._defer_staging:
+    def set_safe_window(self, open_: bool, overlap: bool = True) -> None:
+        """Called by the callback: inside its safe window, saves of one step may share a staged copy and, with
+        ``overlap``, finish staging after ``save_checkpoint`` returns (the callback waits before they matter)."""
+        if open_ and not self._window_open:
             self._window += 1
             self._buffer_clones = {}
-        self._defer_staging = on
+        self._window_open = open_
+        self.defer_staging = open_ and overlap
 
     def snapshot_token(self, step: int | None) -> Any:
         """Saves of one safe window and step may share one staged copy (the stager also checks that every tensor
         is the same object with an unchanged version counter); outside a window nothing is shared."""
-        return (self._window, step) if self._defer_staging and step is not None else None
+        return (self._window, step) if self._window_open and step is not None else None
 
     def __getstate__(self) -> dict:
         if self._checkpointer is not None:
@@ -155,7 +153,7 @@ class LightningCkptIO(CheckpointIO):
         Raises:
             CheckpointError: a save failed and was not raised yet (``error_policy="raise"``).
         """
-        self.defer_staging = False
+        self.set_safe_window(False)
         checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
             self._close(checkpointer)

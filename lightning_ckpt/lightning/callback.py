@@ -34,7 +34,7 @@ class AsyncCheckpointCallback(Callback):
     files still being written; ``save_last="link"`` links only committed files, atomically) and loggers that read
     the file in ``after_save_checkpoint`` (called once the file is committed, on the training thread).
 
-    Staging (when the copy runs): after ``on_train_batch_end`` (ours and every save after it in the same hook,
+    Staging (when the copy runs), with ``overlap_staging``: after ``on_train_batch_end`` (ours and every save after it in the same hook,
     ModelCheckpoint's included) the copy of parameters and optimizer state overlaps the next step and is waited for
     in ``on_before_optimizer_step``, before ``optimizer.step`` mutates them in place. Buffers are different: the
     next forward mutates them (BatchNorm running stats), so tensors aliasing the module's buffers are cloned at
@@ -59,6 +59,9 @@ class AsyncCheckpointCallback(Callback):
         save_on_train_end: save at the end of fit (unless this step was just saved).
         keep_last_k: keep only the newest k of its own checkpoints (None: keep all). A file is removed only once
             the newer ones are committed; the newest committed one and one still being written are never removed.
+        overlap_staging: let the copy overlap the next step (see Staging); None: when the module is on an
+            accelerator. On a CPU-only machine the copy competes with training for the same cores, so there each
+            save waits for its copy (still far shorter than a write).
 
     Raises:
         ValueError: a field out of range (named).
@@ -66,7 +69,8 @@ class AsyncCheckpointCallback(Callback):
 
     def __init__(self, dirpath: Optional[str] = None, filename: str = "step={step}",
                  every_n_train_steps: Optional[int] = None, every_n_seconds: Optional[float] = None,
-                 save_on_train_end: bool = True, keep_last_k: Optional[int] = None) -> None:
+                 save_on_train_end: bool = True, keep_last_k: Optional[int] = None,
+                 overlap_staging: Optional[bool] = None) -> None:
         if keep_last_k is not None and keep_last_k < 1:
             raise ValueError(f"AsyncCheckpointCallback.keep_last_k must be >= 1 or None, got {keep_last_k}")
         if every_n_train_steps is not None and every_n_train_steps < 1:
@@ -83,6 +87,8 @@ class AsyncCheckpointCallback(Callback):
         self.every_n_seconds = every_n_seconds
         self.save_on_train_end = save_on_train_end
         self.keep_last_k = keep_last_k
+        self.overlap_staging = overlap_staging
+        self._overlap = bool(overlap_staging)
         self.saves: list[CompletedSave] = []
         self._plugin: LightningCkptIO | None = None
         self._fallback: SyncCheckpointIO | None = None
@@ -131,6 +137,9 @@ class AsyncCheckpointCallback(Callback):
                     guard_model_checkpoint(callback, self._plugin)
             guard_loggers(trainer.loggers, self._plugin)
         self._dirpath = os.path.abspath(self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints"))
+        # Overlap pays where the copy runs beside the compute (device-to-host on a side stream); on a CPU-only
+        # machine the copy competes with training for the same cores and memory bandwidth (measured: slower).
+        self._overlap = self.overlap_staging if self.overlap_staging is not None else pl_module.device.type != "cpu"
 
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -141,7 +150,7 @@ class AsyncCheckpointCallback(Callback):
 
     def _arm(self, on: bool) -> None:
         if self.io is not None:
-            self.io.defer_staging = on
+            self.io.set_safe_window(on, self._overlap)
 
     def _wait_staging(self) -> None:
         self._arm(False)

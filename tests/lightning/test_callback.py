@@ -45,8 +45,9 @@ def _snapshot_mismatches(model, directory):
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("sabotage", [None, "no_wait", "no_buffer_clone"])
-def test_mutate_after_save_does_not_leak(sabotage, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sabotage, overlap", [(None, True), (None, False), ("no_wait", True),
+                                               ("no_buffer_clone", True)])
+def test_mutate_after_save_does_not_leak(sabotage, overlap, tmp_path, monkeypatch):
     """Parameters, BatchNorm buffers and Adam state changed right after a save are not in it (copies are slowed
     so they overlap the next step). The sabotaged runs prove the test catches a missing safe point."""
     _slow_copies(monkeypatch)
@@ -56,7 +57,8 @@ def test_mutate_after_save_does_not_leak(sabotage, tmp_path, monkeypatch):
         monkeypatch.setattr(AsyncCheckpointIO, "_staged_state", lambda self, ckpt: ckpt)
     model = TinyModel()
     model.record_snapshots = True
-    cb = AsyncCheckpointCallback(dirpath=str(tmp_path / "ck"), every_n_train_steps=1, save_on_train_end=False)
+    cb = AsyncCheckpointCallback(dirpath=str(tmp_path / "ck"), every_n_train_steps=1, save_on_train_end=False,
+                                 overlap_staging=overlap)
     helpers.trainer(tmp_path, max_steps=3, plugins=[AsyncCheckpointIO()], callbacks=[cb]).fit(model, helpers.loader())
     assert sorted(model.snapshots) == [1, 2, 3]
     bad = _snapshot_mismatches(model, tmp_path / "ck")
