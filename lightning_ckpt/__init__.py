@@ -47,7 +47,43 @@ _EXPORTS = {
     "wrap_future": "lightning_ckpt.futures",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AsyncCheckpointer",
+    "BARRIER_REGISTRY",
+    "Barrier",
+    "BarrierConfig",
+    "BarrierPeerError",
+    "BarrierTimeoutError",
+    "CheckpointError",
+    "CheckpointProcess",
+    "CheckpointProcessConfig",
+    "CheckpointReader",
+    "CheckpointStager",
+    "CheckpointStagerConfig",
+    "CheckpointTimeoutError",
+    "CheckpointWriteError",
+    "CheckpointWriter",
+    "CheckpointWriterConfig",
+    "Checkpointer",
+    "CheckpointerConfig",
+    "CorruptCheckpointError",
+    "DefaultStager",
+    "DistBarrier",
+    "IncompleteCheckpointError",
+    "RankInfo",
+    "STATE_DICT",
+    "SaveStats",
+    "SyncCheckpointer",
+    "TCPStoreBarrier",
+    "WriteStats",
+    "WriterHook",
+    "WriterProcessDiedError",
+    "create_barrier_from_config",
+    "make_async_checkpointer",
+    "make_sync_checkpointer",
+    "register_barrier",
+    "wrap_future",
+]
 
 
 def __getattr__(name: str) -> Any:

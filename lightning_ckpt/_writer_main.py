@@ -10,6 +10,7 @@ import sys
 import traceback
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
+from typing import Any
 
 
 def _serve(conn: Connection) -> None:
@@ -56,7 +57,7 @@ def _serve(conn: Connection) -> None:
         mapping.close()
 
 
-def _write(writer, msg, buffers) -> "Response":
+def _write(writer: Any, msg: Any, buffers: dict) -> Any:
     from lightning_ckpt.checkpoint_process import Response
 
     try:

@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_ckpt.barriers import BarrierConfig, create_barrier_from_config, host_barrier_store
+from lightning_ckpt.barriers import create_barrier_from_config, host_barrier_store
 from lightning_ckpt.checkpoint_process import CheckpointProcess
 from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpoint_writer import CheckpointWriter, WriteStats

@@ -18,7 +18,6 @@ from torch.serialization import location_tag, normalize_storage_type
 
 from lightning_ckpt import torch_zip
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint, Record
-from lightning_ckpt.torch_zip import ALIGNMENT as STORAGE_ALIGNMENT
 
 PICKLE_PROTOCOL = 2  # torch.save's default; keeps files loadable by every torch that reads the zip format
 KeyPath = tuple  # path of a leaf inside nested dicts/lists, e.g. ("state_dict", "layer.weight")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lightning_ckpt.serialization import STORAGE_ALIGNMENT
+from lightning_ckpt.torch_zip import ALIGNMENT as STORAGE_ALIGNMENT
 from lightning_ckpt.torch_zip import DIRECT_IO_ALIGNMENT, DIRECT_IO_MIN_BYTES
 
 log = logging.getLogger(__name__)

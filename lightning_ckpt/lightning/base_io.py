@@ -26,11 +26,6 @@ log = logging.getLogger(__name__)
 ErrorPolicy = Literal["raise", "warn"]
 
 
-def _to_cpu(storage: Any, location: Any) -> Any:
-    """Lightning's default map location: keep every storage on the CPU."""
-    return storage
-
-
 class LightningCkptIO(CheckpointIO):
     """Common ground of our CheckpointIO plugins: ordering, errors, loading, metrics.
 
