@@ -19,6 +19,7 @@ from lightning_ckpt.errors import CheckpointTimeoutError
 log = logging.getLogger(__name__)
 
 _OUTCOMES_KEPT = 256  # outcomes of finished saves remembered for removal decisions
+_COMPLETED_KEPT = 1024  # committed saves kept for metrics until popped (the plugin alone never pops them)
 
 
 @dataclass
@@ -74,7 +75,7 @@ class SaveLedger:
         self._calls: deque[_Action] = deque()
         self._errors: list[BaseException] = []
         self._error_ids: set[int] = set()
-        self._completed: deque[CompletedSave] = deque()
+        self._completed: deque[CompletedSave] = deque(maxlen=_COMPLETED_KEPT)
         self._orders = 0
         self.keep_errors = True
 
@@ -153,7 +154,7 @@ class SaveLedger:
 
     def pop_completed(self) -> list[CompletedSave]:
         with self._cond:
-            done, self._completed = list(self._completed), deque()
+            done, self._completed = list(self._completed), deque(maxlen=_COMPLETED_KEPT)
         return done
 
     # ------------------------------------------------------------------ waiting
