@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -164,28 +164,33 @@ class DefaultStager(CheckpointStager):
         signature = plan.signature() if token is not None else None
         shared = self._share(token, signature)
         buffer = shared.buffer if shared is not None else self._acquire(max(plan.nbytes, 1))
+        copy_future: Future | None = None
         try:
             staged_tensors = [buffer.tensor(off, n, src.dtype, src.shape) for src, off, n in plan.copies]
             structure = plan.build(state_dict, staged_tensors)
+            if shared is None and self.config.use_async_staging:
+                # The copy starts first and runs (the GIL released) while this thread pickles the structure.
+                copy_future = self._submit_copy(plan, staged_tensors, buffer)
             prepared = for_transfer(prepare(structure, buffer.range, metadata=kwargs.get("metadata")))
             del structure
+            if shared is None and copy_future is None:
+                self._copy(plan, staged_tensors, buffer)
         except BaseException:
+            if copy_future is not None:
+                wait([copy_future])  # the buffer is written until the copy stops
             self._release_buffer(buffer)
             raise
         staged = StagedCheckpoint(prepared, buffer, plan.nbytes)
         if shared is not None:
             return self._after(shared.copy_future, staged, start)
-        if not self.config.use_async_staging:
-            self._copy(plan, staged_tensors, buffer)
-            staged.stage_secs = time.perf_counter() - start
-            self._remember(token, signature, buffer, None)
-            return staged
+        self._remember(token, signature, buffer, copy_future)
+        return self._after(copy_future, staged, start)
+
+    def _submit_copy(self, plan: StagingPlan, dsts: list, buffer: StagingBuffer) -> Future:
         ready = self._start_side_stream()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-stager")
-        future = self._executor.submit(self._copy_async, plan, staged_tensors, buffer, staged, start, ready)
-        self._remember(token, signature, buffer, future)
-        return future
+        return self._executor.submit(self._copy, plan, dsts, buffer, ready)
 
     def _share(self, token: Any, signature: tuple | None) -> _Snapshot | None:
         """The previous snapshot, with one more user, when this save is of the very same unchanged tensors."""
@@ -206,9 +211,8 @@ class DefaultStager(CheckpointStager):
     def _remember(self, token: Any, signature: tuple | None, buffer: StagingBuffer, future: Future | None) -> None:
         self._snapshot = _Snapshot(token, signature, buffer, future) if signature is not None else None
 
-    @staticmethod
-    def _after(copy_future: Future | None, staged: StagedCheckpoint, start: float) -> Any:
-        """``staged`` once the shared copy is complete (at once when it already is)."""
+    def _after(self, copy_future: Future | None, staged: StagedCheckpoint, start: float) -> Any:
+        """``staged`` once its copy is complete (at once when it already is); a failed copy frees its buffer use."""
         if copy_future is None:
             staged.stage_secs = time.perf_counter() - start
             return staged
@@ -217,22 +221,13 @@ class DefaultStager(CheckpointStager):
         def done(f: Future) -> None:
             staged.stage_secs = time.perf_counter() - start
             if f.exception() is not None:
+                self.release(staged)
                 future.set_exception(f.exception())
             else:
                 future.set_result(staged)
 
         copy_future.add_done_callback(done)
         return future
-
-    def _copy_async(self, plan: StagingPlan, dsts: list, buffer: StagingBuffer, staged: StagedCheckpoint,
-                    start: float, ready: Any) -> StagedCheckpoint:
-        try:
-            self._copy(plan, dsts, buffer, ready)
-        except BaseException:
-            self._release_buffer(buffer)
-            raise
-        staged.stage_secs = time.perf_counter() - start
-        return staged
 
     def _start_side_stream(self) -> Any:
         """With CUDA, a side stream that waits for work already queued on the caller's stream."""
