@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from typing import Any, Iterator
@@ -22,6 +23,17 @@ from tests._helpers import wait_for
 
 TRIALS_ENV = "LCKPT_FAULT_TRIALS"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_ranks_in_threads(rank_main: Any, world: int = 2, timeout_secs: float = 60.0) -> None:
+    """Run ``rank_main(rank)`` for every rank on its own thread and join them all (each within ``timeout_secs``)."""
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_secs)
+    stuck = [t.name for t in threads if t.is_alive()]
+    assert not stuck, f"rank threads still running after {timeout_secs}s: {stuck}"
 
 
 def fault_trials(default: int) -> int:

@@ -8,7 +8,6 @@ import decimal
 import enum
 import os
 import pickle
-import threading
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import lightning_ckpt as lc
 from lightning_ckpt.checkpoint_process import CheckpointProcessConfig
 from lightning_ckpt.staging import CheckpointStagerConfig
 from tests._helpers import assert_equal_state
-from tests.faults._faults import tmp_leftovers
+from tests.faults._faults import run_ranks_in_threads, tmp_leftovers
 
 pytestmark = pytest.mark.faults
 
@@ -124,11 +123,7 @@ def test_multi_rank_path_that_is_a_file_fails_both_ranks_naming_it(tmp_path, fre
         except BaseException as e:  # noqa: BLE001 - asserted below
             errors[rank] = e
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    run_ranks_in_threads(rank_main)
     del master
     assert set(errors) == {0, 1}
     for e in errors.values():  # each rank refuses it itself or is told by its peer, never waits out the timeout

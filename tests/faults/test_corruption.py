@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import threading
 from datetime import timedelta
 
 import pytest
@@ -15,6 +14,7 @@ from torch.distributed import TCPStore
 import lightning_ckpt as lc
 from lightning_ckpt.layout import MANIFEST_NAME
 from tests._helpers import assert_equal_state
+from tests.faults._faults import run_ranks_in_threads
 
 pytestmark = pytest.mark.faults
 
@@ -78,13 +78,9 @@ def _write_two_rank_checkpoint(path: str, port: int) -> list[dict]:
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    run_ranks_in_threads(rank_main)
     del master
-    assert not errors and not any(t.is_alive() for t in threads), errors
+    assert not errors, errors
     return states
 
 
