@@ -1,6 +1,6 @@
 """Run by test_ddp.py: a 2-rank CPU DDP fit (Lightning's ddp launcher re-executes this file for rank 1).
 
-Usage: python tests/lightning/ddp_script.py <dir> <ok|fail>
+Usage: python tests/lightning/ddp_script.py <dir> <ok|fail> [ddp|ddp_spawn]
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ class Report(Callback):
 
 def main() -> None:
     directory, mode = sys.argv[1], sys.argv[2]
+    strategy = sys.argv[3] if len(sys.argv) > 3 else "ddp"  # ddp_spawn pickles the trainer, plugin and callback
     hook = FailCommitHook("step=2") if mode == "fail" else None
     trainer = pl.Trainer(
-        default_root_dir=directory, accelerator="cpu", devices=2, strategy="ddp", max_steps=4 if mode == "ok" else 40,
+        default_root_dir=directory, accelerator="cpu", devices=2, strategy=strategy, max_steps=4 if mode == "ok" else 40,
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         plugins=[AsyncCheckpointIO(commit_hook=hook)],
         callbacks=[

@@ -16,10 +16,10 @@ pytestmark = [pytest.mark.lightning, pytest.mark.multiprocess, pytest.mark.timeo
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def _run(tmp_path, mode):
+def _run(tmp_path, mode, strategy="ddp"):
     env = {**os.environ, "PYTHONPATH": ROOT, "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "tests/lightning/ddp_script.py", str(tmp_path), mode], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "tests/lightning/ddp_script.py", str(tmp_path), mode, strategy], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     return proc, time.monotonic() - start
 
@@ -32,8 +32,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_saves_once_and_orders_removals(tmp_path):
-    proc, _ = _run(tmp_path, "ok")
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_ddp_saves_once_and_orders_removals(strategy, tmp_path):
+    proc, _ = _run(tmp_path, "ok", strategy)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "RANK 0 OK at step 4" in out and "RANK 1 OK at step 4" in out, out[-4000:]
