@@ -32,9 +32,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
-def test_ddp_saves_once_and_orders_removals(strategy, tmp_path):
-    proc, _ = _run(tmp_path, "ok", strategy)
+def test_ddp_saves_once_and_orders_removals(tmp_path):
+    proc, _ = _run(tmp_path, "ok")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "RANK 0 OK at step 4" in out and "RANK 1 OK at step 4" in out, out[-4000:]
