@@ -18,9 +18,19 @@ from multiprocessing.reduction import send_handle
 from typing import TYPE_CHECKING, Any
 
 from lightning_ckpt.barriers import BarrierConfig
-from lightning_ckpt.checkpoint_writer import CheckpointWriterConfig, WriterHook, WriteStats
-from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError, CheckpointWriteError, WriterProcessDiedError
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint
+from lightning_ckpt.checkpoint_writer import (
+    CheckpointWriterConfig,
+    WriterHook,
+    WriteStats,
+)
+from lightning_ckpt.errors import (
+    CheckpointError,
+    CheckpointTimeoutError,
+    CheckpointWriteError,
+    WriterProcessDiedError,
+)
+from lightning_ckpt.picklable import PicklableBeforeUse
 from lightning_ckpt.types import RankInfo
 
 if TYPE_CHECKING:
@@ -106,7 +116,7 @@ class _Pending:
     started: float = field(default_factory=time.monotonic)
 
 
-class CheckpointProcess:
+class CheckpointProcess(PicklableBeforeUse):
     """Owns one writer subprocess and the futures of the writes sent to it.
 
     Better than the PyTorch original: the child is a fresh interpreter running only ``lightning_ckpt`` (never the
@@ -151,18 +161,10 @@ class CheckpointProcess:
         self._closed = False
         self.starts = 0
 
-    def __getstate__(self) -> dict:
-        if self._proc is not None:
-            raise TypeError("a started CheckpointProcess cannot be pickled")
-        state = self.__dict__.copy()
-        state["_lock"] = state["_plock"] = None
-        state["_ids"] = None
-        return state
+    _RECREATED = {"_lock": threading.Lock, "_plock": threading.Lock, "_ids": lambda: itertools.count(1)}
 
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock, self._plock = threading.Lock(), threading.Lock()
-        self._ids = itertools.count(1)
+    def _in_use(self) -> str | None:
+        return "its writer process runs" if self._proc is not None else None
 
     @property
     def pid(self) -> int | None:

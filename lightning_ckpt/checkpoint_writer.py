@@ -125,13 +125,21 @@ class CheckpointWriter:
                 log.info("removed stale temp files of a crashed run from %s: %s", directory, removed)
             self._cleaned_dirs.add(directory)
 
-    def _write_file(self, final_path: str, prepared: PreparedCheckpoint, buffer: memoryview | None) -> int:
+    def _write_tmp(self, final_path: str, prepared: PreparedCheckpoint, buffer: memoryview | None) -> tuple[str, int]:
+        """Write (and fsync) the file under a temp name beside ``final_path``; returns the temp path and its size."""
         tmp = layout.tmp_file_path(final_path)
         try:
             write_file(tmp, prepared, buffer, direct_io=self.config.use_direct_io)
             if self.config.enable_fsync:
                 layout.fsync_path(tmp)
-            nbytes = os.path.getsize(tmp)
+            return tmp, os.path.getsize(tmp)
+        except BaseException:
+            layout.remove_tree(tmp)
+            raise
+
+    def _write_file(self, final_path: str, prepared: PreparedCheckpoint, buffer: memoryview | None) -> int:
+        tmp, nbytes = self._write_tmp(final_path, prepared, buffer)
+        try:
             layout.commit_file(tmp, final_path) if self.config.enable_fsync else os.replace(tmp, final_path)
         except BaseException:
             layout.remove_tree(tmp)
@@ -143,12 +151,8 @@ class CheckpointWriter:
             raise IsADirectoryError(f"checkpoint path is a directory, expected a file path: {path}")
         self._prepare_dir(os.path.dirname(path))
         start = time.perf_counter()
-        tmp = layout.tmp_file_path(path)
+        tmp, nbytes = self._write_tmp(path, prepared, buffer)
         try:
-            write_file(tmp, prepared, buffer, direct_io=self.config.use_direct_io)
-            if self.config.enable_fsync:
-                layout.fsync_path(tmp)
-            nbytes = os.path.getsize(tmp)
             written = time.perf_counter()
             self._pre_commit(path)
             if self.barrier is not None:

@@ -18,6 +18,7 @@ from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpoint_writer import CheckpointWriter, WriteStats
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError
 from lightning_ckpt.futures import TrackedFuture, completed_future
+from lightning_ckpt.picklable import PicklableBeforeUse
 from lightning_ckpt.staging import CheckpointStager, StagedCheckpoint
 from lightning_ckpt.staging_buffer import StagingBufferTooLarge
 from lightning_ckpt.types import STATE_DICT
@@ -120,7 +121,7 @@ class _InFlight:
     write_future: TrackedFuture
 
 
-class AsyncCheckpointer(Checkpointer):
+class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
     """Stages into reusable shared memory, then a persistent writer subprocess writes and commits.
 
     ``save`` returns ``(stage_future, write_future)``: wait on ``stage_future`` before mutating the saved tensors
@@ -164,16 +165,10 @@ class AsyncCheckpointer(Checkpointer):
         self._start_error: BaseException | None = None
         self._closed = False
 
-    def __getstate__(self) -> dict:
-        if self._seq:
-            raise TypeError("an AsyncCheckpointer that has saved cannot be pickled")
-        state = self.__dict__.copy()
-        state["_lock"] = None
-        return state
+    _RECREATED = {"_lock": threading.Lock}
 
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+    def _in_use(self) -> str | None:
+        return "it has saved" if self._seq or self._starter is not None else None
 
     def save(self, path: str | os.PathLike, state_dict: STATE_DICT, **kwargs: Any) -> tuple[Future, Future]:
         """Start saving ``state_dict`` at ``path``.

@@ -13,8 +13,9 @@ from typing import Any, Callable
 
 import torch
 
-from lightning_ckpt.errors import CheckpointTimeoutError
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint
+from lightning_ckpt.errors import CheckpointTimeoutError
+from lightning_ckpt.picklable import PicklableBeforeUse
 from lightning_ckpt.serialization import for_transfer, prepare
 from lightning_ckpt.staging_buffer import (
     StagingBuffer,
@@ -101,7 +102,7 @@ class _Snapshot:
     copy_future: Future | None
 
 
-class DefaultStager(CheckpointStager):
+class DefaultStager(PicklableBeforeUse, CheckpointStager):
     """Stages into a pool of reusable buffers; a second save of same-sized state allocates nothing.
 
     Better than the PyTorch original: works on CPU-only machines by default (pinned memory and non-blocking
@@ -134,16 +135,10 @@ class DefaultStager(CheckpointStager):
         self.shared_saves = 0  # saves that reused the previous staged copy
         self.allocated_bytes = 0
 
-    def __getstate__(self) -> dict:
-        if self._all or self._executor is not None:
-            raise TypeError("a DefaultStager in use cannot be pickled; pickle it before the first save")
-        state = self.__dict__.copy()
-        state["_cond"] = None
-        return state
+    _RECREATED = {"_cond": threading.Condition}
 
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._cond = threading.Condition()
+    def _in_use(self) -> str | None:
+        return "it holds staging buffers" if self._all or self._executor is not None else None
 
     @property
     def buffer_bytes(self) -> int:

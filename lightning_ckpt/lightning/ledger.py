@@ -15,6 +15,7 @@ from typing import Any, Callable
 from lightning_ckpt import layout
 from lightning_ckpt.checkpointer import SaveStats
 from lightning_ckpt.errors import CheckpointTimeoutError
+from lightning_ckpt.picklable import PicklableBeforeUse
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class _Action:
     order: int = 0  # request order across removals, links and calls
 
 
-class SaveLedger:
+class SaveLedger(PicklableBeforeUse):
     """Tracks pending saves and runs what must follow them, in request order, on any thread.
 
     - a removal waits for every save pending when it was requested and for the newest save; it is skipped when
@@ -79,16 +80,10 @@ class SaveLedger:
         self._orders = 0
         self.keep_errors = True
 
-    def __getstate__(self) -> dict:
-        if self._pending or self._actions or self._calls:
-            raise TypeError("a SaveLedger with pending work cannot be pickled")
-        state = self.__dict__.copy()
-        state["_cond"] = None
-        return state
+    _RECREATED = {"_cond": threading.Condition}
 
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._cond = threading.Condition()
+    def _in_use(self) -> str | None:
+        return "it has pending work" if self._pending or self._actions or self._calls else None
 
     # ------------------------------------------------------------------ saves
 
