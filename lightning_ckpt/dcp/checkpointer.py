@@ -88,6 +88,14 @@ class DistributedCheckpointer:
         return self._save(state_dict, checkpoint_id, self.process_group)
 
     def _save(self, state_dict: dict[str, Any], checkpoint_id: Any, group: Any) -> Metadata:
+        try:
+            return self._dcp_save(state_dict, checkpoint_id, group)
+        except BaseException:
+            if isinstance(self.storage_writer, StorageWriter):
+                self.storage_writer.abort()  # a failed rank left the coordinator's temp open
+            raise
+
+    def _dcp_save(self, state_dict: dict[str, Any], checkpoint_id: Any, group: Any) -> Metadata:
         with unwrapped_failures(f"saving {checkpoint_id or self.storage_writer.checkpoint_id}", writing=True):
             if self.coordinator_rank == 0:
                 return dcp.save(state_dict, checkpoint_id=checkpoint_id, storage_writer=self.storage_writer,

@@ -91,13 +91,3 @@ def verify_bytes(path: str, key: str, data: Any, expected: str | None) -> None:
             f"corrupt checkpoint {path}: {key} checksum mismatch (expected {expected}, got {actual})",
             path=path, key=key, expected=expected, actual=actual,
         )
-
-
-def write_durable(path: str, data: Any, fsync: bool = True) -> None:
-    """Create ``path`` (never an existing file or a symlink) with ``data``, fsynced; used inside a temp directory."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())

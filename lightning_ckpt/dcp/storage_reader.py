@@ -6,13 +6,13 @@ import io
 import os
 import pickle
 import uuid
-from torch.futures import Future
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint import StorageReader as _DCPStorageReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
+from torch.futures import Future
 
 from lightning_ckpt.dcp.manifest import METADATA_NAME, chunk_key, read_manifest, verify_bytes
 

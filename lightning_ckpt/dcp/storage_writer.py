@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
 import os
 import pickle
 import uuid
-from torch.futures import Future
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,11 +17,11 @@ from torch.distributed.checkpoint import StorageWriter as _DCPStorageWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from lightning_ckpt import layout
-from lightning_ckpt.dcp.manifest import (
-    DATA_FILE_TEMPLATE, METADATA_NAME, ChunkInfo, build_manifest, read_manifest, write_durable,
-)
+from lightning_ckpt.commit import Commit, remove_stale_temps
+from lightning_ckpt.dcp.manifest import DATA_FILE_TEMPLATE, METADATA_NAME, ChunkInfo, build_manifest, read_manifest
 from lightning_ckpt.errors import CheckpointError, IncompleteCheckpointError
 from lightning_ckpt.torch_zip import checksum
 
@@ -29,20 +30,24 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class _RankTarget:
-    """What the coordinator tells each rank in its plan: the temp directory of this save and its file name."""
+    """What the coordinator tells each rank in its plan: this save's temp directory (a commit token) and file."""
 
-    tmp_dir: str
+    token: str
     file_name: str
 
 
 class StorageWriter(_DCPStorageWriter):
     """Writes a DCP checkpoint with the commit rule: nothing appears at ``path`` until it is complete.
 
-    Every rank writes its chunks into one temp directory beside ``path``; each chunk's ``WriteResult`` carries
-    the xxh3 of its bytes. The coordinator's ``finish`` writes DCP's ``.metadata``, any extra files (``add_file``)
-    and ``MANIFEST.json`` (every file and chunk with its checksum), fsyncs them, and moves the directory into place;
-    an existing checkpoint at ``path`` is replaced. DCP broadcasts the outcome, so every rank raises if any rank or
-    the commit failed (``DistributedCheckpointer`` turns DCP's ``CheckpointException`` into our errors).
+    The coordinator creates one temp directory beside ``path`` (``lightning_ckpt.commit.Commit``) while DCP
+    plans, and sends its token to every rank in the plan; every rank writes its chunks into its own file there
+    (each chunk's ``WriteResult`` carries the xxh3 of its bytes). The coordinator's ``finish`` writes DCP's
+    ``.metadata``, any extra files (``add_file``) and ``MANIFEST.json`` (every file and chunk with its checksum),
+    fsyncs them and publishes the directory: an existing checkpoint at ``path`` is exchanged for the new one in
+    one step, so there is no instant without a complete checkpoint there. DCP broadcasts the outcome, so every
+    rank raises if any rank or the commit failed (``DistributedCheckpointer`` turns DCP's ``CheckpointException``
+    into our errors and removes the temp at once; otherwise the next save, or the stale-temp cleanup once this
+    process is gone, removes it).
 
     The bytes are DCP's own format (a ``torch.save`` per tensor chunk), so plain ``dcp.load`` and DCP's
     resharding read the result. Better than ``FileSystemWriter``: no torn checkpoint after a failed overwrite,
@@ -63,7 +68,7 @@ class StorageWriter(_DCPStorageWriter):
         self.rank = 0
         self.is_coordinator = True
         self._extra_files: dict[str, bytes] = {}
-        self._tmp_dir: str | None = None
+        self._commit: Commit | None = None
 
     def add_file(self, name: str, data: bytes) -> None:
         """Commit ``data`` as ``<path>/<name>`` together with the next checkpoint (used on the coordinator).
@@ -95,65 +100,73 @@ class StorageWriter(_DCPStorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """On the coordinator, between gathering and scattering the plans: create this save's temp directory."""
-        tmp_dir = self._tmp_dir = self._fresh_tmp_dir()
+        self.abort()  # a save that failed on another rank left its temp open
+        parent = os.path.dirname(self.path)
+        os.makedirs(parent, exist_ok=True)
+        removed = remove_stale_temps(parent)
+        if removed:
+            log.info("removed temps of crashed or failed saves from %s: %s", parent, removed)
+        self._commit = Commit.create(self.path, directory=True, fsync=self.sync_files)
         return [
-            dataclasses.replace(plan, storage_data=_RankTarget(tmp_dir, DATA_FILE_TEMPLATE.format(rank=i)))
+            dataclasses.replace(plan, storage_data=_RankTarget(self._commit.token, DATA_FILE_TEMPLATE.format(rank=i)))
             for i, plan in enumerate(plans)
         ]
 
-    def _fresh_tmp_dir(self) -> str:
-        parent = os.path.dirname(self.path)
-        os.makedirs(parent, exist_ok=True)
-        tmp_dir = layout.tmp_dir_path(self.path)
-        if os.path.lexists(tmp_dir):
-            log.info("removing the temp directory of an earlier failed save: %s", tmp_dir)
-            layout.remove_tree(tmp_dir)
-        os.mkdir(tmp_dir)
-        return tmp_dir
-
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        """Write this rank's chunks into one file of the temp directory, hashing each chunk's bytes."""
+        """Write this rank's chunks into its file in the temp directory, hashing each chunk's bytes."""
         target = plan.storage_data
         if not isinstance(target, _RankTarget):
             raise CheckpointError(f"StorageWriter.write_data for {self.path}: the plan has no target directory "
                                   "(prepare_global_plan did not run)")
-        file_path = os.path.join(target.tmp_dir, target.file_name)
-        results = []
-        fd = os.open(file_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        with os.fdopen(fd, "wb") as f:
-            for item in plan.items:
-                data = _chunk_bytes(planner.resolve_data(item), item.type)
-                offset = f.tell()
-                f.write(data)
-                info = ChunkInfo(target.file_name, offset, len(data), checksum(data))
-                results.append(WriteResult(index=item.index, size_in_bytes=len(data), storage_data=info))
-            f.flush()
-            if self.sync_files:
-                os.fsync(f.fileno())
+        with self._rank_commit(target.token) as commit:
+            with os.fdopen(commit.open_new(target.file_name), "wb") as f:
+                results = self._write_chunks(f, target.file_name, plan, planner)
+                f.flush()
+                if self.sync_files:
+                    os.fsync(f.fileno())
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
 
+    @contextlib.contextmanager
+    def _rank_commit(self, token: str) -> Iterator[Commit]:
+        """The coordinator's own commit, or (on another rank) the coordinator's temp joined for this write."""
+        if self._commit is not None and self._commit.token == token:
+            yield self._commit
+            return
+        with Commit.join(self.path, token, fsync=self.sync_files) as joined:
+            yield joined
+
+    def _write_chunks(self, f: Any, file_name: str, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
+        results = []
+        for item in plan.items:
+            data = _chunk_bytes(planner.resolve_data(item), item.type)
+            offset = f.tell()
+            f.write(data)
+            info = ChunkInfo(file_name, offset, len(data), checksum(data))
+            results.append(WriteResult(index=item.index, size_in_bytes=len(data), storage_data=info))
+        return results
+
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """On the coordinator, once every rank wrote: metadata, extra files, manifest, fsync, commit."""
-        chunks = [wr.storage_data for rank_results in results for wr in rank_results]
-        tmp_dir, self._tmp_dir = self._tmp_dir, None
-        if tmp_dir is None:
+        commit, self._commit = self._commit, None
+        if commit is None:
             raise CheckpointError(f"StorageWriter.finish for {self.path}: no temp directory (prepare_global_plan "
                                   "did not run on this coordinator)")
-        try:
-            files = self._write_tail(tmp_dir, metadata, results)
-            write_durable(os.path.join(tmp_dir, layout.MANIFEST_NAME),
-                          _json(build_manifest(chunks, files, world_size=len(results))), self.sync_files)
-            if self.sync_files:
-                layout.fsync_dir(tmp_dir)
-            layout.commit_dir(tmp_dir, self.path)
-        except BaseException:
-            layout.remove_tree(tmp_dir)
-            raise
+        with commit:  # removes the temp, or what the commit replaced
+            chunks = [wr.storage_data for rank_results in results for wr in rank_results]
+            files = self._write_tail(commit, metadata, results)
+            commit.write_bytes(layout.MANIFEST_NAME, _json(build_manifest(chunks, files, world_size=len(results))))
+            commit.publish()
         self._extra_files = {}
 
-    def _write_tail(self, tmp_dir: str, metadata: Metadata, results: list[list[WriteResult]]) -> dict[str, dict]:
+    def abort(self) -> None:
+        """Give up the save in progress on this coordinator (its temp is removed); nothing changes at ``path``."""
+        commit, self._commit = self._commit, None
+        if commit is not None:
+            commit.abort()
+
+    def _write_tail(self, commit: Commit, metadata: Metadata, results: list[list[WriteResult]]) -> dict[str, dict]:
         from torch.distributed.checkpoint.filesystem import _StorageInfo
 
         metadata.storage_data = {
@@ -164,9 +177,9 @@ class StorageWriter(_DCPStorageWriter):
         metadata.version = _dcp_version(metadata.version)
         files = {}
         for name in sorted({wr.storage_data.relative_path for rank_results in results for wr in rank_results}):
-            files[name] = {"nbytes": os.path.getsize(os.path.join(tmp_dir, name))}
+            files[name] = {"nbytes": commit.size(name)}
         for name, data in [(METADATA_NAME, pickle.dumps(metadata)), *sorted(self._extra_files.items())]:
-            write_durable(os.path.join(tmp_dir, name), data, self.sync_files)
+            commit.write_bytes(name, data)
             files[name] = {"nbytes": len(data), "xxh3": checksum(data)}
         return files
 

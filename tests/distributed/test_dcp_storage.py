@@ -15,7 +15,8 @@ import torch.distributed.checkpoint as dcp
 from lightning_ckpt.dcp import DistributedCheckpointer, StorageReader, StorageWriter
 from lightning_ckpt.dcp.manifest import DATA_FILE_TEMPLATE, METADATA_NAME
 from lightning_ckpt.errors import CheckpointWriteError, CorruptCheckpointError, IncompleteCheckpointError
-from lightning_ckpt.layout import MANIFEST_NAME, TMP_MARKER, tmp_dir_path
+from lightning_ckpt.commit import is_temp_name
+from lightning_ckpt.layout import MANIFEST_NAME
 from tests.distributed._dcp_states import fsdp2_model, full_tensors, sharded_state, tree_digest
 from tests.distributed.launcher import RankPool
 
@@ -53,12 +54,12 @@ class _FailingWriter(StorageWriter):
         super().__init__(path)
         self.fail_rank, self.fail_finish = fail_rank, fail_finish
 
-    def write_data(self, plan, planner):
+    def _write_chunks(self, f, *args, **kwargs):
         if self.rank == self.fail_rank:
-            with open(os.path.join(plan.storage_data.tmp_dir, plan.storage_data.file_name), "wb") as f:
-                f.write(b"half a chunk")
+            f.write(b"half a chunk")
+            f.flush()
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        return super().write_data(plan, planner)
+        return super()._write_chunks(f, *args, **kwargs)
 
     def _write_tail(self, *args, **kwargs):
         files = super()._write_tail(*args, **kwargs)
@@ -91,17 +92,32 @@ def _overwrite_fails_on_rank1(rank: int, world: int, path: str) -> dict:
     DistributedCheckpointer(path).save(sharded_state(world, 1))
     dist.barrier()
     before = tree_digest(path)
-    raised = _save_failing(rank, world, _FailingWriter(path, fail_rank=1), version=2)
+    failing = _FailingWriter(path, fail_rank=1)
+    raised = _save_failing(rank, world, failing, version=2)
     dist.barrier()
     after = tree_digest(path)
-    temp_after_failure = os.path.exists(tmp_dir_path(path))
+    temps_after_failure = _temps(path)
     version_after_failure, _ = _loaded_version(world, path)
-    DistributedCheckpointer(path).save(sharded_state(world, 3))
+    # Plain dcp.save (no entry point of ours to clean up): the temp stays until the writer's next save.
+    try:
+        dcp.save(sharded_state(world, 4), storage_writer=failing)
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        plain_raised = type(e).__name__
+    dist.barrier()
+    temps_after_plain_failure = _temps(path)
+    dist.barrier()
+    failing.fail_rank = None
+    DistributedCheckpointer(failing).save(sharded_state(world, 3))
     dist.barrier()
     version, w = _loaded_version(world, path)
-    return {"raised": raised, "identical": before == after, "temp_after_failure": temp_after_failure,
-            "version_after_failure": version_after_failure, "temp_after_next_save": os.path.exists(tmp_dir_path(path)),
+    return {"raised": raised, "identical": before == after, "temps_after_failure": temps_after_failure,
+            "version_after_failure": version_after_failure, "plain_raised": plain_raised,
+            "temps_after_plain_failure": temps_after_plain_failure, "temps_after_next_save": _temps(path),
             "version": version, "w_ok": torch.equal(w, full_tensors(sharded_state(world, 3))["w"])}
+
+
+def _temps(path: str) -> list[str]:
+    return [n for n in os.listdir(os.path.dirname(path)) if is_temp_name(n)]
 
 
 def _finish_fails(rank: int, world: int, fresh: str, existing: str) -> dict:
@@ -113,7 +129,7 @@ def _finish_fails(rank: int, world: int, fresh: str, existing: str) -> dict:
     dist.barrier()
     return {"raised_fresh": raised_fresh, "fresh_exists": os.path.lexists(fresh),
             "raised_existing": raised_existing, "existing_identical": tree_digest(existing) == before,
-            "temps": [n for n in os.listdir(os.path.dirname(fresh)) if TMP_MARKER in n]}
+            "temps": _temps(fresh)}
 
 
 def _flipped_byte(rank: int, world: int, path: str) -> dict:
@@ -141,7 +157,7 @@ def test_fsdp2_save_commits_manifest_and_reshards_2_to_1_and_2_to_3(ranks2, tmp_
     path = str(tmp_path / "ckpt")
     saved = ranks2.run(_save_fsdp2, path)[0]
     assert sorted(os.listdir(path)) == sorted([METADATA_NAME, MANIFEST_NAME, "__0_0.distcp", "__1_0.distcp"])
-    assert [n for n in os.listdir(tmp_path) if TMP_MARKER in n] == []
+    assert [n for n in os.listdir(tmp_path) if is_temp_name(n)] == []
     with open(os.path.join(path, MANIFEST_NAME)) as f:
         manifest = json.load(f)
     assert manifest["world_size"] == 2 and manifest["chunks"]
@@ -169,8 +185,10 @@ def test_rank_failing_mid_overwrite_fails_every_rank_and_keeps_the_old_checkpoin
         assert "rank 1" in out["raised"]["message"] and "No space left" in out["raised"]["message"]
         assert out["raised"]["failed_ranks"] == [1]
         assert out["identical"] and out["version_after_failure"] == 1
-        assert out["temp_after_failure"]  # left by the failed save ...
-        assert not out["temp_after_next_save"]  # ... and cleaned by the next one
+        assert out["temps_after_failure"] == []  # our entry point removed the failed save's temp at once
+        assert out["plain_raised"] == "CheckpointException"
+        assert len(out["temps_after_plain_failure"]) == 1  # plain dcp.save: left until ...
+        assert out["temps_after_next_save"] == []  # ... the next save removed it
         assert out["version"] == 3 and out["w_ok"]
 
 
