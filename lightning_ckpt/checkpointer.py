@@ -6,25 +6,27 @@ import logging
 import os
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from lightning_ckpt.barriers import create_barrier_from_config, host_barrier_store
 from lightning_ckpt.checkpoint_process import CheckpointProcess
 from lightning_ckpt.checkpoint_reader import CheckpointReader
-from lightning_ckpt.checkpoint_writer import CheckpointWriter, WriteStats
+from lightning_ckpt.checkpoint_writer import CheckpointWriter
 from lightning_ckpt.error_store import ErrorStore, new_save_key
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError
-from lightning_ckpt.futures import TrackedFuture, completed_future
+from lightning_ckpt.futures import TrackedFuture, completed_future, uncancellable_future
 from lightning_ckpt.picklable import PicklableBeforeUse
-from lightning_ckpt.staging import CheckpointStager, StagedCheckpoint
+from lightning_ckpt.staging import CheckpointStager, DefaultStager, StagedCheckpoint, StagedStateDict
 from lightning_ckpt.staging_buffer import StagingBufferTooLarge
 from lightning_ckpt.types import STATE_DICT
 
 log = logging.getLogger(__name__)
+
+_SAVE_KWARGS = ("metadata", "snapshot_token")  # what AsyncCheckpointer.save takes with a DefaultStager
 
 
 @dataclass
@@ -45,9 +47,13 @@ class SaveStats:
 
 
 class Checkpointer(ABC):
-    """Saves and loads checkpoints; ``close`` releases everything it holds. Usable as a context manager."""
+    """Saves and loads checkpoints; ``close`` releases everything it holds. Usable as a context manager.
+
+    ``last_save_stats`` is the ``SaveStats`` of the newest save that completed (None before the first).
+    """
 
     reader: CheckpointReader
+    last_save_stats: SaveStats | None = None
 
     @abstractmethod
     def save(self, path: str | os.PathLike, state_dict: STATE_DICT, **kwargs: Any) -> Any:
@@ -66,11 +72,11 @@ class Checkpointer(ABC):
 
         Raises:
             FileNotFoundError, IncompleteCheckpointError, CorruptCheckpointError: see ``CheckpointReader.read``.
-            CheckpointError: ``strict`` and keys are missing.
+            CheckpointError (a ``RuntimeError``): ``strict`` and keys are missing ("missing keys" in the message).
         """
         loaded, missing = self.reader.read(path, state_dict, map_location=default_map_location, **kwargs)
         if strict and missing:
-            raise CheckpointError(f"checkpoint {os.fspath(path)} lacks the requested keys {missing}")
+            raise CheckpointError(f"checkpoint {os.fspath(path)} has missing keys: {missing}")
         return loaded
 
     def wait(self, timeout_secs: float | None = None) -> None:
@@ -95,8 +101,13 @@ class SyncCheckpointer(Checkpointer):
         self.reader = reader
         self._closed = False
 
-    def save(self, path: str | os.PathLike, state_dict: STATE_DICT, **kwargs: Any) -> SaveStats:
-        """Write and commit ``state_dict`` at ``path``; returns what it cost.
+    def save(self, path: str | os.PathLike, state_dict: STATE_DICT, **kwargs: Any) -> None:
+        """Write and commit ``state_dict`` at ``path`` (what it cost: ``last_save_stats``).
+
+        Args:
+            path: final path.
+            state_dict: what to save.
+            **kwargs: passed to the writer's ``write`` (and its hooks); ours: ``metadata``.
 
         Raises:
             CheckpointError: the checkpointer is closed.
@@ -107,7 +118,8 @@ class SyncCheckpointer(Checkpointer):
         start = time.perf_counter()
         stats = self.writer.write(path, state_dict, **kwargs)
         elapsed = time.perf_counter() - start
-        return SaveStats(stats.path, stats.nbytes, elapsed, elapsed, stats.write_secs, elapsed)
+        self.last_save_stats = SaveStats(os.fspath(path), getattr(stats, "nbytes", 0), elapsed, elapsed,
+                                         getattr(stats, "write_secs", elapsed), elapsed)
 
     def close(self) -> None:
         if not self._closed:
@@ -122,54 +134,75 @@ class _InFlight:
     write_future: TrackedFuture
 
 
+@dataclass
+class _Save:
+    """One save on its way from staging to the writer."""
+
+    path: str
+    kwargs: dict[str, Any]
+    key: str
+    start: float
+    stall: float
+    stage_future: Future
+    write_future: TrackedFuture
+
+
 class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
     """Stages into reusable shared memory, then a persistent writer subprocess writes and commits.
 
-    ``save`` returns ``(stage_future, write_future)``: wait on ``stage_future`` before mutating the saved tensors
-    in place; ``write_future`` resolves to ``SaveStats`` once the checkpoint is committed. By default one save is
-    in flight: a new save first waits for the previous one (``max_in_flight``). Better than the PyTorch original:
-    a failed write is raised once (by the next ``save``/``wait``/``close`` unless its future was already looked
-    at) and then cleared; a dead writer is replaced; every wait has a timeout; over the staging budget a save
-    falls back to a synchronous write instead of allocating more.
+    ``save`` returns ``(stage_future, write_future)``, as PyTorch's does: wait on ``stage_future`` before mutating
+    the saved tensors in place; ``write_future`` resolves (to None) once the checkpoint is committed; what the
+    save cost is then in ``last_save_stats`` (and ``write_future.stats``). Neither future can be cancelled (the
+    save is under way; its buffer is released when it ends). By default one save is in flight: a new save first
+    waits for the previous one (``max_in_flight``). Better than the PyTorch original: a failed write is raised
+    once (by the next ``save``/``wait``/``close`` unless its future was already looked at); a dead writer is
+    replaced; every wait has a timeout; over the staging budget a save falls back to a synchronous write
+    (``fallback_writer``) instead of allocating more; in a forked child it waits for none of the parent's saves.
 
     Args:
-        checkpoint_stager: copies state dicts into staging buffers.
+        checkpoint_stager: a ``DefaultStager`` (the fast path: the writer reads its shared memory directly; it
+            bounds the buffers itself), or any stager whose ``stage()`` returns the staged dict or a future of it
+            (written through ``checkpoint_process.write``; pending saves are bounded by ``max_in_flight``).
         checkpoint_process: the writer subprocess.
         reader: reads checkpoints back.
         max_in_flight: saves that may be pending at once (each holds its own staging buffer).
         wait_timeout_secs: how long ``save`` waits for a free slot and ``wait``/``close`` for pending saves.
         error_store: where failed saves are kept until raised (share one with the layer above, so that each
             failure is logged and raised once); a private one when None.
+        fallback_writer: builds the writer of saves that do not fit in staging memory; None: such a save fails.
+        resources: objects kept alive while the checkpointer lives and closed (if they can be) by ``close``,
+            e.g. the TCPStore the builder hosts for the ranks' barrier.
     """
 
     def __init__(self, checkpoint_stager: CheckpointStager, checkpoint_process: CheckpointProcess,
                  reader: CheckpointReader, *, max_in_flight: int = 1, wait_timeout_secs: float = 3600.0,
-                 error_store: ErrorStore | None = None) -> None:
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+                 error_store: ErrorStore | None = None, fallback_writer: Callable[[], CheckpointWriter] | None = None,
+                 resources: tuple = ()) -> None:
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"AsyncCheckpointer.max_in_flight must be an int >= 1, got {max_in_flight!r}")
         self.stager = checkpoint_stager
-        if hasattr(checkpoint_stager, "on_buffer_closed"):
-            checkpoint_stager.on_buffer_closed = checkpoint_process.drop_buffer
-        # A stager that bounds its buffers makes saves wait for a free buffer (a save sharing an unchanged
-        # snapshot needs none); others are bounded here by counting pending saves.
-        self._stager_bounds_buffers = hasattr(checkpoint_stager, "max_buffers")
-        if self._stager_bounds_buffers:
-            checkpoint_stager.max_buffers = max_in_flight
+        self._pooled = isinstance(checkpoint_stager, DefaultStager)
         self.process = checkpoint_process
         self.reader = reader
         self.max_in_flight = max_in_flight
         self.wait_timeout_secs = wait_timeout_secs
-        self._inflight: deque[_InFlight] = deque()
         self.errors = error_store if error_store is not None else ErrorStore()
+        self._make_fallback = fallback_writer
+        self._fallback: CheckpointWriter | None = None
+        self._resources = tuple(resources)
+        self._inflight: deque[_InFlight] = deque()
         self._lock = threading.Lock()
         self._seq = 0
-        self._store: Any = None
-        self._fallback: CheckpointWriter | None = None
         self._starter: threading.Thread | None = None
         self._start_error: BaseException | None = None
         self._closed = False
+        _LIVE.add(self)
 
     _RECREATED = {"_lock": threading.Lock}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _LIVE.add(self)
 
     def _in_use(self) -> str | None:
         return "it has saved" if self._seq or self._starter is not None else None
@@ -178,96 +211,116 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         """Start saving ``state_dict`` at ``path``.
 
         Args:
-            path: final path (a file; a directory with several ranks).
+            path: final path.
             state_dict: what to save.
-            **kwargs: ``metadata`` (json-able facts kept with the checksums); ``snapshot_token`` (a value such as
-                the training step: a save with the same token as the previous one, of the same unchanged tensors,
-                shares its staged copy).
+            **kwargs: with a ``DefaultStager``: ``metadata`` (json-able facts kept with the checksums) and
+                ``snapshot_token`` (a value such as the training step: a save with the same token as the previous
+                one, of the same unchanged tensors, shares its staged copy). Other stagers: passed to ``stage``
+                and to ``checkpoint_process.write``.
 
         Returns:
-            ``(stage_future, write_future)``; ``write_future`` resolves to ``SaveStats``.
+            ``(stage_future, write_future)``, both resolving to None (``write_future.stats``: ``SaveStats``).
 
         Raises:
-            CheckpointWriteError: an earlier save failed (raised once, then cleared).
+            CheckpointWriteError: an earlier save failed (raised once).
             CheckpointTimeoutError: the previous save did not finish within ``wait_timeout_secs``.
-            TypeError: an unpicklable value in ``state_dict`` (named by key path).
+            TypeError: an unpicklable value in ``state_dict`` (named by key path), or an unknown keyword.
         """
         if self._closed:
             raise CheckpointError("AsyncCheckpointer is closed")
+        unknown = sorted(set(kwargs) - set(_SAVE_KWARGS)) if self._pooled else []
+        if unknown:
+            raise TypeError(f"AsyncCheckpointer.save got unexpected keyword arguments {unknown} (it takes "
+                            f"{list(_SAVE_KWARGS)})")
         if self._starter is not None and not self._starter.is_alive():
             self._join_starter()  # never waits here: a start still running is waited for by the write itself
         self.check_for_errors()
-        if not self._stager_bounds_buffers:
+        if not self._pooled:
             self._wait_for_slot()
         self._seq += 1
         save_key = new_save_key()
         path = os.path.abspath(os.fspath(path))
         start = time.perf_counter()
-        self._host_store()
         try:
-            staged = self.stager.stage(state_dict, metadata=kwargs.get("metadata"),
-                                       snapshot_token=kwargs.get("snapshot_token"))
+            staged = self._stage(state_dict, kwargs)
         except StagingBufferTooLarge as e:
-            return self._save_fallback(path, state_dict, save_key, start, e)
+            return self._save_fallback(path, state_dict, kwargs, save_key, start, e)
         stall = time.perf_counter() - start
-        stage_future = staged if isinstance(staged, Future) else completed_future(staged)
+        staging = staged if isinstance(staged, Future) else completed_future(staged)
+        stage_future = uncancellable_future()
         write_future = TrackedFuture(save_key, lambda: self.errors.mark_seen(save_key))
         with self._lock:
             while self._inflight and self._inflight[0].write_future.done():
                 self._inflight.popleft()  # finished saves are forgotten (their errors are kept in self.errors)
             self._inflight.append(_InFlight(path, stage_future, write_future))
-        stage_future.add_done_callback(lambda f: self._dispatch(f, path, write_future, save_key, start, stall))
+        save = _Save(path, kwargs, save_key, start, stall, stage_future, write_future)
+        staging.add_done_callback(lambda f: self._dispatch(f, save))
         return stage_future, write_future
 
-    def _dispatch(self, stage_future: Future, path: str, write_future: TrackedFuture, save_key: str,
-                  start: float, stall: float) -> None:
-        """Runs when staging is done: hand the staged checkpoint to the writer process."""
-        if stage_future.exception() is not None:
-            self._fail(write_future, stage_future.exception())
-            return
-        staged: StagedCheckpoint = stage_future.result()
-        try:
-            inner = self.process.write(path, staged.prepared, staged.buffer, save_key)
-        except BaseException as e:  # noqa: BLE001 - delivered through the future and raised once later
-            self.stager.release(staged)
-            self._fail(write_future, e)
-            return
-        inner.add_done_callback(lambda f: self._finish(f, staged, write_future, start, stall))
+    def _stage(self, state_dict: STATE_DICT, kwargs: dict[str, Any]) -> Any:
+        if self._pooled:
+            return self.stager.stage(state_dict, release_by_caller=True, **kwargs)
+        return self.stager.stage(state_dict, **kwargs)
 
-    def _finish(self, inner: Future, staged: StagedCheckpoint, write_future: TrackedFuture, start: float,
-                stall: float) -> None:
-        self.stager.release(staged)
-        if inner.exception() is not None:
-            self._fail(write_future, inner.exception())
+    def _dispatch(self, staging: Future, save: _Save) -> None:
+        """Runs when staging is done: hand the staged state to the writer process."""
+        exc = staging.exception()
+        if exc is not None:
+            save.stage_future.set_exception(exc)
+            self._fail(save.write_future, exc)
             return
-        stats: WriteStats = inner.result()
-        result = SaveStats(stats.path, stats.nbytes, stall, staged.stage_secs, stats.write_secs,
-                           time.perf_counter() - start)
-        log.debug("saved %s: %d bytes, stall %.3fs, durable %.3fs", stats.path, stats.nbytes, stall,
-                  result.durable_secs)
-        write_future.set_result(result)
+        staged = staging.result()
+        save.stage_future.set_result(None)
+        record = staged.staging if isinstance(staged, StagedStateDict) else None
+        try:
+            if record is not None:
+                inner = self.process.write_prepared(save.path, record.prepared, record.buffer, save.key)
+            else:
+                inner = self.process.write(staged, save.path, **save.kwargs)
+        except BaseException as e:  # noqa: BLE001 - delivered through the future and raised once later
+            if record is not None:
+                record.release()
+            self._fail(save.write_future, e)
+            return
+        del staged
+        inner.add_done_callback(lambda f: self._finish(f, record, save))
+
+    def _finish(self, inner: Future, record: StagedCheckpoint | None, save: _Save) -> None:
+        if record is not None:
+            record.release()
+        if inner.exception() is not None:
+            self._fail(save.write_future, inner.exception())
+            return
+        written = inner.result()
+        stats = SaveStats(save.path, getattr(written, "nbytes", record.nbytes if record else 0), save.stall,
+                          record.stage_secs if record else save.stall, getattr(written, "write_secs", 0.0),
+                          time.perf_counter() - save.start)
+        log.debug("saved %s: %d bytes, stall %.3fs, durable %.3fs", save.path, stats.nbytes, save.stall,
+                  stats.durable_secs)
+        self.last_save_stats = save.write_future.stats = stats
+        save.write_future.set_result(None)
 
     def _fail(self, write_future: TrackedFuture, exc: BaseException) -> None:
         self.errors.record(exc, write_future.save_key)
         write_future.set_exception(exc)
 
-    def _save_fallback(self, path: str, state_dict: STATE_DICT, save_key: str, start: float,
-                       reason: Exception) -> tuple[Future, Future]:
-        """The state exceeds the staging budget: wait for pending saves, then write from the live tensors here."""
+    def _save_fallback(self, path: str, state_dict: STATE_DICT, kwargs: dict[str, Any], save_key: str,
+                       start: float, reason: Exception) -> tuple[Future, Future]:
+        """The state does not fit in staging memory: wait for pending saves, then write from the live tensors."""
+        if self._make_fallback is None:
+            raise CheckpointError(f"{reason}; and this AsyncCheckpointer has no fallback_writer for a synchronous "
+                                  "write (make_async_checkpointer gives it one)") from reason
         log.warning("%s; writing %s synchronously from the live tensors (slower path)", reason, path)
         self.wait()
         if self._fallback is None:
-            proc = self.process
-            barrier = create_barrier_from_config(proc.barrier_config, proc.rank_info)
-            self._fallback = CheckpointWriter(proc.writer_config, proc.rank_info, barrier, proc.commit_hook)
-        stats = self._fallback.write(path, state_dict, save_key=save_key)
+            self._fallback = self._make_fallback()
+        written = self._fallback.write(path, state_dict, metadata=kwargs.get("metadata"), save_key=save_key)
         elapsed = time.perf_counter() - start
-        result = SaveStats(stats.path, stats.nbytes, elapsed, elapsed, stats.write_secs, elapsed, fallback=True)
-        return completed_future(None), completed_future(result)
-
-    def _host_store(self) -> None:
-        if self._store is None and self.process.barrier_config is not None:
-            self._store = host_barrier_store(self.process.barrier_config, self.process.rank_info)
+        stats = SaveStats(path, written.nbytes, elapsed, elapsed, written.write_secs, elapsed, fallback=True)
+        write_future = TrackedFuture(save_key)
+        self.last_save_stats = write_future.stats = stats
+        write_future.set_result(None)
+        return completed_future(None), write_future
 
     def _wait_for_slot(self) -> None:
         while True:
@@ -372,9 +425,19 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             self.stager.close()
             if self._fallback is not None:
                 self._fallback.close()
-            self._store = None
+            self._resources = ()
+            _LIVE.discard(self)
         if error is not None:
             raise error
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: the parent's saves are not ours to wait for (their futures never resolve here)."""
+        self._lock = threading.Lock()
+        self._inflight = deque()
+        self._starter = None
+        self._start_error = None
+        self._fallback = None
+        self.errors.forget_after_fork()
 
 
 def _wait_done(future: Future, timeout_secs: float) -> bool:
@@ -382,3 +445,7 @@ def _wait_done(future: Future, timeout_secs: float) -> bool:
 
     done, _ = wait([future], timeout=timeout_secs)
     return bool(done)
+
+
+_LIVE: "weakref.WeakSet[AsyncCheckpointer]" = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [ck._forget_after_fork() for ck in list(_LIVE)])

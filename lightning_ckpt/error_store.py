@@ -112,6 +112,12 @@ class ErrorStore(PicklableBeforeUse):
         else:
             self._pending[key] = exc
 
+    def forget_after_fork(self) -> None:
+        """In a forked child: the parent's failures are the parent's to raise."""
+        self._lock = threading.Lock()
+        self._pending = OrderedDict()
+        self._dropped = 0
+
     def mark_seen(self, key: Hashable) -> None:
         """The outcome of save ``key`` reached its caller another way: do not raise it again."""
         with self._lock:

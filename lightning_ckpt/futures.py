@@ -9,17 +9,23 @@ from typing import Any, Callable
 class TrackedFuture(Future):
     """A future that records whether the caller looked at its outcome, so an error is raised only once.
 
+    ``cancel()`` is refused: the save it stands for is under way and releases its buffer when it ends.
+
     Args:
         save_key: the save this future belongs to (the key of its failure in an ``ErrorStore``).
         on_observed: called once, the first time the caller looks at the finished outcome.
     """
 
     observed = False
+    stats: Any = None  # what the save cost (``SaveStats``), set before the future resolves
 
     def __init__(self, save_key: str | None = None, on_observed: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.save_key = save_key
         self._on_observed = on_observed
+
+    def cancel(self) -> bool:
+        return False
 
     def _observe(self) -> None:
         if not self.observed:
@@ -40,13 +46,27 @@ class TrackedFuture(Future):
         return exc
 
 
+class _Uncancellable(Future):
+    """A future its consumer cannot cancel: ``cancel()`` returns False (the work it stands for goes on)."""
+
+    def cancel(self) -> bool:
+        return False
+
+
+def uncancellable_future() -> Future:
+    """A pending future whose ``cancel()`` is refused, so that whoever completes it always can."""
+    return _Uncancellable()
+
+
 def peek_exception(future: Future) -> BaseException | None:
     """The exception of a finished ``future`` without counting as the caller having seen it."""
     return Future.exception(future, timeout=0)
 
 
-def completed_future(result: Any = None, exc: BaseException | None = None) -> Future:
-    future: Future = TrackedFuture()
+def completed_future(result: Any = None, exc: BaseException | None = None, stats: Any = None) -> Future:
+    """A finished ``TrackedFuture`` (its ``stats`` set)."""
+    future = TrackedFuture()
+    future.stats = stats
     if exc is not None:
         future.set_exception(exc)
     else:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -14,17 +17,17 @@ from typing import Any, Callable
 import torch
 
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint
-from lightning_ckpt.errors import CheckpointTimeoutError
+from lightning_ckpt.futures import uncancellable_future
 from lightning_ckpt.picklable import PicklableBeforeUse
 from lightning_ckpt.serialization import for_transfer, prepare
-from lightning_ckpt.staging_buffer import (
-    StagingBuffer,
-    StagingBufferTooLarge,
-    StagingPlan,
-    accelerator_available,
-)
+from lightning_ckpt.staging_buffer import BufferPool, StagingBuffer, StagingPlan, accelerator_available
+from lightning_ckpt.types import STATE_DICT
 
 log = logging.getLogger(__name__)
+
+
+class StagingConfigError(ValueError, AssertionError):
+    """A staging option this machine cannot honour (an ``AssertionError`` too, as PyTorch's stager raises)."""
 
 
 @dataclass
@@ -37,8 +40,11 @@ class CheckpointStagerConfig:
         use_pinned_memory: page-lock the staging buffers for fast device-to-host copies; None: when CUDA is there.
         use_shared_memory: stage into shared memory the writer subprocess maps (needed by the async checkpointer).
         use_non_blocking_copy: issue device-to-host copies on a side stream; None: when CUDA is there.
-        budget_bytes: cap on all staging buffers together; None: no cap. A save whose state alone exceeds it is
-            written synchronously from the live tensors instead (the documented slower path).
+        budget_bytes: cap on all staging buffers together. Whatever it says, a new buffer must also fit in 90% of
+            the memory left (``MemAvailable``, and the cgroup's ``memory.max`` minus its usage, v2 or v1); None
+            leaves only that limit. A save that does not fit raises ``StagingBufferTooLarge`` (naming the size, the
+            limit and ``budget_bytes``), and ``AsyncCheckpointer`` then writes it synchronously from the live
+            tensors instead (the documented slower path).
         buffer_wait_timeout_secs: how long a save waits for a staging buffer held by an earlier save.
     """
 
@@ -66,26 +72,44 @@ class CheckpointStagerConfig:
         return accelerator_available() if self.use_non_blocking_copy is None else self.use_non_blocking_copy
 
 
-@dataclass
 class StagedCheckpoint:
-    """A staged state dict: its pickle bytes and records, and the buffer its tensor bytes live in."""
+    """What a staging produced besides the staged dict: its pickle bytes and records, and the buffer its tensor
+    bytes live in (one hold on that buffer, given back by ``release``)."""
 
-    prepared: PreparedCheckpoint
-    buffer: StagingBuffer | None
-    nbytes: int
-    stage_secs: float = 0.0
+    def __init__(self, prepared: PreparedCheckpoint, buffer: StagingBuffer | None, nbytes: int,
+                 release: Callable[[StagingBuffer], None]) -> None:
+        self.prepared = prepared
+        self.buffer = buffer
+        self.nbytes = nbytes
+        self.stage_secs = 0.0
+        self._release = release
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        """Give the buffer back to the pool (idempotent); the staged tensors must not be read afterwards."""
+        with self._lock:
+            buffer, self.buffer = self.buffer, None
+        if buffer is not None:
+            self._release(buffer)
+
+
+class StagedStateDict(dict):
+    """The state dict ``DefaultStager.stage`` returns: the same keys, tensors copied into a staging buffer.
+
+    ``staging`` holds the fast path's facts (prepared pickle, buffer). The buffer returns to the pool when this
+    dict is no longer referenced, or, staged for an ``AsyncCheckpointer``, when its write completes. Tensors taken
+    out of it stay valid only while the dict is referenced.
+    """
+
+    __slots__ = ("__weakref__", "staging")
 
 
 class CheckpointStager(ABC):
-    """Copies a state dict so that writing it no longer needs the live tensors."""
+    """Copies a state dict so that writing it no longer needs the live tensors (PyTorch's contract)."""
 
     @abstractmethod
-    def stage(self, state_dict: dict[str, Any], **kwargs: Any) -> StagedCheckpoint | Future[StagedCheckpoint]:
-        """Start copying; returns the staged checkpoint, or a future of it with async staging."""
-
-    @abstractmethod
-    def release(self, staged: StagedCheckpoint) -> None:
-        """The writer is done with ``staged``; its buffer may be reused."""
+    def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> STATE_DICT | Future[STATE_DICT]:
+        """Start copying; returns the staged state dict, or a future of it with async staging."""
 
     @abstractmethod
     def close(self) -> None:
@@ -105,10 +129,16 @@ class _Snapshot:
 class DefaultStager(PicklableBeforeUse, CheckpointStager):
     """Stages into a pool of reusable buffers; a second save of same-sized state allocates nothing.
 
+    ``stage`` returns the staged state dict (a ``StagedStateDict``), or a future of it with async staging, as
+    PyTorch's stager does. Its buffer returns to the pool when that dict is no longer referenced; staged with
+    ``release_by_caller=True`` (what ``AsyncCheckpointer`` does), when the caller calls ``release``, and then a
+    save waits for that buffer rather than allocating past ``max_buffers``. A caller keeping several staged dicts
+    never waits: more buffers are allocated, within the budget.
+
     Better than the PyTorch original: works on CPU-only machines by default (pinned memory and non-blocking
-    copies only with CUDA), bounds memory by ``budget_bytes`` and ``max_buffers`` (a save waits for a buffer
-    rather than allocating past them), and pickles the structure at ``stage`` time so non-tensor values are
-    captured at the moment of the save too.
+    copies only with CUDA), bounds memory by ``budget_bytes`` and by the memory the machine and its cgroup have
+    left, and pickles the structure at ``stage`` time so non-tensor values are captured at the moment of the save.
+    In a forked child it holds nothing of the parent's (no shared staging memory, no thread): it starts afresh.
 
     A save passing the same ``snapshot_token`` as the previous one (e.g. Lightning's ``last.ckpt`` written right
     after the top-k file of the same step), whose tensors are the same objects with unchanged version counters,
@@ -116,49 +146,71 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
 
     Args:
         config: buffer kinds, async staging, budget.
-        max_buffers: staging buffers that may exist at once (the async checkpointer's ``max_in_flight``).
+        max_buffers: buffers that saves released by their caller may hold at once (``max_in_flight``).
+
+    Raises:
+        AssertionError (a ``StagingConfigError``): ``use_non_blocking_copy=True`` without CUDA.
     """
 
-    def __init__(self, config: CheckpointStagerConfig | None = None, max_buffers: int = 1) -> None:
+    def __init__(self, config: CheckpointStagerConfig | None = None, max_buffers: int = 1,
+                 on_buffer_closed: Callable[[int], None] | None = None) -> None:
         if max_buffers < 1:
             raise ValueError(f"DefaultStager.max_buffers must be >= 1, got {max_buffers}")
         self.config = config or CheckpointStagerConfig()
+        if self.config.use_non_blocking_copy and not accelerator_available():
+            raise StagingConfigError("CheckpointStagerConfig.use_non_blocking_copy=True needs CUDA, which is not "
+                                     "available; use None (on when CUDA is there) or False")
         self.max_buffers = max_buffers
+        self.on_buffer_closed = on_buffer_closed  # told the id of each buffer freed early (the writer unmaps it)
+        self._pool = BufferPool(self.config, max_buffers, self._forget_snapshot, self._buffer_closed)
         self._snapshot: _Snapshot | None = None
-        self._free: list[StagingBuffer] = []
-        self._all: list[StagingBuffer] = []
-        self._cond = threading.Condition()
         self._executor: ThreadPoolExecutor | None = None
         self._stream = None
-        self.on_buffer_closed: Callable[[int], None] | None = None  # told the id of each buffer freed early
-        self.allocations = 0  # buffers ever allocated: tests and metrics watch this
         self.shared_saves = 0  # saves that reused the previous staged copy
-        self.allocated_bytes = 0
-
-    _RECREATED = {"_cond": threading.Condition}
+        _LIVE.add(self)
 
     def _in_use(self) -> str | None:
-        return "it holds staging buffers" if self._all or self._executor is not None else None
+        return "it holds staging buffers" if self._pool.buffers or self._executor is not None else None
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _LIVE.add(self)
+
+    @property
+    def allocations(self) -> int:
+        """Buffers ever allocated: tests and metrics watch this."""
+        return self._pool.allocations
 
     @property
     def buffer_bytes(self) -> int:
         """Bytes held in staging buffers now (in use or free)."""
-        return sum(b.nbytes for b in self._all)
+        return self._pool.buffer_bytes
 
-    def stage(self, state_dict: dict[str, Any], **kwargs: Any) -> StagedCheckpoint | Future[StagedCheckpoint]:
+    def stage(self, state_dict: STATE_DICT, **kwargs: Any) -> STATE_DICT | Future[STATE_DICT]:
         """Plan, reserve a buffer, pickle the structure now, and copy the tensor bytes (now or in the background).
 
+        Args:
+            state_dict: what to stage (a dict).
+            **kwargs: ours: ``metadata`` (json-able, kept with the checksums), ``snapshot_token`` (see the class),
+                ``release_by_caller`` (the buffer is held until ``release(staged)``, not until the dict dies).
+
+        Returns:
+            The staged ``StagedStateDict``, or (async staging) a future of it that cannot be cancelled.
+
         Raises:
-            StagingBufferTooLarge: the state needs more than ``budget_bytes``; the caller takes the slower path.
-            CheckpointTimeoutError: no buffer became free within ``buffer_wait_timeout_secs``.
-            TypeError: the state dict holds an object that cannot be pickled (named by key path).
+            StagingBufferTooLarge: the state needs more than ``budget_bytes`` or the memory left; the caller takes
+                the slower path. CheckpointTimeoutError: no buffer became free within ``buffer_wait_timeout_secs``.
+            TypeError: ``state_dict`` is not a dict, or holds an object that cannot be pickled (named by key path).
         """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"DefaultStager.stage needs a dict state_dict, got {type(state_dict).__name__}")
         start = time.perf_counter()
         plan = StagingPlan(state_dict)
         token = kwargs.get("snapshot_token")
         signature = plan.signature() if token is not None else None
-        shared = self._share(token, signature)
-        buffer = shared.buffer if shared is not None else self._acquire(max(plan.nbytes, 1))
+        by_caller = bool(kwargs.get("release_by_caller", False))
+        shared = self._share(token, signature, by_caller)
+        buffer = shared.buffer if shared is not None else self._pool.acquire(max(plan.nbytes, 1), by_caller)
         copy_future: Future | None = None
         try:
             staged_tensors = [buffer.tensor(off, n, src.dtype, src.shape) for src, off, n in plan.copies]
@@ -167,19 +219,24 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
                 # The copy starts first and runs (the GIL released) while this thread pickles the structure.
                 copy_future = self._submit_copy(plan, staged_tensors, buffer)
             prepared = for_transfer(prepare(structure, buffer.range, metadata=kwargs.get("metadata")))
-            del structure
             if shared is None and copy_future is None:
                 self._copy(plan, staged_tensors, buffer)
         except BaseException:
             if copy_future is not None:
                 wait([copy_future])  # the buffer is written until the copy stops
-            self._release_buffer(buffer)
+            self._pool.release(buffer, by_caller)
             raise
-        staged = StagedCheckpoint(prepared, buffer, plan.nbytes)
-        if shared is not None:
-            return self._after(shared.copy_future, staged, start)
-        self._remember(token, signature, buffer, copy_future)
-        return self._after(copy_future, staged, start)
+        staged = StagedStateDict(structure)
+        staged.staging = StagedCheckpoint(prepared, buffer, plan.nbytes,
+                                          functools.partial(self._pool.release, by_caller=by_caller))
+        if shared is None:
+            self._remember(token, signature, buffer, copy_future)
+        return self._after(shared.copy_future if shared is not None else copy_future, staged, start, by_caller)
+
+    def release(self, staged: STATE_DICT) -> None:
+        """Give back the buffer of a dict staged with ``release_by_caller=True`` (idempotent)."""
+        if isinstance(staged, StagedStateDict):
+            staged.staging.release()
 
     def _submit_copy(self, plan: StagingPlan, dsts: list, buffer: StagingBuffer) -> Future:
         ready = self._start_side_stream()
@@ -187,38 +244,41 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-stager")
         return self._executor.submit(self._copy, plan, dsts, buffer, ready)
 
-    def _share(self, token: Any, signature: tuple | None) -> _Snapshot | None:
+    def _share(self, token: Any, signature: tuple | None, by_caller: bool) -> _Snapshot | None:
         """The previous snapshot, with one more user, when this save is of the very same unchanged tensors."""
         snap = self._snapshot
         if snap is None or signature is None or snap.token != token or snap.signature != signature:
             return None
         if snap.copy_future is not None and snap.copy_future.done() and snap.copy_future.exception() is not None:
             return None
-        with self._cond:
-            if snap.buffer not in self._all:
-                return None
-            if snap.buffer in self._free:
-                self._free.remove(snap.buffer)
-            snap.buffer.users += 1
-            self.shared_saves += 1
+        if not self._pool.add_user(snap.buffer, by_caller):
+            return None
+        self.shared_saves += 1
         return snap
 
     def _remember(self, token: Any, signature: tuple | None, buffer: StagingBuffer, future: Future | None) -> None:
         self._snapshot = _Snapshot(token, signature, buffer, future) if signature is not None else None
 
-    def _after(self, copy_future: Future | None, staged: StagedCheckpoint, start: float) -> Any:
+    def _after(self, copy_future: Future | None, staged: StagedStateDict, start: float, by_caller: bool) -> Any:
         """``staged`` once its copy is complete (at once when it already is); a failed copy frees its buffer use."""
+        record = staged.staging
+
+        def complete() -> None:
+            record.stage_secs = time.perf_counter() - start
+            if not by_caller:
+                weakref.finalize(staged, record.release)
+
         if copy_future is None:
-            staged.stage_secs = time.perf_counter() - start
+            complete()
             return staged
-        future: Future = Future()
+        future = uncancellable_future()
 
         def done(f: Future) -> None:
-            staged.stage_secs = time.perf_counter() - start
             if f.exception() is not None:
-                self.release(staged)
+                record.release()
                 future.set_exception(f.exception())
             else:
+                complete()
                 future.set_result(staged)
 
         copy_future.add_done_callback(done)
@@ -244,73 +304,30 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
             if stream is not None:
                 stream.synchronize()
 
-    def _acquire(self, nbytes: int) -> StagingBuffer:
-        budget = self.config.budget_bytes
-        if budget is not None and nbytes > budget:
-            raise StagingBufferTooLarge(f"state needs {nbytes} staging bytes, budget_bytes is {budget}")
-        deadline = time.monotonic() + self.config.buffer_wait_timeout_secs
-        with self._cond:
-            while True:
-                fits = [b for b in self._free if b.nbytes >= nbytes]
-                if fits:
-                    buffer = min(fits, key=lambda b: b.nbytes)
-                    self._free.remove(buffer)
-                    buffer.users += 1
-                    if self._snapshot is not None and self._snapshot.buffer is buffer:
-                        self._snapshot = None  # about to be overwritten
-                    return buffer
-                # Free buffers too small for this state are dropped before a bigger one is made.
-                for small in list(self._free):
-                    self._drop(small)
-                within_budget = budget is None or self.buffer_bytes + nbytes <= budget
-                if within_budget and len(self._all) < self.max_buffers:
-                    return self._allocate(nbytes)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise CheckpointTimeoutError(
-                        f"waited {self.config.buffer_wait_timeout_secs}s for a staging buffer of {nbytes} bytes "
-                        f"(budget_bytes={budget}, max_buffers={self.max_buffers}, in use {self.buffer_bytes})"
-                    )
-                self._cond.wait(remaining)
-
-    def _drop(self, buffer: StagingBuffer) -> None:
-        self._free.remove(buffer)
-        self._all.remove(buffer)
+    def _forget_snapshot(self, buffer: StagingBuffer) -> None:
         if self._snapshot is not None and self._snapshot.buffer is buffer:
             self._snapshot = None
-        buffer.close()
+
+    def _buffer_closed(self, buffer: StagingBuffer) -> None:
+        self._forget_snapshot(buffer)
         if self.on_buffer_closed is not None:
             self.on_buffer_closed(buffer.id)
-
-    def _allocate(self, nbytes: int) -> StagingBuffer:
-        buffer = StagingBuffer(nbytes, shared=self.config.use_shared_memory, pinned=self.config.pinned)
-        buffer.users = 1
-        self._all.append(buffer)
-        self.allocations += 1
-        self.allocated_bytes += nbytes
-        log.debug("allocated staging buffer %d of %d bytes", buffer.id, nbytes)
-        return buffer
-
-    def release(self, staged: StagedCheckpoint) -> None:
-        if staged.buffer is not None:
-            self._release_buffer(staged.buffer)
-            staged.buffer = None
-
-    def _release_buffer(self, buffer: StagingBuffer) -> None:
-        with self._cond:
-            buffer.users -= 1
-            if buffer.users == 0 and buffer in self._all:
-                self._free.append(buffer)
-            self._cond.notify_all()
 
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        with self._cond:
-            for buffer in self._all:
-                buffer.close()
-            self._snapshot = None
-            self._all.clear()
-            self._free.clear()
-            self._cond.notify_all()
+        self._snapshot = None
+        self._pool.close()
+        _LIVE.discard(self)
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: unmap the parent's buffers here (never write into its shared memory), no thread."""
+        self._executor = None
+        self._stream = None
+        self._snapshot = None
+        self._pool.forget_after_fork()
+
+
+_LIVE: "weakref.WeakSet[DefaultStager]" = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [stager._forget_after_fork() for stager in list(_LIVE)])

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import mmap
 import os
-from typing import Any
+import threading
+import time
+from typing import Any, Callable
 
 import torch
 
+from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError
+from lightning_ckpt.picklable import PicklableBeforeUse
 from lightning_ckpt.torch_zip import ALIGNMENT as STORAGE_ALIGNMENT
 from lightning_ckpt.torch_zip import DIRECT_IO_ALIGNMENT, DIRECT_IO_MIN_BYTES
 
@@ -20,8 +25,8 @@ def accelerator_available() -> bool:
     return torch.cuda.is_available()
 
 
-class StagingBufferTooLarge(Exception):
-    """A state needs more staging memory than the whole budget allows."""
+class StagingBufferTooLarge(CheckpointError):
+    """A state needs more staging memory than the budget or the memory left allows (the message names both)."""
 
 
 class StagingBuffer:
@@ -36,10 +41,17 @@ class StagingBuffer:
         self.id = next(StagingBuffer._ids)
         self.nbytes = nbytes
         self.fd: int | None = None
+        self.users = 0
+        self.caller_holds = 0  # holds that their caller gives back (a write in flight), so worth waiting for
         if shared:
             self.fd = os.memfd_create(f"lightning_ckpt-staging-{self.id}", os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, nbytes)
-            self._mmap = mmap.mmap(self.fd, nbytes)
+            try:
+                os.ftruncate(self.fd, nbytes)
+                self._mmap = mmap.mmap(self.fd, nbytes)
+            except BaseException:
+                os.close(self.fd)  # no descriptor outlives a failed allocation
+                self.fd = None
+                raise
         else:
             self._mmap = mmap.mmap(-1, nbytes)
         self.base = torch.frombuffer(self._mmap, dtype=torch.uint8)
@@ -50,7 +62,6 @@ class StagingBuffer:
             self.pinned = int(err) == 0
             if not self.pinned:
                 log.warning("cudaHostRegister failed (%s); staging buffer %d stays pageable", err, self.id)
-        self.users = 0
 
     @property
     def range(self) -> tuple[int, int]:
@@ -75,6 +86,201 @@ class StagingBuffer:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+PROC_MEMINFO = "/proc/meminfo"
+PROC_SELF_CGROUP = "/proc/self/cgroup"
+_UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a huge number
+HEADROOM_FRACTION = 0.9  # of the memory left that one new staging buffer may take
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) < _UNLIMITED else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open(PROC_MEMINFO) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_dirs() -> list[tuple[str, str, str]]:
+    """(directory, limit file, usage file) of this process's memory cgroup, v2 then v1, most specific first."""
+    dirs = []
+    try:
+        with open(PROC_SELF_CGROUP) as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if controllers == "":
+                    dirs.append((os.path.join(CGROUP_ROOT, path.lstrip("/")), "memory.max", "memory.current"))
+                elif "memory" in controllers.split(","):
+                    dirs.append((os.path.join(CGROUP_ROOT, "memory", path.lstrip("/")), "memory.limit_in_bytes",
+                                 "memory.usage_in_bytes"))
+    except (OSError, ValueError):
+        pass
+    dirs += [(CGROUP_ROOT, "memory.max", "memory.current"),
+             (os.path.join(CGROUP_ROOT, "memory"), "memory.limit_in_bytes", "memory.usage_in_bytes")]
+    return dirs
+
+
+def memory_headroom() -> tuple[int | None, str]:
+    """Bytes this process can still allocate, and where that figure comes from (None: nothing says).
+
+    The smaller of ``MemAvailable`` and the cgroup's limit minus its usage (v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``).
+    """
+    found: list[tuple[int, str]] = []
+    available = _meminfo_available()
+    if available is not None:
+        found.append((available, f"MemAvailable in {PROC_MEMINFO}"))
+    for directory, limit_name, usage_name in _cgroup_dirs():
+        limit = _read_int(os.path.join(directory, limit_name))
+        if limit is not None:
+            usage = _read_int(os.path.join(directory, usage_name)) or 0
+            found.append((max(0, limit - usage), f"cgroup limit {limit} in {os.path.join(directory, limit_name)} "
+                                                 f"minus usage {usage}"))
+            break
+    return min(found) if found else (None, "no memory limit found")
+
+
+class BufferPool(PicklableBeforeUse):
+    """The staging buffers of one stager: reused when free, bounded by count, budget and the memory left.
+
+    A buffer is free when every hold on it was given back. Holds that their caller gives back (a write in flight)
+    are waited for when ``max_buffers`` is reached; holds that end with a staged dict's life are not (nobody
+    promises to drop it), so more buffers are allocated instead, within the budget.
+    """
+
+    def __init__(self, config: Any, max_buffers: int, on_reuse: Callable[[StagingBuffer], None],
+                 on_close: Callable[[StagingBuffer], None]) -> None:
+        self.config = config
+        self.max_buffers = max_buffers
+        self._on_reuse = on_reuse  # a free buffer is about to be overwritten
+        self._on_close = on_close
+        self.buffers: list[StagingBuffer] = []
+        self._free: list[StagingBuffer] = []
+        self._cond = threading.Condition()
+        self.allocations = 0
+        self.allocated_bytes = 0
+
+    _RECREATED = {"_cond": threading.Condition}
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+    def acquire(self, nbytes: int, by_caller: bool) -> StagingBuffer:
+        """A buffer of at least ``nbytes`` with one hold on it (waits for one that a caller gives back).
+
+        Raises:
+            StagingBufferTooLarge: it cannot fit in ``budget_bytes`` or the memory left.
+            CheckpointTimeoutError: no buffer was given back within ``buffer_wait_timeout_secs``.
+        """
+        budget = self.config.budget_bytes
+        if budget is not None and nbytes > budget:
+            raise StagingBufferTooLarge(f"state needs {nbytes} staging bytes, budget_bytes is {budget}")
+        deadline = time.monotonic() + self.config.buffer_wait_timeout_secs
+        collected = False
+        with self._cond:
+            while True:
+                fits = [b for b in self._free if b.nbytes >= nbytes]
+                if fits:
+                    buffer = min(fits, key=lambda b: b.nbytes)
+                    self._free.remove(buffer)
+                    self._hold(buffer, by_caller)
+                    self._on_reuse(buffer)
+                    return buffer
+                for small in list(self._free):  # too small for this state: dropped before a bigger one is made
+                    self._drop(small)
+                waitable = any(b.caller_holds for b in self.buffers)
+                room = budget is None or self.buffer_bytes + nbytes <= budget
+                if room and (len(self.buffers) < self.max_buffers or not waitable):
+                    return self._allocate(nbytes, by_caller)
+                if not waitable:
+                    if not collected:  # staged dicts in reference cycles give their buffers back now
+                        collected = True
+                        gc.collect()
+                        continue
+                    raise StagingBufferTooLarge(
+                        f"state needs {nbytes} staging bytes; budget_bytes={budget} and {self.buffer_bytes} bytes "
+                        "are held by staged state dicts still referenced")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CheckpointTimeoutError(
+                        f"waited {self.config.buffer_wait_timeout_secs}s for a staging buffer of {nbytes} bytes "
+                        f"(budget_bytes={budget}, max_buffers={self.max_buffers}, in use {self.buffer_bytes})")
+                self._cond.wait(remaining)
+
+    def add_user(self, buffer: StagingBuffer, by_caller: bool) -> bool:
+        """One more hold on ``buffer`` (a save sharing its staged copy); False if it was dropped meanwhile."""
+        with self._cond:
+            if buffer not in self.buffers:
+                return False
+            if buffer in self._free:
+                self._free.remove(buffer)
+            self._hold(buffer, by_caller)
+            return True
+
+    @staticmethod
+    def _hold(buffer: StagingBuffer, by_caller: bool) -> None:
+        buffer.users += 1
+        buffer.caller_holds += by_caller
+
+    def release(self, buffer: StagingBuffer, by_caller: bool) -> None:
+        """Give back one hold; a buffer without holds is free for the next save."""
+        with self._cond:
+            buffer.users -= 1
+            buffer.caller_holds -= by_caller
+            if buffer.users == 0 and buffer in self.buffers:
+                self._free.append(buffer)
+            self._cond.notify_all()
+
+    def _allocate(self, nbytes: int, by_caller: bool) -> StagingBuffer:
+        headroom, source = memory_headroom()
+        if headroom is not None and nbytes > headroom * HEADROOM_FRACTION:
+            raise StagingBufferTooLarge(
+                f"state needs {nbytes} staging bytes but only {headroom} bytes of memory are left ({source}); "
+                f"budget_bytes={self.config.budget_bytes}")
+        buffer = StagingBuffer(nbytes, shared=self.config.use_shared_memory, pinned=self.config.pinned)
+        self._hold(buffer, by_caller)
+        self.buffers.append(buffer)
+        self.allocations += 1
+        self.allocated_bytes += nbytes
+        log.debug("allocated staging buffer %d of %d bytes", buffer.id, nbytes)
+        return buffer
+
+    def _drop(self, buffer: StagingBuffer) -> None:
+        self._free.remove(buffer)
+        self.buffers.remove(buffer)
+        buffer.close()
+        self._on_close(buffer)
+
+    def close(self) -> None:
+        with self._cond:
+            for buffer in self.buffers:
+                buffer.close()
+            self.buffers.clear()
+            self._free.clear()
+            self._cond.notify_all()
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: unmap the parent's buffers (in this process only) and start with none."""
+        self._cond = threading.Condition()
+        for buffer in self.buffers:
+            buffer.pinned = False  # CUDA does not survive fork: nothing to unregister here
+            buffer.close()
+        self.buffers, self._free = [], []
 
 
 def _align(n: int, alignment: int = STORAGE_ALIGNMENT) -> int:

@@ -53,7 +53,7 @@ class AsyncCheckpointIO(LightningCkptIO):
     def _ensure_checkpointer(self) -> AsyncCheckpointer:
         if self._checkpointer is None:
             # Lightning saves on global rank 0 only and each checkpoint is one file: the writer is a single rank.
-            self._checkpointer = make_async_checkpointer(self.config, RankInfo(0, 1), self.commit_hook,
+            self._checkpointer = make_async_checkpointer(self.config, RankInfo(0, 1), commit_hook=self.commit_hook,
                                                          error_store=self._ledger.errors)
             atexit.register(self._close_at_exit)
         return self._checkpointer

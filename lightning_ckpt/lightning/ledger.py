@@ -97,7 +97,7 @@ class SaveLedger(PicklableBeforeUse):
 
     def add_save(self, path: str, step: int | None, stage_future: Future, write_future: Future,
                  stall_secs: float) -> None:
-        """Register a save; ``write_future`` resolves to ``SaveStats`` or fails."""
+        """Register a save; ``write_future`` (a ``TrackedFuture``) carries ``SaveStats`` in ``stats`` or fails."""
         path = os.path.abspath(path)
         with self._cond:
             self._seq += 1
@@ -114,10 +114,10 @@ class SaveLedger(PicklableBeforeUse):
             for old in [s for s in self._outcomes if s <= save.seq - _OUTCOMES_KEPT]:
                 del self._outcomes[old]
             if exc is None:
-                self._completed.append(CompletedSave(save.step, future.result(), save.stall_secs))
+                self._completed.append(CompletedSave(save.step, future.stats, save.stall_secs))
             self._cond.notify_all()
         if exc is None:
-            stats = future.result()
+            stats = future.stats
             log.info("checkpoint %s committed: %.1f MB, stall %.1f ms, write %.3f s (%.2f GB/s)", stats.path,
                      stats.nbytes / 1e6, save.stall_secs * 1e3, stats.write_secs, stats.gb_per_sec)
         else:

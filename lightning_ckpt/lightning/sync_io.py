@@ -25,8 +25,8 @@ class SyncCheckpointIO(LightningCkptIO):
     def _save(self, path: str, checkpoint: dict[str, Any], step: int | None) -> tuple[Future, Future]:
         checkpointer = self._ensure_checkpointer()
         metadata = {"step": int(step)} if step is not None else None
-        stats = checkpointer.save(path, checkpoint, metadata=metadata)
-        return completed_future(None), completed_future(stats)
+        checkpointer.save(path, checkpoint, metadata=metadata)
+        return completed_future(None), completed_future(None, stats=checkpointer.last_save_stats)
 
     def _ensure_checkpointer(self) -> SyncCheckpointer:
         if self._checkpointer is None:

@@ -59,7 +59,8 @@ def writer_kill_trial(directory: str, seed: int, nbytes: int = 2 << 20) -> Trial
     expected = {name: state_digest(s) for name, s in states.items()}
     with lc.make_async_checkpointer() as ck:
         ck.save(os.path.join(directory, "a.ckpt"), states["a.ckpt"])[1].result(timeout=120)
-        durable = ck.save(os.path.join(directory, "b.ckpt"), states["b.ckpt"])[1].result(timeout=120).durable_secs
+        ck.save(os.path.join(directory, "b.ckpt"), states["b.ckpt"])[1].result(timeout=120)
+        durable = ck.last_save_stats.durable_secs
         pid, starts = ck.process.pid, ck.process.starts
         _, victim = ck.save(os.path.join(directory, "c.ckpt"), states["c.ckpt"])
         time.sleep(rng.uniform(0.0, durable))  # the random instant of the fault

@@ -44,8 +44,11 @@ def ck(request):
 
 
 def _save(ck, path, state):
+    """Save and wait until committed; returns its SaveStats."""
     out = ck.save(path, state)
-    return out[1].result(timeout=60) if isinstance(out, tuple) else out
+    if isinstance(out, tuple):
+        out[1].result(timeout=60)
+    return ck.last_save_stats
 
 
 def test_odd_non_tensor_leaves_round_trip_and_weights_only_refuses_them_clearly(ck, tmp_path):

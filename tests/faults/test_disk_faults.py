@@ -24,8 +24,11 @@ def _make(kind, **kw):
 
 
 def _save(ck, path, state):
+    """Save and wait until committed; returns its SaveStats."""
     out = ck.save(path, state)
-    return out[1].result(timeout=60) if isinstance(out, tuple) else out
+    if isinstance(out, tuple):
+        out[1].result(timeout=60)
+    return ck.last_save_stats
 
 
 def _assert_refused_then_recovers(kind, ck, directory, error, reason):

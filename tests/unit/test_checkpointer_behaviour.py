@@ -24,8 +24,10 @@ def _save(ck, path, sd):
     """Save and wait until committed; returns SaveStats."""
     out = ck.save(path, sd)
     if isinstance(out, tuple):
-        return out[1].result(timeout=60)
-    return out
+        assert out[1].result(timeout=60) is None  # PyTorch's contract: the futures resolve to None
+        return out[1].stats
+    assert out is None
+    return ck.last_save_stats
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -150,7 +152,8 @@ def test_async_error_is_raised_once_at_next_save_then_cleared(tmp_path):
             ck.save(tmp_path / "good.ckpt", {"w": torch.ones(3)})
         assert "injected failure" in str(info.value)
         _, write_f = ck.save(tmp_path / "good.ckpt", {"w": torch.ones(3)})  # cleared: this one works
-        assert write_f.result(timeout=60).path == str(tmp_path / "good.ckpt")
+        write_f.result(timeout=60)
+        assert write_f.stats.path == ck.last_save_stats.path == str(tmp_path / "good.ckpt")
         ck.wait()
     finally:
         ck.close()
