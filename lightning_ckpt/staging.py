@@ -30,6 +30,9 @@ class StagingConfigError(ValueError, AssertionError):
     """A staging option this machine cannot honour (an ``AssertionError`` too, as PyTorch's stager raises)."""
 
 
+_AUTO_OPTIONS = ("use_pinned_memory", "use_non_blocking_copy")  # None: on when CUDA is there
+
+
 @dataclass
 class CheckpointStagerConfig:
     """How state dicts are copied off the live tensors.
@@ -56,6 +59,14 @@ class CheckpointStagerConfig:
     buffer_wait_timeout_secs: float = 3600.0
 
     def __post_init__(self) -> None:
+        for name in ("use_async_staging", "use_shared_memory", "use_pinned_memory", "use_non_blocking_copy"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name in _AUTO_OPTIONS):
+                raise ValueError(f"CheckpointStagerConfig.{name} must be a bool"
+                                 f"{' or None' if name in _AUTO_OPTIONS else ''}, got {value!r}")
+        budget = self.budget_bytes
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+            raise ValueError(f"CheckpointStagerConfig.budget_bytes must be an int or None, got {budget!r}")
         if self.budget_bytes is not None and self.budget_bytes <= 0:
             raise ValueError(f"CheckpointStagerConfig.budget_bytes must be > 0 or None, got {self.budget_bytes}")
         if not self.buffer_wait_timeout_secs > 0:  # NaN too

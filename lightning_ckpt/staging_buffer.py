@@ -252,7 +252,12 @@ class BufferPool(PicklableBeforeUse):
             raise StagingBufferTooLarge(
                 f"state needs {nbytes} staging bytes but only {headroom} bytes of memory are left ({source}); "
                 f"budget_bytes={self.config.budget_bytes}")
-        buffer = StagingBuffer(nbytes, shared=self.config.use_shared_memory, pinned=self.config.pinned)
+        try:
+            buffer = StagingBuffer(nbytes, shared=self.config.use_shared_memory, pinned=self.config.pinned)
+        except OSError as e:
+            raise StagingBufferTooLarge(
+                f"allocating {nbytes} staging bytes failed ({e}); {headroom} bytes of memory were left ({source}); "
+                f"budget_bytes={self.config.budget_bytes}") from e
         self._hold(buffer, by_caller)
         self.buffers.append(buffer)
         self.allocations += 1

@@ -88,7 +88,7 @@ def test_larger_state_replaces_the_staging_buffer_instead_of_adding_one(tmp_path
         _save(ck, tmp_path / "a.ckpt", {"w": torch.ones(10)})
         _save(ck, tmp_path / "b.ckpt", {"w": torch.ones(100_000)})
         assert ck.stager.allocations == 2
-        assert len(ck.stager._all) == 1  # the small buffer was freed, not kept beside the big one
+        assert len(ck.stager._pool.buffers) == 1  # the small buffer was freed, not kept beside the big one
 
 
 def test_partial_read_loads_only_requested_keys(kind, tmp_path):
@@ -249,7 +249,7 @@ def test_over_budget_state_falls_back_to_a_synchronous_write(tmp_path):
     config = lc.CheckpointerConfig(staging_config=CheckpointStagerConfig(budget_bytes=1024))
     with lc.make_async_checkpointer(config) as ck:
         stage_f, write_f = ck.save(tmp_path / "a.ckpt", {"w": torch.ones(4096)})
-        assert stage_f.done() and write_f.done() and write_f.result().fallback
+        assert stage_f.done() and write_f.done() and write_f.result() is None and write_f.stats.fallback
         assert ck.stager.allocations == 0  # never allocated past the budget
         assert torch.equal(ck.load(tmp_path / "a.ckpt")["w"], torch.ones(4096))
 
@@ -310,7 +310,7 @@ def test_one_buffer_by_default_so_a_second_save_waits_for_the_first(tmp_path):
         worker.start()
         worker.join(timeout=0.3)
         assert worker.is_alive()  # blocked: the only staging buffer is still being written
-        assert ck.stager.buffer_bytes == ck.stager._all[0].nbytes and len(ck.stager._all) == 1
+        assert ck.stager.buffer_bytes == ck.stager._pool.buffers[0].nbytes and len(ck.stager._pool.buffers) == 1
         (tmp_path / "release").touch()
         worker.join(timeout=60)
         second["out"][1].result(timeout=60)

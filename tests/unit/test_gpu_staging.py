@@ -16,7 +16,7 @@ def test_gpu_state_is_staged_through_pinned_memory_on_a_side_stream(tmp_path):
     with lc.make_async_checkpointer() as ck:
         stage_f, write_f = ck.save(tmp_path / "a.ckpt", {"w": w})
         stage_f.result(timeout=60)
-        assert all(b.pinned for b in ck.stager._all)
+        assert all(b.pinned for b in ck.stager._pool.buffers)
         w.add_(1.0)  # after the stage future: must not reach the checkpoint
         write_f.result(timeout=60)
         loaded = ck.load(tmp_path / "a.ckpt")
