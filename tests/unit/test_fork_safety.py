@@ -15,6 +15,7 @@ import lightning_ckpt as lc
 from tests._helpers import wait_for
 
 _CK = None  # the parent's checkpointer, inherited by the pool's forked workers
+_N = 1 << 14  # elements: below torch's parallel grain, as OpenMP's thread pool does not survive fork
 
 
 _STATUS: dict[int, int] = {}
@@ -24,7 +25,7 @@ def _child_save_then_exit(ck, path: str, value: float) -> None:
     """Runs in the forked child: save with the inherited checkpointer, then leave without pytest's teardown."""
     code = 1
     try:
-        ck.save(path, {"w": torch.full((1 << 16,), value)})[1].result(timeout=60)
+        ck.save(path, {"w": torch.full((_N,), value)})[1].result(timeout=60)
         ck.close()
         code = 0
     finally:
@@ -34,17 +35,17 @@ def _child_save_then_exit(ck, path: str, value: float) -> None:
 @pytest.mark.timeout(180)
 def test_forked_child_never_writes_the_parents_tensors(tmp_path):
     with lc.make_async_checkpointer() as ck:
-        ck.save(tmp_path / "a.ckpt", {"w": torch.full((1 << 16,), 1.0)})[1].result(timeout=60)  # a buffer exists
+        ck.save(tmp_path / "a.ckpt", {"w": torch.full((_N,), 1.0)})[1].result(timeout=60)  # a buffer exists
         pid = os.fork()
         if pid == 0:
             _child_save_then_exit(ck, str(tmp_path / "child.ckpt"), 7.0)
         for i in range(3):  # the parent keeps saving into its buffer meanwhile
-            ck.save(tmp_path / f"b{i}.ckpt", {"w": torch.full((1 << 16,), 2.0 + i)})[1].result(timeout=60)
+            ck.save(tmp_path / f"b{i}.ckpt", {"w": torch.full((_N,), 2.0 + i)})[1].result(timeout=60)
         status = _wait_status(pid, 120)
         assert status == 0, f"the child's save did not complete (status {status})"
         assert ck.stager.allocations == 1  # the parent's pool is untouched by the child
         for name, value in [("a", 1.0), ("child", 7.0), ("b0", 2.0), ("b1", 3.0), ("b2", 4.0)]:
-            assert torch.equal(ck.load(tmp_path / f"{name}.ckpt")["w"], torch.full((1 << 16,), value)), name
+            assert torch.equal(ck.load(tmp_path / f"{name}.ckpt")["w"], torch.full((_N,), value)), name
 
 
 def _wait_status(pid: int, timeout_secs: float) -> int | None:
@@ -114,7 +115,7 @@ def _zombie(pid: int) -> bool:
 
 def _pool_save(args: tuple[str, float]) -> int:
     path, value = args
-    _CK.save(path, {"w": torch.full((1 << 14,), value)})[1].result(timeout=60)
+    _CK.save(path, {"w": torch.full((_N,), value)})[1].result(timeout=60)
     _CK.close()  # this worker's own writer and buffers; the parent's stay
     return os.getpid()
 
@@ -124,15 +125,15 @@ def test_fork_pool_workers_save_with_their_own_buffers_and_writers(tmp_path):
     global _CK
     _CK = lc.make_async_checkpointer()
     try:
-        _CK.save(tmp_path / "parent.ckpt", {"w": torch.full((1 << 14,), -1.0)})[1].result(timeout=60)
+        _CK.save(tmp_path / "parent.ckpt", {"w": torch.full((_N,), -1.0)})[1].result(timeout=60)
         parent_writer = _CK.process.pid
         with multiprocessing.get_context("fork").Pool(2, maxtasksperchild=1) as pool:
             pids = pool.map(_pool_save, [(str(tmp_path / f"w{i}.ckpt"), float(i)) for i in range(2)], chunksize=1)
         assert os.getpid() not in pids
-        _CK.save(tmp_path / "after.ckpt", {"w": torch.full((1 << 14,), 9.0)})[1].result(timeout=60)
+        _CK.save(tmp_path / "after.ckpt", {"w": torch.full((_N,), 9.0)})[1].result(timeout=60)
         assert _CK.process.pid == parent_writer  # the parent's writer was not disturbed
         for name, value in [("parent", -1.0), ("w0", 0.0), ("w1", 1.0), ("after", 9.0)]:
-            assert torch.equal(_CK.load(tmp_path / f"{name}.ckpt")["w"], torch.full((1 << 14,), value)), name
+            assert torch.equal(_CK.load(tmp_path / f"{name}.ckpt")["w"], torch.full((_N,), value)), name
     finally:
         _CK.close()
         _CK = None
