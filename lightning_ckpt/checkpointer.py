@@ -22,28 +22,13 @@ from lightning_ckpt.futures import TrackedFuture, completed_future, uncancellabl
 from lightning_ckpt.picklable import PicklableBeforeUse
 from lightning_ckpt.staging import CheckpointStager, DefaultStager, StagedCheckpoint, StagedStateDict
 from lightning_ckpt.staging_buffer import StagingBufferTooLarge
-from lightning_ckpt.types import STATE_DICT
+from lightning_ckpt.types import STATE_DICT, SaveStats
+
+__all__ = ["AsyncCheckpointer", "Checkpointer", "SaveStats", "SyncCheckpointer"]
 
 log = logging.getLogger(__name__)
 
 _SAVE_KWARGS = ("metadata", "snapshot_token")  # what AsyncCheckpointer.save takes with a DefaultStager
-
-
-@dataclass
-class SaveStats:
-    """One save, end to end: what the caller was blocked by and when the checkpoint became durable."""
-
-    path: str
-    nbytes: int
-    stall_secs: float  # inside save(): planning, pickling, and the copy when staging is synchronous
-    stage_secs: float  # save() called -> staged copy independent of the live tensors
-    write_secs: float  # the writer writing and fsyncing this rank's file
-    durable_secs: float  # save() called -> committed at the final path
-    fallback: bool = False  # written synchronously because the state exceeded the staging budget
-
-    @property
-    def gb_per_sec(self) -> float:
-        return self.nbytes / self.write_secs / 1e9 if self.write_secs > 0 else float("inf")
 
 
 class Checkpointer(ABC):
@@ -421,12 +406,14 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         except BaseException as e:  # noqa: BLE001 - released first, raised after
             error = e
         finally:
-            self.process.close()
-            self.stager.close()
-            if self._fallback is not None:
-                self._fallback.close()
-            self._resources = ()
-            _LIVE.discard(self)
+            try:
+                self.process.close()
+            finally:  # memory is released whatever the writer did
+                self.stager.close()
+                if self._fallback is not None:
+                    self._fallback.close()
+                self._resources = ()
+                _LIVE.discard(self)
         if error is not None:
             raise error
 

@@ -1,4 +1,4 @@
-"""Who am I (``RankInfo``) and what a state dict is (``STATE_DICT``)."""
+"""Who am I (``RankInfo``), what a state dict is (``STATE_DICT``) and what a save cost (``SaveStats``)."""
 
 from __future__ import annotations
 
@@ -36,3 +36,20 @@ class RankInfo:
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls(0, 1)
+
+
+@dataclass
+class SaveStats:
+    """One save, end to end: what the caller was blocked by and when the checkpoint became durable."""
+
+    path: str
+    nbytes: int
+    stall_secs: float  # inside save(): planning, pickling, and the copy when staging is synchronous
+    stage_secs: float  # save() called -> staged copy independent of the live tensors
+    write_secs: float  # the writer writing and fsyncing this rank's file
+    durable_secs: float  # save() called -> committed at the final path
+    fallback: bool = False  # written synchronously because the state exceeded the staging budget
+
+    @property
+    def gb_per_sec(self) -> float:
+        return self.nbytes / self.write_secs / 1e9 if self.write_secs > 0 else float("inf")
