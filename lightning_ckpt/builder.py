@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 
-from lightning_ckpt.barriers import BarrierConfig, create_barrier_from_config
+from lightning_ckpt.barriers import BarrierConfig, create_barrier_from_config, tcp_store_port
 from lightning_ckpt.checkpoint_process import CheckpointProcess
 from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpoint_writer import CheckpointWriter, WriterHook
@@ -63,11 +63,11 @@ def _async_barrier_config(barrier_config: BarrierConfig, rank_info: RankInfo) ->
         return barrier_config if barrier_config.barrier_type is not None else None
     if barrier_config.barrier_type is None:
         barrier_config = BarrierConfig("tcp_store")
-    if barrier_config.barrier_type == "tcp_store" and barrier_config.barrier_args.get("master_port") is None:
+    if barrier_config.barrier_type == "tcp_store" and tcp_store_port(barrier_config) is None:
         port = _broadcast_free_port(rank_info)
         if port is not None:
             barrier_config = dataclasses.replace(
-                barrier_config, barrier_args={**barrier_config.barrier_args, "master_port": port}
+                barrier_config, barrier_args={**barrier_config.barrier_args, "tcpstore_port": port}
             )
     return barrier_config
 
