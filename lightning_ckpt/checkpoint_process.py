@@ -17,7 +17,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import send_handle
 from typing import TYPE_CHECKING, Any
 
-from lightning_ckpt.barriers import BarrierConfig
+from lightning_ckpt.barriers import BarrierConfig, needs_main_thread
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint
 from lightning_ckpt.checkpoint_writer import (
     CheckpointWriterConfig,
@@ -135,9 +135,9 @@ class CheckpointProcess(PicklableBeforeUse):
     def __init__(self, rank_info: RankInfo, config: CheckpointProcessConfig | None = None,
                  writer_config: CheckpointWriterConfig | None = None, barrier_config: BarrierConfig | None = None,
                  commit_hook: WriterHook | None = None) -> None:
-        if barrier_config is not None and barrier_config.barrier_type == "dist":
+        if needs_main_thread(barrier_config):
             raise ValueError(
-                "barrier_type 'dist' runs collectives and must stay on the main thread; the writer subprocess "
+                "barrier_type 'dist_barrier' runs collectives and must stay on the main thread; the writer subprocess "
                 "needs barrier_type 'tcp_store'"
             )
         if commit_hook is not None and type(commit_hook).__module__ == "__main__":
