@@ -11,6 +11,7 @@ from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpoint_writer import CheckpointWriter, WriterHook
 from lightning_ckpt.checkpointer import AsyncCheckpointer, SyncCheckpointer
 from lightning_ckpt.config import CheckpointerConfig
+from lightning_ckpt.error_store import ErrorStore
 from lightning_ckpt.staging import DefaultStager
 from lightning_ckpt.types import RankInfo
 
@@ -37,13 +38,15 @@ def make_sync_checkpointer(config: CheckpointerConfig | None = None, rank_info: 
 
 
 def make_async_checkpointer(config: CheckpointerConfig | None = None, rank_info: RankInfo | None = None,
-                            commit_hook: WriterHook | None = None) -> AsyncCheckpointer:
+                            commit_hook: WriterHook | None = None, *,
+                            error_store: ErrorStore | None = None) -> AsyncCheckpointer:
     """A checkpointer that stages into shared memory and writes in a persistent subprocess.
 
     Args:
         config: the config tree; defaults throughout when None.
         rank_info: defaults to the ``torch.distributed`` rank when initialised, else ``RankInfo(0, 1)``.
         commit_hook: a ``WriterHook`` importable by module path (it runs in the writer process).
+        error_store: where failed saves wait to be raised (shared with the caller's layer); a private one if None.
 
     With several ranks and no barrier configured, a ``tcp_store`` barrier is used; when ``torch.distributed`` is
     initialised and no port is given, rank 0 picks a free port and broadcasts it (a collective: call this on
@@ -55,7 +58,8 @@ def make_async_checkpointer(config: CheckpointerConfig | None = None, rank_info:
     process = CheckpointProcess(rank_info, config.process_config, config.writer_config, barrier_config, commit_hook)
     return AsyncCheckpointer(DefaultStager(config.staging_config), process,
                              CheckpointReader(rank_info, verify=config.verify_on_load),
-                             max_in_flight=config.max_in_flight, wait_timeout_secs=config.wait_timeout_secs)
+                             max_in_flight=config.max_in_flight, wait_timeout_secs=config.wait_timeout_secs,
+                             error_store=error_store)
 
 
 def _async_barrier_config(barrier_config: BarrierConfig, rank_info: RankInfo) -> BarrierConfig | None:
