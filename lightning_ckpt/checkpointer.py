@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from lightning_ckpt import paths
 from lightning_ckpt.checkpoint_process import CheckpointProcess
 from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpoint_writer import CheckpointWriter
@@ -28,7 +29,7 @@ __all__ = ["AsyncCheckpointer", "Checkpointer", "SaveStats", "SyncCheckpointer"]
 
 log = logging.getLogger(__name__)
 
-_SAVE_KWARGS = ("metadata", "snapshot_token")  # what AsyncCheckpointer.save takes with a DefaultStager
+_SAVE_KWARGS = ("metadata", "snapshot_token", "after_commit")  # what AsyncCheckpointer.save takes with a DefaultStager
 
 
 class Checkpointer(ABC):
@@ -198,10 +199,10 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         Args:
             path: final path.
             state_dict: what to save.
-            **kwargs: with a ``DefaultStager``: ``metadata`` (json-able facts kept with the checksums) and
+            **kwargs: with a ``DefaultStager``: ``metadata`` (json-able facts kept with the checksums),
                 ``snapshot_token`` (a value such as the training step: a save with the same token as the previous
-                one, of the same unchanged tensors, shares its staged copy). Other stagers: passed to ``stage``
-                and to ``checkpoint_process.write``.
+                one, of the same unchanged tensors, shares its staged copy) and ``after_commit`` (run by the writer
+                once committed, e.g. an upload). Other stagers: passed to ``stage`` and ``checkpoint_process.write``.
 
         Returns:
             ``(stage_future, write_future)``, both resolving to None (``write_future.stats``: ``SaveStats``).
@@ -224,7 +225,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             self._wait_for_slot()
         self._seq += 1
         save_key = new_save_key()
-        path = os.path.abspath(os.fspath(path))
+        path = paths.local_path(path)
         start = time.perf_counter()
         try:
             staged = self._stage(state_dict, kwargs)
@@ -244,7 +245,8 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
 
     def _stage(self, state_dict: STATE_DICT, kwargs: dict[str, Any]) -> Any:
         if self._pooled:
-            return self.stager.stage(state_dict, release_by_caller=True, **kwargs)
+            return self.stager.stage(state_dict, release_by_caller=True, metadata=kwargs.get("metadata"),
+                                     snapshot_token=kwargs.get("snapshot_token"))
         return self.stager.stage(state_dict, **kwargs)
 
     def _dispatch(self, staging: Future, save: _Save) -> None:
@@ -259,7 +261,8 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         record = staged.staging if isinstance(staged, StagedStateDict) else None
         try:
             if record is not None:
-                inner = self.process.write_prepared(save.path, record.prepared, record.buffer, save.key)
+                inner = self.process.write_prepared(save.path, record.prepared, record.buffer, save.key,
+                                                    save.kwargs.get("after_commit"))
             else:
                 inner = self.process.write(staged, save.path, **save.kwargs)
         except BaseException as e:  # noqa: BLE001 - delivered through the future and raised once later
@@ -299,7 +302,8 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         self.wait()
         if self._fallback is None:
             self._fallback = self._make_fallback()
-        written = self._fallback.write(path, state_dict, metadata=kwargs.get("metadata"), save_key=save_key)
+        written = self._fallback.write(path, state_dict, metadata=kwargs.get("metadata"), save_key=save_key,
+                                       after_commit=kwargs.get("after_commit"))
         elapsed = time.perf_counter() - start
         stats = SaveStats(path, written.nbytes, elapsed, elapsed, written.write_secs, elapsed, fallback=True)
         write_future = TrackedFuture(save_key)
