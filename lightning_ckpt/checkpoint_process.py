@@ -17,7 +17,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable
 
 from lightning_ckpt._writer_main import make_default_writer
-from lightning_ckpt.barriers import BarrierConfig
+from lightning_ckpt.barriers import BarrierConfig, needs_main_thread
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint
 from lightning_ckpt.checkpoint_writer import CheckpointWriterConfig, WriterHook, WriteStats
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError, CheckpointWriteError, WriterProcessDiedError
@@ -120,9 +120,9 @@ class CheckpointProcess(PicklableBeforeUse):
                  checkpoint_writer_init_args: dict[str, Any] | None = None, *,
                  writer_config: CheckpointWriterConfig | None = None, barrier_config: BarrierConfig | None = None,
                  commit_hook: WriterHook | None = None) -> None:
-        if barrier_config is not None and barrier_config.barrier_type in ("dist", "dist_barrier"):
+        if needs_main_thread(barrier_config):
             raise ValueError(
-                "barrier_type 'dist' runs collectives and must stay on the main thread; the writer process "
+                "barrier_type 'dist_barrier' runs collectives and must stay on the main thread; the writer process "
                 "needs barrier_type 'tcp_store'"
             )
         if checkpoint_writer_init_fn is not None and (writer_config, barrier_config, commit_hook) != (None,) * 3:

@@ -16,6 +16,7 @@ from lightning_ckpt.barriers import create_barrier_from_config, host_barrier_sto
 from lightning_ckpt.checkpoint_process import CheckpointProcess
 from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpoint_writer import CheckpointWriter, WriteStats
+from lightning_ckpt.error_store import ErrorStore, new_save_key
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError
 from lightning_ckpt.futures import TrackedFuture, completed_future
 from lightning_ckpt.picklable import PicklableBeforeUse
@@ -137,10 +138,13 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         reader: reads checkpoints back.
         max_in_flight: saves that may be pending at once (each holds its own staging buffer).
         wait_timeout_secs: how long ``save`` waits for a free slot and ``wait``/``close`` for pending saves.
+        error_store: where failed saves are kept until raised (share one with the layer above, so that each
+            failure is logged and raised once); a private one when None.
     """
 
     def __init__(self, checkpoint_stager: CheckpointStager, checkpoint_process: CheckpointProcess,
-                 reader: CheckpointReader, *, max_in_flight: int = 1, wait_timeout_secs: float = 3600.0) -> None:
+                 reader: CheckpointReader, *, max_in_flight: int = 1, wait_timeout_secs: float = 3600.0,
+                 error_store: ErrorStore | None = None) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.stager = checkpoint_stager
@@ -156,7 +160,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         self.max_in_flight = max_in_flight
         self.wait_timeout_secs = wait_timeout_secs
         self._inflight: deque[_InFlight] = deque()
-        self._errors: list[tuple[TrackedFuture, BaseException]] = []
+        self.errors = error_store if error_store is not None else ErrorStore()
         self._lock = threading.Lock()
         self._seq = 0
         self._store: Any = None
@@ -196,7 +200,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         if not self._stager_bounds_buffers:
             self._wait_for_slot()
         self._seq += 1
-        save_key = f"save-{self._seq}"
+        save_key = new_save_key()
         path = os.path.abspath(os.fspath(path))
         start = time.perf_counter()
         self._host_store()
@@ -207,10 +211,10 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             return self._save_fallback(path, state_dict, save_key, start, e)
         stall = time.perf_counter() - start
         stage_future = staged if isinstance(staged, Future) else completed_future(staged)
-        write_future = TrackedFuture()
+        write_future = TrackedFuture(save_key, lambda: self.errors.mark_seen(save_key))
         with self._lock:
             while self._inflight and self._inflight[0].write_future.done():
-                self._inflight.popleft()  # finished saves are forgotten (their errors are kept in _errors)
+                self._inflight.popleft()  # finished saves are forgotten (their errors are kept in self.errors)
             self._inflight.append(_InFlight(path, stage_future, write_future))
         stage_future.add_done_callback(lambda f: self._dispatch(f, path, write_future, save_key, start, stall))
         return stage_future, write_future
@@ -244,8 +248,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         write_future.set_result(result)
 
     def _fail(self, write_future: TrackedFuture, exc: BaseException) -> None:
-        with self._lock:
-            self._errors.append((write_future, exc))
+        self.errors.record(exc, write_future.save_key)
         write_future.set_exception(exc)
 
     def _save_fallback(self, path: str, state_dict: STATE_DICT, save_key: str, start: float,
@@ -325,6 +328,10 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             self._wait_future(entry, self.wait_timeout_secs if timeout_secs is None else timeout_secs)
 
     def wait(self, timeout_secs: float | None = None) -> None:
+        self._wait_pending(timeout_secs)
+        self.check_for_errors()
+
+    def _wait_pending(self, timeout_secs: float | None) -> None:
         timeout_secs = self.wait_timeout_secs if timeout_secs is None else timeout_secs
         deadline = time.monotonic() + timeout_secs
         with self._lock:
@@ -333,17 +340,10 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             self._wait_future(entry, max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._inflight.clear()
-        self.check_for_errors()
 
     def check_for_errors(self) -> None:
-        """Raise the first background error nobody has seen yet, then forget all recorded errors."""
-        with self._lock:
-            errors, self._errors = self._errors, []
-        unseen = [exc for future, exc in errors if not future.observed]
-        if unseen:
-            if len(unseen) > 1:
-                log.error("%d more checkpoint saves failed; the first is raised", len(unseen) - 1)
-            raise unseen[0]
+        """Raise the oldest failed save nobody has seen yet (through its future or a raise), once."""
+        self.errors.raise_pending()
 
     def load(self, path: str | os.PathLike, state_dict: STATE_DICT | None = None, *,
              default_map_location: Any = None, strict: bool = False, **kwargs: Any) -> STATE_DICT:
@@ -363,7 +363,8 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         error: BaseException | None = None
         try:
             self._join_starter()
-            self.wait()
+            self._wait_pending(None)
+            self.errors.raise_pending(all_=True)  # nobody can take the later ones: named in its notes
         except BaseException as e:  # noqa: BLE001 - released first, raised after
             error = e
         finally:

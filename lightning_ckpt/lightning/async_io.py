@@ -39,7 +39,6 @@ class AsyncCheckpointIO(LightningCkptIO):
 
     def _save(self, path: str, checkpoint: dict[str, Any], step: int | None) -> tuple[Future, Future]:
         checkpointer = self._ensure_checkpointer()
-        self._adopt_core_errors()
         state = self._staged_state(checkpoint)
         metadata = {"step": int(step)} if step is not None else None
         stage_future, write_future = checkpointer.save(path, state, metadata=metadata,
@@ -54,7 +53,8 @@ class AsyncCheckpointIO(LightningCkptIO):
     def _ensure_checkpointer(self) -> AsyncCheckpointer:
         if self._checkpointer is None:
             # Lightning saves on global rank 0 only and each checkpoint is one file: the writer is a single rank.
-            self._checkpointer = make_async_checkpointer(self.config, RankInfo(0, 1), self.commit_hook)
+            self._checkpointer = make_async_checkpointer(self.config, RankInfo(0, 1), self.commit_hook,
+                                                         error_store=self._ledger.errors)
             atexit.register(self._close_at_exit)
         return self._checkpointer
 

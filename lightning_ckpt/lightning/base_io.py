@@ -195,12 +195,10 @@ class LightningCkptIO(CheckpointIO):
 
     def peek_error(self) -> BaseException | None:
         """The failed save that will be raised next, without clearing it."""
-        self._adopt_core_errors()
         return self._ledger.peek_error()
 
     def raise_pending_error(self) -> None:
         """Raise a failed save once (policy ``raise``; with several ranks only where the callback agrees)."""
-        self._adopt_core_errors()
         if not self._defer_errors:
             self.raise_error()
 
@@ -236,14 +234,6 @@ class LightningCkptIO(CheckpointIO):
             checkpointer.close()
         except Exception as e:  # noqa: BLE001 - raised once from teardown through the ledger
             self._ledger.record_error(e)
-
-    def _adopt_core_errors(self) -> None:
-        """Errors the core kept but the ledger has not seen (a race between ``wait`` and future callbacks)."""
-        if self._checkpointer is not None and hasattr(self._checkpointer, "check_for_errors"):
-            try:
-                self._checkpointer.check_for_errors()
-            except Exception as e:  # noqa: BLE001 - kept by the ledger, raised once
-                self._ledger.record_error(e)
 
     def _check_world(self) -> None:
         """Without the callback under several ranks, raising on rank 0 alone would hang the others."""

@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 from lightning_ckpt import layout
 from lightning_ckpt.checkpointer import SaveStats
+from lightning_ckpt.error_store import ErrorStore
 from lightning_ckpt.errors import CheckpointTimeoutError
+from lightning_ckpt.futures import peek_exception
 from lightning_ckpt.picklable import PicklableBeforeUse
 
 log = logging.getLogger(__name__)
@@ -62,8 +64,8 @@ class SaveLedger(PicklableBeforeUse):
       link stays valid) when the target's save failed;
     - main-thread calls (logger hooks) wait the same way but only run from ``run_main_thread_actions``.
 
-    Errors of failed saves are kept until ``take_error`` (each raised once); with ``keep_errors=False`` they
-    are only logged.
+    Errors of failed saves are kept in ``errors`` (an ``ErrorStore`` shared with the core checkpointer) until
+    ``take_error`` (each logged once, raised once); with ``keep_errors=False`` they are only logged.
     """
 
     def __init__(self) -> None:
@@ -74,13 +76,19 @@ class SaveLedger(PicklableBeforeUse):
         self._latest_by_path: dict[str, int] = {}
         self._actions: deque[_Action] = deque()
         self._calls: deque[_Action] = deque()
-        self._errors: list[BaseException] = []
-        self._error_ids: set[int] = set()
+        self.errors = ErrorStore(logger=log)
         self._completed: deque[CompletedSave] = deque(maxlen=_COMPLETED_KEPT)
         self._orders = 0
-        self.keep_errors = True
 
     _RECREATED = {"_cond": threading.Condition}
+
+    @property
+    def keep_errors(self) -> bool:
+        return self.errors.keep
+
+    @keep_errors.setter
+    def keep_errors(self, keep: bool) -> None:
+        self.errors.keep = keep
 
     def _in_use(self) -> str | None:
         return "it has pending work" if self._pending or self._actions or self._calls else None
@@ -99,7 +107,7 @@ class SaveLedger(PicklableBeforeUse):
         write_future.add_done_callback(lambda f: self._complete(save, f))
 
     def _complete(self, save: _Save, future: Future) -> None:
-        exc = future.exception()  # marks the core's future observed: errors are reported through this ledger
+        exc = peek_exception(future)  # the core recorded a failure in the shared store: it is raised from there
         with self._cond:
             self._pending.pop(save.seq, None)
             self._outcomes[save.seq] = exc is None
@@ -113,30 +121,19 @@ class SaveLedger(PicklableBeforeUse):
             log.info("checkpoint %s committed: %.1f MB, stall %.1f ms, write %.3f s (%.2f GB/s)", stats.path,
                      stats.nbytes / 1e6, save.stall_secs * 1e3, stats.write_secs, stats.gb_per_sec)
         else:
-            self.record_error(exc)
+            self.record_error(exc, getattr(future, "save_key", None))
         self.process()
 
-    def record_error(self, exc: BaseException) -> None:
-        """Keep ``exc`` to be raised once by ``take_error`` (the same exception object is kept only once)."""
-        with self._cond:
-            if id(exc) in self._error_ids:
-                return
-            self._error_ids.add(id(exc))
-            if self.keep_errors:
-                self._errors.append(exc)
-        log.error("checkpoint save failed: %s", exc)
+    def record_error(self, exc: BaseException, save_key: str | None = None) -> None:
+        """Keep ``exc`` (the failure of ``save_key``, if known) to be raised once by ``take_error``."""
+        self.errors.record(exc, save_key)
 
     def peek_error(self) -> BaseException | None:
-        with self._cond:
-            return self._errors[0] if self._errors else None
+        return self.errors.peek()
 
     def take_error(self) -> BaseException | None:
-        """The first error not yet taken (the others are logged); forgets them all."""
-        with self._cond:
-            errors, self._errors = self._errors, []
-        if len(errors) > 1:
-            log.error("%d more checkpoint saves failed; the first is raised", len(errors) - 1)
-        return errors[0] if errors else None
+        """The oldest failure not yet raised (later ones are named in its notes); forgets them all."""
+        return self.errors.take()
 
     def pending_paths(self) -> list[str]:
         with self._cond:
