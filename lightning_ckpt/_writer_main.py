@@ -180,7 +180,7 @@ class _Server:
         view = memoryview(self.buffers[buffer_id]) if buffer_id is not None else None
         try:
             stats = self.writer.write_prepared(p["path"], p["prepared"], view, save_key=p["save_key"],
-                                               defer_cleanup=True)
+                                               defer_cleanup=True, after_commit=p["after_commit"])
         finally:
             if view is not None:
                 _release(view)

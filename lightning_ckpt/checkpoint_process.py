@@ -203,8 +203,10 @@ class CheckpointProcess(PicklableBeforeUse):
                            "write_timeout_secs", _write_result(os.fspath(path), None))
 
     def write_prepared(self, path: str, prepared: PreparedCheckpoint, buffer: "StagingBuffer | None",
-                       save_key: str | None = None) -> Future:
+                       save_key: str | None = None, after_commit: Any = None) -> Future:
         """Send one staged write (the ``AsyncCheckpointer`` path); returns at once.
+
+        ``after_commit`` (picklable, importable by module path) runs in the writer once the file is committed.
 
         Returns:
             A future that resolves to ``WriteStats`` or fails with the writer's error text.
@@ -216,9 +218,9 @@ class CheckpointProcess(PicklableBeforeUse):
                 link.submit(WorkerRequest(RequestType.ADD_BUFFER, {"buffer_id": buffer.id, "nbytes": buffer.nbytes}),
                             f"mapping staging buffer {buffer.id}", fd=buffer.fd)
                 self._buffers.add(buffer.id)
-            request = WorkerRequest(RequestType.WRITE_PREPARED, {"path": path, "prepared": prepared,
-                                                                 "buffer_id": buffer_id, "save_key": save_key},
-                                    next(self._ids))
+            request = WorkerRequest(RequestType.WRITE_PREPARED, {
+                "path": path, "prepared": prepared, "buffer_id": buffer_id, "save_key": save_key,
+                "after_commit": after_commit}, next(self._ids))
             return link.submit(request, f"writing {path}", self.config.write_timeout_secs, "write_timeout_secs",
                                _write_result(path, lambda: self._buffers.discard(buffer_id)))
 

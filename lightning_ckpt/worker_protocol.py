@@ -37,7 +37,7 @@ PAYLOAD_KEYS: dict[RequestType, tuple[str, ...]] = {
                        "checkpoint_writer_init_fn", "checkpoint_writer_init_args"),
     RequestType.ADD_BUFFER: ("buffer_id", "nbytes"),
     RequestType.DROP_BUFFER: ("buffer_id",),
-    RequestType.WRITE_PREPARED: ("path", "prepared", "buffer_id", "save_key"),
+    RequestType.WRITE_PREPARED: ("path", "prepared", "buffer_id", "save_key", "after_commit"),
     RequestType.PROGRESS: ("phase",),
 }
 

@@ -92,9 +92,7 @@ class StorageWriter(_DCPStorageWriter):
             raise ValueError("StorageWriter needs use_collectives=True with several ranks (one commit for all)")
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        if os.path.lexists(self.path) and (os.path.islink(self.path) or not os.path.isdir(self.path)):
-            raise NotADirectoryError(f"DCP checkpoint path exists and is not a directory: {self.path}")
-        if not self.overwrite and os.path.isdir(self.path):
+        if not self.overwrite and os.path.lexists(self.path):
             raise FileExistsError(f"a checkpoint exists at {self.path} and overwrite=False")
         return plan
 
