@@ -8,6 +8,7 @@ xxh3 checksums live in an extra record that ``torch.load`` ignores.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -159,13 +160,16 @@ def _address(view: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
-def read_record(path: str, name: str) -> bytes | None:
+def read_record(path: str | BinaryIO, name: str) -> bytes | None:
     """The bytes of record ``<folder>/<name>`` of a torch zip (any folder name), or None when absent.
+
+    ``path`` may also be a seekable binary file (e.g. the fetched tail of a remote object).
 
     Raises:
         zipfile.BadZipFile, OSError: not a readable zip.
     """
-    with open(path, "rb") as f, zipfile.ZipFile(f) as z:
+    opened = open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)
+    with opened as f, zipfile.ZipFile(f) as z:
         info = next((i for i in z.infolist() if i.filename.split("/", 1)[-1] == name), None)
         if info is None:
             return None
