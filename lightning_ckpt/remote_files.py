@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_ckpt import layout
+from lightning_ckpt.commit import Commit
 from lightning_ckpt.errors import CheckpointError
 from lightning_ckpt.paths import RemotePath
 from lightning_ckpt.remote import (
@@ -53,30 +54,26 @@ def download(target: RemotePath, dest: str, config: RemoteConfig, timeout_secs: 
         CheckpointError: the object changed during the download, or the store refused.
     """
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = layout.tmp_file_path(dest)
-    try:
-        run(_download, target, tmp, config, timeout_secs)
-        os.replace(tmp, dest)
-    except BaseException:
-        layout.remove_tree(tmp)
-        raise
+    with Commit.create(dest, fsync=False) as commit:  # a cache copy: durability is the store's
+        fd = commit.open_new()
+        try:
+            run(_download, target, fd, config, timeout_secs)
+        finally:
+            os.close(fd)
+        commit.publish()
     return dest
 
 
-async def _download(target: RemotePath, tmp: str, config: RemoteConfig, timeout_secs: float) -> None:
+async def _download(target: RemotePath, fd: int, config: RemoteConfig, timeout_secs: float) -> None:
     deadline = time.monotonic() + timeout_secs
     async with _client(target, config, timeout_secs) as client:
         head = await _call("HeadObject", target, client.head_object(Bucket=target.bucket, Key=target.key), deadline)
         size, etag = int(head["ContentLength"]), head["ETag"]
         limit = asyncio.Semaphore(config.max_concurrency)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            step = config.part_size_bytes
-            await _gather_or_cancel([_get_range(client, target, etag, fd, off, min(size, off + step) - 1, limit,
-                                                deadline) for off in range(0, size, step)])
-        finally:
-            os.close(fd)
+        os.ftruncate(fd, size)
+        step = config.part_size_bytes
+        await _gather_or_cancel([_get_range(client, target, etag, fd, off, min(size, off + step) - 1, limit,
+                                            deadline) for off in range(0, size, step)])
 
 
 async def _get_range(client: Any, target: RemotePath, etag: str, fd: int, first: int, last: int,
