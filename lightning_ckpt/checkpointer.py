@@ -102,7 +102,7 @@ class SyncCheckpointer(Checkpointer):
         if self._closed:
             raise CheckpointError("SyncCheckpointer is closed")
         start = time.perf_counter()
-        stats = self.writer.write(path, state_dict, **kwargs)
+        stats = _written(self.writer, self.writer.write(path, state_dict, **kwargs))
         elapsed = time.perf_counter() - start
         self.last_save_stats = SaveStats(os.fspath(path), getattr(stats, "nbytes", 0), elapsed, elapsed,
                                          getattr(stats, "write_secs", elapsed), elapsed)
@@ -126,7 +126,7 @@ class _Save:
 
     path: str
     kwargs: dict[str, Any]
-    key: str
+    barrier_key: str  # names the writer's barrier points: the same on every rank (unlike the error-store key)
     start: float
     stall: float
     stage_future: Future
@@ -230,7 +230,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         try:
             staged = self._stage(state_dict, kwargs)
         except StagingBufferTooLarge as e:
-            return self._save_fallback(path, state_dict, kwargs, save_key, start, e)
+            return self._save_fallback(path, state_dict, kwargs, f"save-{self._seq}", start, e)
         stall = time.perf_counter() - start
         staging = staged if isinstance(staged, Future) else completed_future(staged)
         stage_future = uncancellable_future()
@@ -239,7 +239,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             while self._inflight and self._inflight[0].write_future.done():
                 self._inflight.popleft()  # finished saves are forgotten (their errors are kept in self.errors)
             self._inflight.append(_InFlight(path, stage_future, write_future))
-        save = _Save(path, kwargs, save_key, start, stall, stage_future, write_future)
+        save = _Save(path, kwargs, f"save-{self._seq}", start, stall, stage_future, write_future)
         staging.add_done_callback(lambda f: self._dispatch(f, save))
         return stage_future, write_future
 
@@ -261,7 +261,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         record = staged.staging if isinstance(staged, StagedStateDict) else None
         try:
             if record is not None:
-                inner = self.process.write_prepared(save.path, record.prepared, record.buffer, save.key,
+                inner = self.process.write_prepared(save.path, record.prepared, record.buffer, save.barrier_key,
                                                     save.kwargs.get("after_commit"))
             else:
                 inner = self.process.write(staged, save.path, **save.kwargs)
@@ -292,7 +292,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         self.errors.record(exc, write_future.save_key)
         write_future.set_exception(exc)
 
-    def _save_fallback(self, path: str, state_dict: STATE_DICT, kwargs: dict[str, Any], save_key: str,
+    def _save_fallback(self, path: str, state_dict: STATE_DICT, kwargs: dict[str, Any], barrier_key: str,
                        start: float, reason: Exception) -> tuple[Future, Future]:
         """The state does not fit in staging memory: wait for pending saves, then write from the live tensors."""
         if self._make_fallback is None:
@@ -302,11 +302,12 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         self.wait()
         if self._fallback is None:
             self._fallback = self._make_fallback()
-        written = self._fallback.write(path, state_dict, metadata=kwargs.get("metadata"), save_key=save_key,
-                                       after_commit=kwargs.get("after_commit"))
+        written = _written(self._fallback, self._fallback.write(
+            path, state_dict, metadata=kwargs.get("metadata"), save_key=barrier_key,
+            after_commit=kwargs.get("after_commit")))
         elapsed = time.perf_counter() - start
         stats = SaveStats(path, written.nbytes, elapsed, elapsed, written.write_secs, elapsed, fallback=True)
-        write_future = TrackedFuture(save_key)
+        write_future = TrackedFuture(new_save_key())
         self.last_save_stats = write_future.stats = stats
         write_future.set_result(None)
         return completed_future(None), write_future
@@ -429,6 +430,11 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         self._start_error = None
         self._fallback = None
         self.errors.forget_after_fork()
+
+
+def _written(writer: Any, returned: Any) -> Any:
+    """The ``WriteStats`` of the write just made: returned, or (PyTorch's ``write`` returns None) kept by it."""
+    return returned if returned is not None else getattr(writer, "last_write_stats", None)
 
 
 def _wait_done(future: Future, timeout_secs: float) -> bool:
