@@ -1,0 +1,76 @@
+"""Finding the newest complete checkpoint of a directory and matching filename patterns (no Lightning needed)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+from lightning_ckpt.integrity import check_checkpoint
+from lightning_ckpt.verification import is_temp
+
+log = logging.getLogger(__name__)
+
+CKPT_SUFFIX = ".ckpt"
+
+
+def pattern_regex(filename: str) -> re.Pattern:
+    """A regex for the file names ``filename`` (``"step={step}"``, ``"{epoch}-{step}"``) produces, with groups."""
+    parts = re.split(r"(\{step\}|\{epoch\})", filename)
+    body = "".join(
+        "(?P<step>\\d+)" if p == "{step}" else "(?P<epoch>\\d+)" if p == "{epoch}" else re.escape(p) for p in parts
+    )
+    return re.compile(f"^{body}{re.escape(CKPT_SUFFIX)}$")
+
+
+def is_complete(path: str, verify: bool = False) -> bool:
+    """True iff ``path`` is a committed checkpoint of ours: a file (or directory of rank files) with valid checksums.
+
+    Nothing is unpickled: the pickle bytes and, with ``verify=True``, every storage are checked against the
+    checksum record straight from the file. What cannot be used (a temp name, a dangling symlink, a file removed
+    meanwhile, a malformed record, a mismatch) is False, logged.
+    """
+    if is_temp(os.path.basename(path.rstrip(os.sep))):
+        return False
+    result = check_checkpoint(path, deep=verify)
+    if not result.ok:
+        log.warning("skipping %s: %s (%s)", path, result.status, result.detail)
+    return result.ok
+
+
+def matching_checkpoints(dirpath: str, filename: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of entries in ``dirpath`` named by ``filename``, oldest first (temp names never match).
+
+    An entry that vanishes while it is listed (pruned by another process, a dangling symlink) is skipped, logged.
+    """
+    regex = pattern_regex(filename)
+    try:
+        names = os.listdir(dirpath)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        match = regex.match(name)
+        if match is None or is_temp(name):
+            continue
+        path = os.path.join(dirpath, name)
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError as e:
+            log.warning("skipping %s: %s", path, e)
+            continue
+        groups = match.groupdict()
+        found.append(((int(groups.get("step") or 0), int(groups.get("epoch") or 0), mtime), path))
+    found.sort(key=lambda kv: kv[0])
+    return [(key[0], path) for key, path in found]
+
+
+def find_latest_checkpoint(dirpath: str, filename: str = "step={step}", verify: bool = False) -> str | None:
+    """The newest complete checkpoint in ``dirpath`` named by ``filename``, or None (usable as ``ckpt_path``).
+
+    ``verify=True`` also hashes every storage; neither unpickles anything from the files.
+    """
+    for _, path in reversed(matching_checkpoints(dirpath, filename)):
+        if is_complete(path, verify=verify):
+            return path
+    return None
