@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+from typing import Callable
 
+from lightning_ckpt import paths, remote_files
 from lightning_ckpt.integrity import check_checkpoint
+from lightning_ckpt.paths import RemotePath
 from lightning_ckpt.verification import is_temp
 
 log = logging.getLogger(__name__)
@@ -23,13 +26,17 @@ def pattern_regex(filename: str) -> re.Pattern:
     return re.compile(f"^{body}{re.escape(CKPT_SUFFIX)}$")
 
 
-def is_complete(path: str, verify: bool = False) -> bool:
+def is_complete(path: str, verify: bool = False, storage_options: dict | None = None) -> bool:
     """True iff ``path`` is a committed checkpoint of ours: a file (or directory of rank files) with valid checksums.
 
     Nothing is unpickled: the pickle bytes and, with ``verify=True``, every storage are checked against the
     checksum record straight from the file. What cannot be used (a temp name, a dangling symlink, a file removed
-    meanwhile, a malformed record, a mismatch) is False, logged.
+    meanwhile, a malformed record, a mismatch) is False, logged. A remote object's record is read with one ranged
+    GET of its tail (``verify`` downloads it).
     """
+    location = paths.resolve(path, storage_options)
+    if isinstance(location, RemotePath):
+        return remote_files.is_complete(location, verify)
     if is_temp(os.path.basename(path.rstrip(os.sep))):
         return False
     result = check_checkpoint(path, deep=verify)
@@ -38,24 +45,21 @@ def is_complete(path: str, verify: bool = False) -> bool:
     return result.ok
 
 
-def matching_checkpoints(dirpath: str, filename: str) -> list[tuple[int, str]]:
-    """``(step, path)`` of entries in ``dirpath`` named by ``filename``, oldest first (temp names never match).
+def matching_checkpoints(dirpath: str, filename: str,
+                         storage_options: dict | None = None) -> list[tuple[int, str]]:
+    """``(step, path)`` of entries in ``dirpath`` (a local directory or a remote prefix) named by ``filename``,
+    oldest first (temp names never match).
 
     An entry that vanishes while it is listed (pruned by another process, a dangling symlink) is skipped, logged.
     """
     regex = pattern_regex(filename)
-    try:
-        names = os.listdir(dirpath)
-    except FileNotFoundError:
-        return []
     found = []
-    for name in names:
+    for name, path, modified in _listing(dirpath, storage_options):
         match = regex.match(name)
         if match is None or is_temp(name):
             continue
-        path = os.path.join(dirpath, name)
         try:
-            mtime = os.stat(path).st_mtime
+            mtime = modified()
         except OSError as e:
             log.warning("skipping %s: %s", path, e)
             continue
@@ -65,12 +69,26 @@ def matching_checkpoints(dirpath: str, filename: str) -> list[tuple[int, str]]:
     return [(key[0], path) for key, path in found]
 
 
-def find_latest_checkpoint(dirpath: str, filename: str = "step={step}", verify: bool = False) -> str | None:
+def _listing(dirpath: str, storage_options: dict | None) -> list[tuple[str, str, Callable[[], float]]]:
+    """``(name, path, modified)`` of the entries of a local directory or of a remote prefix."""
+    location = paths.resolve(dirpath, storage_options)
+    if isinstance(location, RemotePath):
+        return [(o.path.name, o.path.url, lambda o=o: o.modified) for o in remote_files.list_checkpoints(location)]
+    try:
+        names = os.listdir(location)
+    except FileNotFoundError:
+        return []
+    return [(n, os.path.join(dirpath, n), lambda p=os.path.join(dirpath, n): os.stat(p).st_mtime) for n in names]
+
+
+def find_latest_checkpoint(dirpath: str, filename: str = "step={step}", verify: bool = False,
+                           storage_options: dict | None = None) -> str | None:
     """The newest complete checkpoint in ``dirpath`` named by ``filename``, or None (usable as ``ckpt_path``).
 
-    ``verify=True`` also hashes every storage; neither unpickles anything from the files.
+    ``dirpath`` may be a remote prefix (``s3://bucket/run``; ``storage_options`` as the plugin's). ``verify=True``
+    also hashes every storage; neither unpickles anything from the files.
     """
-    for _, path in reversed(matching_checkpoints(dirpath, filename)):
-        if is_complete(path, verify=verify):
+    for _, path in reversed(matching_checkpoints(dirpath, filename, storage_options)):
+        if is_complete(path, verify=verify, storage_options=storage_options):
             return path
     return None
