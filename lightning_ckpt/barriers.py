@@ -43,12 +43,17 @@ def barrier_report_error(barrier: Barrier, key: str, message: str) -> None:
 
 
 class KeyedBarrier:
-    """A barrier whose points are named, and which can tell peers that this rank failed."""
+    """A barrier whose points are named, which can tell peers that this rank failed, and which can carry a value
+    from rank 0 to every rank (the writer shares the unguessable name of a checkpoint's temp directory)."""
 
     def execute_barrier(self, key: str | None = None) -> None:
         raise NotImplementedError
 
     def report_error(self, message: str, key: str | None = None) -> None:
+        raise NotImplementedError
+
+    def share(self, value: str | None, key: str) -> str:
+        """Meet at barrier point ``key``; every rank returns the ``value`` that rank 0 passed (others pass None)."""
         raise NotImplementedError
 
 
@@ -74,6 +79,18 @@ class DistBarrier(KeyedBarrier):
 
     def report_error(self, message: str, key: str | None = None) -> None:
         self._vote(ok=False, name=self._name(key))
+
+    def share(self, value: str | None, key: str) -> str:
+        import torch.distributed as dist
+
+        store = _default_store()
+        if store is None or not (dist.is_available() and dist.is_initialized()):  # no process group: one rank
+            return value
+        name = f"{self._name(key)}/value"
+        if dist.get_rank() == 0:
+            store.set(name, value)
+        self.execute_barrier(key)
+        return store.get(name).decode()
 
     def _name(self, key: str | None) -> str:
         if key is None:
@@ -198,6 +215,13 @@ class TCPStoreBarrier(KeyedBarrier):
     def report_error(self, message: str, key: str | None = None) -> None:
         base = self._next_key(key)
         self._store.set(f"{base}/error", f"rank {self.rank_info.global_rank} failed: {message}")
+
+    def share(self, value: str | None, key: str) -> str:
+        name = f"{self._next_key(key)}/value"
+        if self.rank_info.global_rank == 0:
+            self._store.set(name, value)
+        self.execute_barrier(key)
+        return self._store.get(name).decode()
 
 
 def resolve_store_address(addr: str | None, port: int | None) -> tuple[str, int]:

@@ -104,7 +104,8 @@ class SyncCheckpointer(Checkpointer):
         if self._closed:
             raise CheckpointError("SyncCheckpointer is closed")
         start = time.perf_counter()
-        stats = self.writer.write(path, state_dict, **kwargs)
+        self.writer.write(path, state_dict, **kwargs)
+        stats = self.writer.last_write_stats
         elapsed = time.perf_counter() - start
         return SaveStats(stats.path, stats.nbytes, elapsed, elapsed, stats.write_secs, elapsed)
 
@@ -257,7 +258,8 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             proc = self.process
             barrier = create_barrier_from_config(proc.barrier_config, proc.rank_info)
             self._fallback = CheckpointWriter(proc.writer_config, proc.rank_info, barrier, proc.commit_hook)
-        stats = self._fallback.write(path, state_dict, save_key=save_key)
+        self._fallback.write(path, state_dict, save_key=save_key)
+        stats = self._fallback.last_write_stats
         elapsed = time.perf_counter() - start
         result = SaveStats(stats.path, stats.nbytes, elapsed, elapsed, stats.write_secs, elapsed, fallback=True)
         return completed_future(None), completed_future(result)

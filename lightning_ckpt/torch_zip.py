@@ -15,7 +15,7 @@ import secrets
 import struct
 import sys
 import zipfile
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import xxhash
 
@@ -41,14 +41,17 @@ class TorchZipWriter:
     """Writes records into a new zip file; ``close`` writes the trailer records and the central directory.
 
     Args:
-        path: the file to create.
+        path: the file to create (named in errors).
         direct_io: write large page-aligned buffers with O_DIRECT where the filesystem allows it.
+        opener: ``flags -> fd`` that opens the file (e.g. ``Commit.opener``: relative to a directory descriptor,
+            never following a symlink); by default ``path`` is opened.
     """
 
-    def __init__(self, path: str, direct_io: bool = False) -> None:
+    def __init__(self, path: str, direct_io: bool = False, opener: Callable[[int], int] | None = None) -> None:
         self.path = path
-        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()/abort()
-        self._direct_fd = _open_direct(path) if direct_io else None
+        self._opener = opener or (lambda flags: os.open(path, flags | os.O_CLOEXEC, 0o644))
+        self._file: BinaryIO = os.fdopen(self._opener(os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb")  # noqa: SIM115
+        self._direct_fd = _open_direct(self._opener) if direct_io else None
         self._pos = 0
         self._entries: list[tuple[bytes, int, int]] = []  # (name, header offset, size)
         self.direct_bytes = 0  # bytes written with O_DIRECT (tests and metrics read it)
@@ -105,8 +108,9 @@ class TorchZipWriter:
         n = self._file.write(data)
         self._pos += len(data) if n is None else n
 
-    def close(self) -> None:
-        """Write ``version``, ``byteorder``, the serialization id and the central directory, then close."""
+    def close(self, fsync: bool = False) -> None:
+        """Write ``version``, ``byteorder``, the serialization id and the central directory, then close (after an
+        fsync of the file when ``fsync``)."""
         self.write_record("version", b"3\n")
         self.write_record("byteorder", sys.byteorder.encode())
         self.write_record(".data/serialization_id", str(secrets.randbelow(10**40)).zfill(40).encode())
@@ -126,6 +130,8 @@ class TorchZipWriter:
             count, cd_size, cd_offset = 0xFFFF, _ZIP64_MARKER, _ZIP64_MARKER
         self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, cd_size, cd_offset, 0))
         self._file.flush()
+        if fsync:
+            os.fsync(self._file.fileno())
         self._file.close()
         self._close_direct()
 
@@ -141,13 +147,13 @@ class TorchZipWriter:
         self._close_direct()
 
 
-def _open_direct(path: str) -> int | None:
-    """A second descriptor on ``path`` with O_DIRECT, or None where the OS or filesystem has none (tmpfs)."""
+def _open_direct(opener: Callable[[int], int]) -> int | None:
+    """A second descriptor on the file with O_DIRECT, or None where the OS or filesystem has none (tmpfs)."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return None
     try:
-        return os.open(path, os.O_WRONLY | flag)
+        return opener(os.O_WRONLY | flag)
     except OSError:
         return None
 
@@ -159,13 +165,19 @@ def _address(view: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
-def read_record(path: str, name: str) -> bytes | None:
+def read_record(path: str, name: str, opener: Callable[[int], int] | None = None) -> bytes | None:
     """The bytes of record ``<folder>/<name>`` of a torch zip (any folder name), or None when absent.
+
+    Args:
+        path: the file (named in errors; opened unless ``opener`` is given).
+        name: the record's name below the zip's folder.
+        opener: ``flags -> fd`` that opens the file (e.g. relative to a directory descriptor).
 
     Raises:
         zipfile.BadZipFile, OSError: not a readable zip.
     """
-    with open(path, "rb") as f, zipfile.ZipFile(f) as z:
+    fd = opener(os.O_RDONLY) if opener is not None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f, zipfile.ZipFile(f) as z:
         info = next((i for i in z.infolist() if i.filename.split("/", 1)[-1] == name), None)
         if info is None:
             return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -40,7 +41,9 @@ class LightningCkptIO(CheckpointIO):
                  commit_hook: Optional[WriterHook] = None) -> None:
         if error_policy not in ("raise", "warn"):
             raise ValueError(f"{type(self).__name__}.error_policy must be 'raise' or 'warn', got {error_policy!r}")
-        self.config = config if config is not None else CheckpointerConfig()
+        config = config if config is not None else CheckpointerConfig()
+        # A Lightning checkpoint is one file at Lightning's path (torch.load and load_from_checkpoint read it).
+        self.config = dataclasses.replace(config, writer_config=dataclasses.replace(config.writer_config, layout="file"))
         self.error_policy = error_policy
         self.commit_hook = commit_hook
         self.rank_info = RankInfo(0, 1)
