@@ -6,9 +6,9 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from lightning_ckpt import commit, layout
+from lightning_ckpt import commit, layout, paths
 from lightning_ckpt.barriers import Barrier, KeyedBarrier, barrier_report_error, barrier_wait
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint, read_checksum_record, write_file
 from lightning_ckpt.commit import Commit
@@ -126,11 +126,13 @@ class CheckpointWriter:
         from lightning_ckpt.serialization import prepare, resolve_storages  # torch: not in the writer process
 
         prepared = resolve_storages(prepare(state_dict, metadata=kwargs.get("metadata")))
-        self.write_prepared(path, prepared, save_key=kwargs.get("save_key"), hook_kwargs=kwargs)
+        self.write_prepared(path, prepared, save_key=kwargs.get("save_key"), after_commit=kwargs.get("after_commit"),
+                            hook_kwargs=kwargs)
         return None
 
     def write_prepared(self, path: str | os.PathLike, prepared: PreparedCheckpoint, buffer: memoryview | None = None,
                        save_key: str | None = None, defer_cleanup: bool = False,
+                       after_commit: Callable[[str], dict | None] | None = None,
                        hook_kwargs: dict | None = None) -> WriteStats:
         """Write an already pickled checkpoint whose records live in ``buffer`` or in storages, and commit it.
 
@@ -138,12 +140,15 @@ class CheckpointWriter:
             save_key: names this save's barrier points (the same on every rank); default: path and a counter.
             defer_cleanup: leave freeing a replaced checkpoint to ``remove_replaced`` (the writer process calls it
                 after reporting the commit, so the caller does not wait for it).
+            after_commit: called with the committed path (e.g. ``remote.RemoteUpload``); what it returns goes into
+                ``WriteStats.extra``, and when it raises the write fails.
             hook_kwargs: keyword arguments for the commit hook.
         """
-        path = os.path.abspath(os.fspath(path))
+        path = paths.local_path(path)
         self._seq += 1
         key = save_key or f"{os.path.basename(path)}-{self._seq}"
-        hook_kwargs = {**(hook_kwargs or {}), "rank_info": self.rank_info}
+        hook_kwargs = {k: v for k, v in (hook_kwargs or {}).items() if k not in ("save_key", "after_commit")}
+        hook_kwargs["rank_info"] = self.rank_info
         try:
             if self.config.layout == layout.LAYOUT_FILE:
                 stats = self._write_single(path, prepared, buffer, key, hook_kwargs)
@@ -156,6 +161,8 @@ class CheckpointWriter:
         finally:
             if not defer_cleanup:
                 self.remove_replaced()
+        if after_commit is not None:
+            stats.extra.update(after_commit(stats.path) or {})
         self.last_write_stats = stats
         return stats
 

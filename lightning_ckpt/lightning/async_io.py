@@ -37,13 +37,14 @@ class AsyncCheckpointIO(LightningCkptIO):
     Args: see ``LightningCkptIO`` (``config``, ``error_policy``, ``commit_hook``).
     """
 
-    def _save(self, path: str, checkpoint: dict[str, Any], step: int | None) -> tuple[Future, Future]:
+    def _save(self, path: str, checkpoint: dict[str, Any], step: int | None,
+              after_commit: Any = None) -> tuple[Future, Future]:
         checkpointer = self._ensure_checkpointer()
-        self._adopt_core_errors()
         state = self._staged_state(checkpoint)
         metadata = {"step": int(step)} if step is not None else None
         stage_future, write_future = checkpointer.save(path, state, metadata=metadata,
-                                                       snapshot_token=self.snapshot_token(step))
+                                                       snapshot_token=self.snapshot_token(step),
+                                                       after_commit=after_commit)
         if not self.defer_staging:
             _wait(stage_future, self.config.wait_timeout_secs, f"staging of {path}")
         return stage_future, write_future
@@ -54,7 +55,8 @@ class AsyncCheckpointIO(LightningCkptIO):
     def _ensure_checkpointer(self) -> AsyncCheckpointer:
         if self._checkpointer is None:
             # Lightning saves on global rank 0 only and each checkpoint is one file: the writer is a single rank.
-            self._checkpointer = make_async_checkpointer(self.config, RankInfo(0, 1), self.commit_hook)
+            self._checkpointer = make_async_checkpointer(self.config, RankInfo(0, 1), self.commit_hook,
+                                                         error_store=self._ledger.errors)
             atexit.register(self._close_at_exit)
         return self._checkpointer
 

@@ -11,9 +11,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lightning_ckpt import commit
+from lightning_ckpt import commit, paths
 from lightning_ckpt.checkpointer import SaveStats
+from lightning_ckpt.error_store import ErrorStore
 from lightning_ckpt.errors import CheckpointTimeoutError
+from lightning_ckpt.futures import peek_exception
 from lightning_ckpt.picklable import PicklableBeforeUse
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ class _Action:
     waits_for: set[int]  # saves pending at request time (and the newest save)
     path: str = ""
     target: str = ""
-    fn: Callable[[], Any] | None = None
+    fn: Callable[[], Any] | None = None  # a call; or how to remove/link where it is not local (remote stores)
     order: int = 0  # request order across removals, links and calls
 
 
@@ -61,8 +63,8 @@ class SaveLedger(PicklableBeforeUse):
       link stays valid) when the target's save failed;
     - main-thread calls (logger hooks) wait the same way but only run from ``run_main_thread_actions``.
 
-    Errors of failed saves are kept until ``take_error`` (each raised once); with ``keep_errors=False`` they
-    are only logged.
+    Errors of failed saves are kept in ``errors`` (an ``ErrorStore`` shared with the core checkpointer) until
+    ``take_error`` (each logged once, raised once); with ``keep_errors=False`` they are only logged.
     """
 
     def __init__(self) -> None:
@@ -73,13 +75,19 @@ class SaveLedger(PicklableBeforeUse):
         self._latest_by_path: dict[str, int] = {}
         self._actions: deque[_Action] = deque()
         self._calls: deque[_Action] = deque()
-        self._errors: list[BaseException] = []
-        self._error_ids: set[int] = set()
+        self.errors = ErrorStore(logger=log)
         self._completed: deque[CompletedSave] = deque(maxlen=_COMPLETED_KEPT)
         self._orders = 0
-        self.keep_errors = True
 
     _RECREATED = {"_cond": threading.Condition}
+
+    @property
+    def keep_errors(self) -> bool:
+        return self.errors.keep
+
+    @keep_errors.setter
+    def keep_errors(self, keep: bool) -> None:
+        self.errors.keep = keep
 
     def _in_use(self) -> str | None:
         return "it has pending work" if self._pending or self._actions or self._calls else None
@@ -89,7 +97,7 @@ class SaveLedger(PicklableBeforeUse):
     def add_save(self, path: str, step: int | None, stage_future: Future, write_future: Future,
                  stall_secs: float) -> None:
         """Register a save; ``write_future`` resolves to ``SaveStats`` or fails."""
-        path = os.path.abspath(path)
+        path = paths.path_key(path)
         with self._cond:
             self._seq += 1
             save = _Save(self._seq, path, step, stage_future, stall_secs)
@@ -98,7 +106,7 @@ class SaveLedger(PicklableBeforeUse):
         write_future.add_done_callback(lambda f: self._complete(save, f))
 
     def _complete(self, save: _Save, future: Future) -> None:
-        exc = future.exception()  # marks the core's future observed: errors are reported through this ledger
+        exc = peek_exception(future)  # the core recorded a failure in the shared store: it is raised from there
         with self._cond:
             self._pending.pop(save.seq, None)
             self._outcomes[save.seq] = exc is None
@@ -112,37 +120,26 @@ class SaveLedger(PicklableBeforeUse):
             log.info("checkpoint %s committed: %.1f MB, stall %.1f ms, write %.3f s (%.2f GB/s)", stats.path,
                      stats.nbytes / 1e6, save.stall_secs * 1e3, stats.write_secs, stats.gb_per_sec)
         else:
-            self.record_error(exc)
+            self.record_error(exc, getattr(future, "save_key", None))
         self.process()
 
-    def record_error(self, exc: BaseException) -> None:
-        """Keep ``exc`` to be raised once by ``take_error`` (the same exception object is kept only once)."""
-        with self._cond:
-            if id(exc) in self._error_ids:
-                return
-            self._error_ids.add(id(exc))
-            if self.keep_errors:
-                self._errors.append(exc)
-        log.error("checkpoint save failed: %s", exc)
+    def record_error(self, exc: BaseException, save_key: str | None = None) -> None:
+        """Keep ``exc`` (the failure of ``save_key``, if known) to be raised once by ``take_error``."""
+        self.errors.record(exc, save_key)
 
     def peek_error(self) -> BaseException | None:
-        with self._cond:
-            return self._errors[0] if self._errors else None
+        return self.errors.peek()
 
     def take_error(self) -> BaseException | None:
-        """The first error not yet taken (the others are logged); forgets them all."""
-        with self._cond:
-            errors, self._errors = self._errors, []
-        if len(errors) > 1:
-            log.error("%d more checkpoint saves failed; the first is raised", len(errors) - 1)
-        return errors[0] if errors else None
+        """The oldest failure not yet raised (later ones are named in its notes); forgets them all."""
+        return self.errors.take()
 
     def pending_paths(self) -> list[str]:
         with self._cond:
             return [s.path for s in sorted(self._pending.values(), key=lambda s: s.seq)]
 
-    def is_pending(self, path: str) -> bool:
-        path = os.path.abspath(path)
+    def is_pending(self, path: Any) -> bool:
+        path = paths.path_key(path)
         with self._cond:
             return any(s.path == path for s in self._pending.values())
 
@@ -171,7 +168,7 @@ class SaveLedger(PicklableBeforeUse):
         Raises:
             CheckpointTimeoutError: still pending after ``timeout_secs``.
         """
-        path = os.path.abspath(path) if path is not None else None
+        path = paths.path_key(path) if path is not None else None
         deadline = time.monotonic() + timeout_secs
 
         def busy() -> list[str]:
@@ -187,11 +184,14 @@ class SaveLedger(PicklableBeforeUse):
 
     # ------------------------------------------------------------------ ordered actions
 
-    def request_removal(self, path: str) -> None:
-        self._request(_Action("remove", 0, set(), path=os.path.abspath(path)))
+    def request_removal(self, path: Any, remove: Callable[[], Any] | None = None) -> None:
+        """Remove ``path`` in order (``remove`` does it where it is not a local path)."""
+        self._request(_Action("remove", 0, set(), path=paths.path_key(path), fn=remove))
 
-    def request_link(self, target: str, linkpath: str) -> None:
-        self._request(_Action("link", 0, set(), path=os.path.abspath(linkpath), target=os.path.abspath(target)))
+    def request_link(self, target: Any, linkpath: Any, make_link: Callable[[str, str], Any] | None = None) -> None:
+        """Point ``linkpath`` at ``target`` once it is committed (``make_link`` instead of a local link)."""
+        self._request(_Action("link", 0, set(), path=paths.path_key(linkpath), target=paths.path_key(target),
+                              fn=make_link))
 
     def request_call(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` from ``run_main_thread_actions`` once the saves pending now are done."""
@@ -242,13 +242,13 @@ class SaveLedger(PicklableBeforeUse):
                 log.warning("kept %s: a save issued before its removal failed, so it may be the newest complete "
                             "checkpoint", action.path)
             else:
-                commit.remove_path(action.path)
+                action.fn() if action.fn is not None else commit.remove_path(action.path)
             return
         target_seq = self._latest_by_path.get(action.target)
         if target_seq is not None and target_seq <= action.after_seq and self._failed({target_seq}):
             log.warning("kept the link %s: its new target %s failed to save", action.path, action.target)
             return
-        atomic_link(action.target, action.path)
+        (action.fn or atomic_link)(action.target, action.path)
 
     def run_main_thread_actions(self) -> None:
         """Run deferred main-thread calls whose saves are done (call from the training thread only)."""

@@ -40,6 +40,10 @@ def _is_wrapper(io: Any) -> bool:
 
 def bypass_reason(strategy: Any) -> str | None:
     """Why ``strategy`` saves without calling the CheckpointIO plugin, or None (checked by name: no extra deps)."""
+    from lightning_ckpt.lightning.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return None  # ours: sharded saves are committed and checksummed by lightning_ckpt
     names = {cls.__name__ for cls in type(strategy).__mro__}
     if "DeepSpeedStrategy" in names:
         return "DeepSpeedStrategy saves through the DeepSpeed engine on every rank"
