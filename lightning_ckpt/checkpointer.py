@@ -202,7 +202,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         if not self._stager_bounds_buffers:
             self._wait_for_slot()
         self._seq += 1
-        save_key = new_save_key()
+        seq, save_key = self._seq, new_save_key()
         path = paths.local_path(path)
         after_commit = kwargs.get("after_commit")
         start = time.perf_counter()
@@ -211,7 +211,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             staged = self.stager.stage(state_dict, metadata=kwargs.get("metadata"),
                                        snapshot_token=kwargs.get("snapshot_token"))
         except StagingBufferTooLarge as e:
-            return self._save_fallback(path, state_dict, save_key, start, e, after_commit)
+            return self._save_fallback(path, state_dict, f"save-{seq}", start, e, after_commit)
         stall = time.perf_counter() - start
         stage_future = staged if isinstance(staged, Future) else completed_future(staged)
         write_future = TrackedFuture(save_key, lambda: self.errors.mark_seen(save_key))
@@ -220,10 +220,10 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
                 self._inflight.popleft()  # finished saves are forgotten (their errors are kept in self.errors)
             self._inflight.append(_InFlight(path, stage_future, write_future))
         stage_future.add_done_callback(
-            lambda f: self._dispatch(f, path, write_future, save_key, start, stall, after_commit))
+            lambda f: self._dispatch(f, path, write_future, f"save-{seq}", start, stall, after_commit))
         return stage_future, write_future
 
-    def _dispatch(self, stage_future: Future, path: str, write_future: TrackedFuture, save_key: str,
+    def _dispatch(self, stage_future: Future, path: str, write_future: TrackedFuture, barrier_key: str,
                   start: float, stall: float, after_commit: Any = None) -> None:
         """Runs when staging is done: hand the staged checkpoint to the writer process."""
         if stage_future.exception() is not None:
@@ -231,7 +231,8 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             return
         staged: StagedCheckpoint = stage_future.result()
         try:
-            inner = self.process.write(path, staged.prepared, staged.buffer, save_key, after_commit)
+            # The writer names barrier points after the save: the same on every rank (unlike the error-store key).
+            inner = self.process.write(path, staged.prepared, staged.buffer, barrier_key, after_commit)
         except BaseException as e:  # noqa: BLE001 - delivered through the future and raised once later
             self.stager.release(staged)
             self._fail(write_future, e)

@@ -96,7 +96,8 @@ def _two_ranks(path, port, before=None):
     def rank_main(rank):
         info = lc.RankInfo(rank, 2)
         try:
-            barrier = lc.TCPStoreBarrier(info, master_port=port, master_addr="127.0.0.1", timeout_secs=30)
+            barrier = lc.TCPStoreBarrier(rank_info=info, tcpstore_port=port, master_address="127.0.0.1",
+                                         timeout_secs=30, is_master=False)
             lc.CheckpointWriter(rank_info=info, barrier=barrier).write(path, {"w": torch.full((10,), float(rank))})
         except BaseException as e:  # noqa: BLE001 - asserted below
             errors.append(e)
