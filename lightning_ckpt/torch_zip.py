@@ -8,6 +8,7 @@ xxh3 checksums live in an extra record that ``torch.load`` ignores.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -165,30 +166,50 @@ def _address(view: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
-def read_record(path: str, name: str, opener: Callable[[int], int] | None = None) -> bytes | None:
+def read_record(path: str | BinaryIO, name: str, opener: Callable[[int], int] | None = None) -> bytes | None:
     """The bytes of record ``<folder>/<name>`` of a torch zip (any folder name), or None when absent.
 
-    Args:
-        path: the file (named in errors; opened unless ``opener`` is given).
-        name: the record's name below the zip's folder.
-        opener: ``flags -> fd`` that opens the file (e.g. relative to a directory descriptor).
+    ``path`` may also be a seekable binary file (e.g. the fetched tail of a remote object): only that record's
+    header and bytes are read. With ``opener`` (``flags -> fd``, e.g. relative to a directory descriptor) the file is
+    opened through it and ``path`` only names it in errors.
 
     Raises:
         zipfile.BadZipFile, OSError: not a readable zip.
     """
-    fd = opener(os.O_RDONLY) if opener is not None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f, zipfile.ZipFile(f) as z:
-        info = next((i for i in z.infolist() if i.filename.split("/", 1)[-1] == name), None)
-        if info is None:
+    if opener is not None:
+        opened: Any = os.fdopen(opener(os.O_RDONLY), "rb")
+    else:
+        opened = open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)
+    with opened as f:
+        span = record_spans(f, str(path), {name}).get(name)
+        if span is None:
             return None
-        # Read the stored bytes directly: zipfile would check the CRC fields, which torch leaves at 0.
+        f.seek(span[0])
+        data = f.read(span[1])
+        if len(data) != span[1]:
+            raise zipfile.BadZipFile(f"record {name} of {path} is truncated")
+        return data
+
+
+def record_spans(f: BinaryIO, path: str, names: set[str] | None = None) -> dict[str, tuple[int, int]]:
+    """Maps each record name of the torch zip open as ``f`` (its folder stripped) to ``(data offset, size)``.
+
+    The stored bytes are located from each local header, not read through zipfile, which would check the CRC
+    fields that torch leaves at 0. ``path`` only names the file in errors; ``names`` limits the records looked up.
+
+    Raises:
+        zipfile.BadZipFile, OSError: not a readable zip.
+    """
+    spans = {}
+    with zipfile.ZipFile(f) as z:
+        infos = z.infolist()
+    for info in infos:
+        if names is not None and info.filename.split("/", 1)[-1] not in names:
+            continue
         f.seek(info.header_offset)
         header = f.read(30)
         if header[:4] != b"PK\x03\x04":
             raise zipfile.BadZipFile(f"bad local header for {info.filename} in {path}")
         name_len, extra_len = struct.unpack("<HH", header[26:30])
-        f.seek(info.header_offset + 30 + name_len + extra_len)
-        data = f.read(info.file_size)
-        if len(data) != info.file_size:
-            raise zipfile.BadZipFile(f"record {info.filename} of {path} is truncated")
-        return data
+        spans[info.filename.split("/", 1)[-1]] = (info.header_offset + 30 + name_len + extra_len, info.file_size)
+    return spans

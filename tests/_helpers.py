@@ -111,3 +111,13 @@ def file_layout_config(**kwargs: Any) -> Any:
     import lightning_ckpt as lc
 
     return lc.CheckpointerConfig(writer_config=lc.CheckpointWriterConfig(layout="file"), **kwargs)
+
+
+def wait_until(predicate: Any, timeout_secs: float, interval_secs: float = 0.01) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout_secs`` pass; returns whether it held."""
+    deadline = time.monotonic() + timeout_secs
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_secs)
+    return True
