@@ -23,7 +23,8 @@ def _state(value: float) -> dict:
 
 
 def _write_ours(path, state) -> str:
-    lc.CheckpointWriter(rank_info=lc.RankInfo(0, 1)).write(str(path), state)
+    """One file of ours at ``path`` (layout "file"; the directory layout is torch's, see ``_write_torchs``)."""
+    lc.CheckpointWriter(lc.CheckpointWriterConfig(layout="file"), rank_info=lc.RankInfo(0, 1)).write(str(path), state)
     return str(path)
 
 
