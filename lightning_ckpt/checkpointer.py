@@ -232,7 +232,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         staged: StagedCheckpoint = stage_future.result()
         try:
             # The writer names barrier points after the save: the same on every rank (unlike the error-store key).
-            inner = self.process.write(path, staged.prepared, staged.buffer, barrier_key, after_commit)
+            inner = self.process.write_prepared(path, staged.prepared, staged.buffer, barrier_key, after_commit)
         except BaseException as e:  # noqa: BLE001 - delivered through the future and raised once later
             self.stager.release(staged)
             self._fail(write_future, e)
