@@ -58,6 +58,13 @@ class KeyedBarrier(Barrier):
     def report_error(self, message: str, key: str | None = None) -> None:
         """Makes the peers waiting at ``key`` fail at once with ``BarrierPeerError`` carrying ``message``."""
 
+    def share(self, value: str | None, key: str) -> str:
+        """Meets at barrier point ``key``; every rank returns the ``value`` rank 0 passed (the others pass None).
+
+        The writer shares the unguessable name of a checkpoint's temp directory this way.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot share values between ranks")
+
 
 def barrier_wait(barrier: Barrier, key: str) -> None:
     """Run ``barrier`` for the barrier point ``key`` (keyed barriers use it; plain ones ignore it)."""
@@ -121,6 +128,18 @@ class DistBarrier(KeyedBarrier):
 
     def report_error(self, message: str, key: str | None = None) -> None:
         self._vote(ok=False, name=self._name(key))
+
+    def share(self, value: str | None, key: str) -> str:
+        import torch.distributed as dist
+
+        store = _default_store()
+        if store is None or not (dist.is_available() and dist.is_initialized()):  # no process group: one rank
+            return value
+        name = f"{self._name(key)}/value"
+        if dist.get_rank() == 0:
+            store.set(name, value)
+        self.execute_barrier(key)
+        return store.get(name).decode()
 
     def _name(self, key: str | None) -> str:
         if key is None:
@@ -291,6 +310,13 @@ class TCPStoreBarrier(KeyedBarrier):
     def report_error(self, message: str, key: str | None = None) -> None:
         point, _ = self._point(key)
         self._store.set(f"{point}/error", f"rank {self.global_rank} failed: {message}")
+
+    def share(self, value: str | None, key: str) -> str:
+        point, _ = self._point(key)
+        if self.global_rank == 0:
+            self._store.set(f"{point}/value", value)
+        self.execute_barrier(key)
+        return self._store.get(f"{point}/value").decode()
 
 
 def resolve_store_address(addr: str | None, port: int | None) -> tuple[str, int]:

@@ -5,13 +5,13 @@ The writer subprocess imports this and not torch, so it starts in a fraction of 
 
 from __future__ import annotations
 
-import json
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from lightning_ckpt.layout import CHECKSUM_RECORD, FORMAT_VERSION
+from lightning_ckpt.layout import CHECKSUM_RECORD
+from lightning_ckpt.manifest import ChecksumRecord, RecordChecksum
 from lightning_ckpt.torch_zip import ALIGNMENT, TorchZipWriter, checksum, read_record
 
 _HASH_IN_THREAD_BYTES = 1 << 20
@@ -43,31 +43,29 @@ class PreparedCheckpoint:
         return len(self.data_pkl) + sum(r.nbytes for r in self.records)
 
 
-def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | None = None,
-               direct_io: bool = False) -> dict:
-    """Write ``prepared`` as a torch zip at ``path`` (not fsynced); returns the checksum record written.
+def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | None = None, direct_io: bool = False,
+               opener: Callable[[int], int] | None = None, fsync: bool = False) -> ChecksumRecord:
+    """Write ``prepared`` as a torch zip at ``path``; returns the checksum record written.
 
     Records with an ``offset`` are read from ``buffer`` (a staging buffer mapping), others from ``inline``. Each
     record is hashed from the same memory it is written from.
 
+    Args:
+        opener: ``flags -> fd`` that creates the file (``Commit.opener``); by default ``path`` is opened.
+        fsync: fsync the file before closing it.
+
     Raises:
         OSError: the disk refused (ENOSPC, EFBIG, ...), with its errno and ``path``.
     """
-    writer = TorchZipWriter(path, direct_io=direct_io)
+    writer = TorchZipWriter(path, direct_io=direct_io, opener=opener)
     try:
         writer.write_record("data.pkl", prepared.data_pkl)
         writer.write_record(".format_version", b"1")
         writer.write_record(".storage_alignment", str(ALIGNMENT).encode())
         sums = _write_tensor_records(writer, prepared, buffer)
-        record = {
-            "format": FORMAT_VERSION,
-            "data_pkl_xxh3": checksum(prepared.data_pkl),
-            "records": sums,
-            "key_paths": prepared.key_paths,
-            "metadata": prepared.metadata,
-        }
-        writer.write_record(CHECKSUM_RECORD, json.dumps(record).encode())
-        writer.close()
+        record = ChecksumRecord(checksum(prepared.data_pkl), sums, prepared.key_paths, prepared.metadata)
+        writer.write_record(CHECKSUM_RECORD, record.to_json())
+        writer.close(fsync=fsync)
     except OSError as e:
         writer.abort()
         if e.filename is None:
@@ -79,7 +77,8 @@ def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | Non
     return record
 
 
-def _write_tensor_records(writer: TorchZipWriter, prepared: PreparedCheckpoint, buffer: memoryview | None) -> dict:
+def _write_tensor_records(writer: TorchZipWriter, prepared: PreparedCheckpoint,
+                          buffer: memoryview | None) -> dict[str, RecordChecksum]:
     """Write every record; large ones are hashed on a worker thread while they are written (both release the GIL)."""
     sums = {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-hash") as pool:
@@ -87,7 +86,7 @@ def _write_tensor_records(writer: TorchZipWriter, prepared: PreparedCheckpoint, 
             data = _record_bytes(rec, buffer)
             digest = pool.submit(checksum, data) if rec.nbytes >= _HASH_IN_THREAD_BYTES else None
             writer.write_record(f"data/{rec.key}", data)
-            sums[rec.key] = {"nbytes": rec.nbytes, "xxh3": digest.result() if digest else checksum(data)}
+            sums[rec.key] = RecordChecksum(rec.nbytes, digest.result() if digest else checksum(data))
     return sums
 
 
@@ -101,15 +100,19 @@ def _record_bytes(rec: Record, buffer: memoryview | None) -> Any:
     return buffer[rec.offset:rec.offset + rec.nbytes]
 
 
-def read_checksum_record(path: str) -> dict | None:
+def read_checksum_record(path: str, opener: Callable[[int], int] | None = None) -> ChecksumRecord | None:
     """The checksum record of a checkpoint file, or None for a plain ``torch.save`` file without one.
 
+    Args:
+        opener: ``flags -> fd`` that opens the file (e.g. relative to a directory descriptor).
+
     Raises:
-        ValueError: not a zip file or an unreadable record (``zipfile.BadZipFile`` is a ``ValueError`` here).
+        ValueError: not a zip file (``zipfile.BadZipFile`` is a ``ValueError`` here).
+        CorruptCheckpointError: the record is malformed (names the path and the field).
         OSError: the file cannot be read.
     """
     try:
-        payload = read_record(path, CHECKSUM_RECORD)
+        payload = read_record(path, CHECKSUM_RECORD, opener)
     except zipfile.BadZipFile as e:
         raise ValueError(f"{path} is not a readable torch zip: {e}") from e
-    return None if payload is None else json.loads(payload)
+    return None if payload is None else ChecksumRecord.from_json(payload, path)

@@ -1,18 +1,19 @@
-"""Writes one rank's part of a checkpoint and commits it atomically (single file, or a directory of rank files)."""
+"""Writes one rank's part of a checkpoint and commits it atomically through ``commit.Commit``."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from lightning_ckpt import layout, paths
-from lightning_ckpt.barriers import Barrier, barrier_report_error, barrier_wait
-from lightning_ckpt.errors import IncompleteCheckpointError
+from lightning_ckpt import commit, layout, paths
+from lightning_ckpt.barriers import Barrier, KeyedBarrier, barrier_report_error, barrier_wait
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint, read_checksum_record, write_file
+from lightning_ckpt.commit import Commit
+from lightning_ckpt.errors import IncompleteCheckpointError
+from lightning_ckpt.manifest import Manifest, ManifestFile
 from lightning_ckpt.types import STATE_DICT, RankInfo
 
 log = logging.getLogger(__name__)
@@ -20,8 +21,9 @@ log = logging.getLogger(__name__)
 
 class WriterHook:
     """Called around the commit: ``pre_commit`` once this rank's data is durable, ``post_commit`` once the
-    checkpoint is visible at its final path. A hook that raises fails the save and nothing is committed
-    (``pre_commit``) or the save is reported failed after the commit (``post_commit``)."""
+    checkpoint is visible at its final path. Both get the keyword arguments given to ``CheckpointWriter.write``
+    plus ``rank_info``. A hook that raises fails the save and nothing is committed (``pre_commit``) or the save is
+    reported failed after the commit (``post_commit``)."""
 
     def pre_commit(self, path: str, **kwargs: Any) -> None:
         pass
@@ -35,16 +37,31 @@ class CheckpointWriterConfig:
     """How checkpoint bytes reach the disk.
 
     Args:
-        enable_fsync: fsync files and directories before the commit rename (turning it off gives up durability
+        write_barrier_timeout_secs: the seed's field: the longest the ranks are expected to wait for each other at
+            the write barrier (logged with each wait; the wait itself is bounded by the barrier's ``timeout_secs``).
+        enable_fsync: fsync files and directories around the commit rename (turning it off gives up durability
             across power loss, not atomicity).
-        remove_stale_tmps: remove temp leftovers of crashed runs from a directory on the first write into it.
+        remove_stale_tmps: remove temps of writers that died (see ``commit.remove_stale_temps``) from a directory
+            on the first write into it.
         use_direct_io: write large staged tensors with O_DIRECT (no copy into the page cache, so less CPU taken
             from training); ignored where the filesystem refuses it, and for live tensors of a synchronous write.
+        layout: ``"dir"`` (torch's layout): ``<path>/checkpoint_<rank>.pt`` plus ``MANIFEST.json``, any number
+            of ranks; ``"file"``: one file at ``path`` that plain ``torch.load`` reads (one rank; Lightning's).
     """
 
+    write_barrier_timeout_secs: int = 600
     enable_fsync: bool = True
     remove_stale_tmps: bool = True
     use_direct_io: bool = True
+    layout: str = layout.LAYOUT_DIR
+
+    def __post_init__(self) -> None:
+        if self.layout not in (layout.LAYOUT_DIR, layout.LAYOUT_FILE):
+            raise ValueError(f"CheckpointWriterConfig.layout must be 'dir' or 'file', got {self.layout!r}")
+        if not self.write_barrier_timeout_secs > 0:  # NaN too
+            raise ValueError(
+                f"CheckpointWriterConfig.write_barrier_timeout_secs must be > 0, got {self.write_barrier_timeout_secs}"
+            )
 
 
 @dataclass
@@ -61,12 +78,14 @@ class WriteStats:
 class CheckpointWriter:
     """Writes checkpoints with the commit rule: nothing is visible at a final path until it is complete.
 
-    With one rank the checkpoint is one file that plain ``torch.load`` reads. With several ranks it is a
-    directory: each rank writes ``checkpoint_<rank>`` into a shared temp directory, all meet at the barrier, rank 0
-    writes ``MANIFEST.json`` and renames the directory into place, and a second barrier releases the others.
+    Layout ``"dir"`` (the default, torch's): every rank writes ``checkpoint_<rank>.pt`` into one temp directory
+    (rank 0 creates it under an unguessable name and shares the name at a barrier), all meet at the barrier,
+    rank 0 writes ``MANIFEST.json`` and publishes the directory (an existing one is swapped out in one step), and
+    a second barrier releases the others. Layout ``"file"``: one rank writes one file that plain ``torch.load``
+    reads. Better than the PyTorch original: atomic, checksummed, fsynced, and a failing rank releases its peers.
 
     Args:
-        config: fsync and cleanup options.
+        config: layout, fsync and cleanup options.
         rank_info: this rank and the number of ranks writing each checkpoint.
         barrier: where ranks meet before and after the commit (required with several ranks).
         commit_hook: called before and after the commit.
@@ -78,16 +97,27 @@ class CheckpointWriter:
         self.rank_info = rank_info or RankInfo()
         self.barrier = barrier
         self.commit_hook = commit_hook
-        if self.rank_info.global_world_size > 1 and barrier is None:
-            raise ValueError(
-                f"CheckpointWriter with global_world_size={self.rank_info.global_world_size} needs a barrier"
-            )
+        world = self.rank_info.global_world_size
+        if world > 1 and barrier is None:
+            raise ValueError(f"CheckpointWriter with global_world_size={world} needs a barrier")
+        if world > 1 and self.config.layout == layout.LAYOUT_FILE:
+            raise ValueError(f"CheckpointWriterConfig.layout='file' is one rank's file; global_world_size={world} "
+                             "needs layout='dir'")
+        self.last_write_stats: WriteStats | None = None
         self._cleaned_dirs: set[str] = set()
-        self._replaced: list[str] = []
+        self._published: list[Commit] = []  # commits whose replaced checkpoint is freed by remove_replaced
         self._seq = 0
 
-    def write(self, path: str | os.PathLike, state_dict: STATE_DICT, **kwargs: Any) -> WriteStats:
+    def write(self, path: str | os.PathLike, state_dict: STATE_DICT, **kwargs: Any) -> None:
         """Write ``state_dict`` from its live tensors (in this process) and commit it.
+
+        Args:
+            path: the checkpoint directory (layout ``"dir"``) or file (layout ``"file"``).
+            state_dict: what to write.
+            **kwargs: passed to the commit hook; ``metadata`` (json-able) is also kept with the checksums.
+
+        Returns:
+            None, as torch's writer (the statistics are in ``last_write_stats``).
 
         Raises:
             TypeError: the state dict holds an object that cannot be pickled.
@@ -96,190 +126,206 @@ class CheckpointWriter:
         from lightning_ckpt.serialization import prepare, resolve_storages  # torch: not in the writer process
 
         prepared = resolve_storages(prepare(state_dict, metadata=kwargs.get("metadata")))
-        return self.write_prepared(path, prepared, save_key=kwargs.get("save_key"),
-                                   after_commit=kwargs.get("after_commit"))
+        self.write_prepared(path, prepared, save_key=kwargs.get("save_key"), after_commit=kwargs.get("after_commit"),
+                            hook_kwargs=kwargs)
+        return None
 
     def write_prepared(self, path: str | os.PathLike, prepared: PreparedCheckpoint, buffer: memoryview | None = None,
                        save_key: str | None = None, defer_cleanup: bool = False,
-                       after_commit: Callable[[str], dict | None] | None = None) -> WriteStats:
+                       after_commit: Callable[[str], dict | None] | None = None,
+                       hook_kwargs: dict | None = None) -> WriteStats:
         """Write an already pickled checkpoint whose records live in ``buffer`` or in storages, and commit it.
 
         Args:
-            defer_cleanup: leave freeing a replaced file to ``remove_replaced`` (the writer process calls it after
-                reporting the commit, so the caller does not wait for it).
+            save_key: names this save's barrier points (the same on every rank); default: path and a counter.
+            defer_cleanup: leave freeing a replaced checkpoint to ``remove_replaced`` (the writer process calls it
+                after reporting the commit, so the caller does not wait for it).
             after_commit: called with the committed path (e.g. ``remote.RemoteUpload``); what it returns goes into
                 ``WriteStats.extra``, and when it raises the write fails.
+            hook_kwargs: keyword arguments for the commit hook.
         """
         path = paths.local_path(path)
         self._seq += 1
         key = save_key or f"{os.path.basename(path)}-{self._seq}"
+        hook_kwargs = {k: v for k, v in (hook_kwargs or {}).items() if k not in ("save_key", "after_commit")}
+        hook_kwargs["rank_info"] = self.rank_info
         try:
-            if self.rank_info.global_world_size == 1:
-                stats = self._write_single(path, prepared, buffer)
+            if self.config.layout == layout.LAYOUT_FILE:
+                stats = self._write_single(path, prepared, buffer, key, hook_kwargs)
             else:
-                stats = self._write_ranked(path, prepared, buffer, key)
+                stats = self._write_dir(path, prepared, buffer, key, hook_kwargs)
+        except OSError as e:
+            if e.errno is None or path in str(e):
+                raise
+            raise OSError(e.errno, f"{e.strerror} (writing checkpoint {path})", path) from e
         finally:
             if not defer_cleanup:
                 self.remove_replaced()
         if after_commit is not None:
             stats.extra.update(after_commit(stats.path) or {})
+        self.last_write_stats = stats
         return stats
 
-    def _prepare_dir(self, directory: str, in_use: str | None = None) -> None:
-        os.makedirs(directory, exist_ok=True)
-        if self.config.remove_stale_tmps and directory not in self._cleaned_dirs:
-            removed = layout.remove_stale_tmps(directory, in_use=lambda n: in_use is not None and n == in_use)
-            if removed:
-                log.info("removed stale temp files of a crashed run from %s: %s", directory, removed)
-            self._cleaned_dirs.add(directory)
+    def remove_replaced(self) -> None:
+        """Free what earlier commits replaced (see ``write_prepared``'s ``defer_cleanup``)."""
+        published, self._published = self._published, []
+        for c in published:
+            try:
+                c.close()
+            except OSError as e:  # the next writer's stale-temp cleanup removes what is left
+                log.warning("could not remove the checkpoint that %s replaced: %s", c.final_path, e)
 
-    def _write_tmp(self, final_path: str, prepared: PreparedCheckpoint, buffer: memoryview | None) -> tuple[str, int]:
-        """Write (and fsync) the file under a temp name beside ``final_path``; returns the temp path and its size."""
-        tmp = layout.tmp_file_path(final_path)
-        try:
-            write_file(tmp, prepared, buffer, direct_io=self.config.use_direct_io)
-            if self.config.enable_fsync:
-                layout.fsync_path(tmp)
-            return tmp, os.path.getsize(tmp)
-        except BaseException:
-            layout.remove_tree(tmp)
-            raise
+    def close(self) -> None:
+        """Free what earlier commits replaced; nothing else is held between writes."""
+        self.remove_replaced()
 
-    def _write_file(self, final_path: str, prepared: PreparedCheckpoint, buffer: memoryview | None) -> int:
-        tmp, nbytes = self._write_tmp(final_path, prepared, buffer)
-        try:
-            layout.commit_file(tmp, final_path) if self.config.enable_fsync else os.replace(tmp, final_path)
-        except BaseException:
-            layout.remove_tree(tmp)
-            raise
-        return nbytes
+    def _done(self, c: Commit) -> None:
+        """Remove a finished commit's temp now, or at ``remove_replaced`` when it holds a replaced checkpoint."""
+        if c.replaced:
+            self._published.append(c)
+        else:
+            c.close()
 
-    def _write_single(self, path: str, prepared: PreparedCheckpoint, buffer: memoryview | None) -> WriteStats:
+    # ------------------------------------------------------------------ one file
+
+    def _write_single(self, path: str, prepared: PreparedCheckpoint, buffer: memoryview | None, key: str,
+                      hook_kwargs: dict) -> WriteStats:
         if os.path.isdir(path):
             raise IsADirectoryError(f"checkpoint path is a directory, expected a file path: {path}")
         self._prepare_dir(os.path.dirname(path))
         start = time.perf_counter()
-        tmp, nbytes = self._write_tmp(path, prepared, buffer)
+        c = Commit.create(path, fsync=self.config.enable_fsync)
         try:
+            nbytes = self._write_rank_file(c, None, prepared, buffer)
             written = time.perf_counter()
-            self._pre_commit(path)
+            self._hook("pre_commit", path, hook_kwargs)
             if self.barrier is not None:
-                barrier_wait(self.barrier, f"{os.path.basename(path)}-{self._seq}/written")
-            kept = self._keep_replaced(path)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                if kept is not None:
-                    self._replaced.remove(kept)
-                    layout.remove_tree(kept)
-                raise
+                self._barrier_wait(f"{key}/written")
+            c.publish()
         except BaseException:
-            layout.remove_tree(tmp)
+            c.abort()
             raise
-        if self.config.enable_fsync:
-            layout.fsync_dir(os.path.dirname(path))
-        self._post_commit(path)
+        self._done(c)
+        self._hook("post_commit", path, hook_kwargs)
         return WriteStats(path, nbytes, written - start, time.perf_counter() - written)
 
-    def _keep_replaced(self, path: str) -> str | None:
-        """Hard-link a file about to be replaced to a temp name, so the rename does not free its blocks.
+    # ------------------------------------------------------------------ a directory of rank files
 
-        Freeing a large file's blocks can take longer than writing a checkpoint; ``remove_replaced`` does it
-        after the commit is reported (a crash in between leaves a stale temp name the next writer removes).
-        """
-        if not os.path.isfile(path) or os.path.islink(path):
-            return None
-        kept = layout.tmp_file_path(path)
-        try:
-            os.link(path, kept)
-        except OSError:
-            return None  # no hard links here: the rename frees the old blocks itself
-        self._replaced.append(kept)
-        return kept
-
-    def remove_replaced(self) -> None:
-        """Free the files that commits replaced (see ``write_prepared``'s ``defer_cleanup``)."""
-        replaced, self._replaced = self._replaced, []
-        for kept in replaced:
-            layout.remove_tree(kept)
-
-    def _write_ranked(self, path: str, prepared: PreparedCheckpoint, buffer: memoryview | None,
-                      key: str) -> WriteStats:
+    def _write_dir(self, path: str, prepared: PreparedCheckpoint, buffer: memoryview | None, key: str,
+                   hook_kwargs: dict) -> WriteStats:
         rank, world = self.rank_info.global_rank, self.rank_info.global_world_size
-        tmp_dir = layout.tmp_dir_path(path)
         start = time.perf_counter()
+        c = self._report_failure(f"{key}/temp", lambda: self._create_dir_temp(path))
         try:
-            if os.path.exists(path) and not os.path.isdir(path):
-                raise NotADirectoryError(f"multi-rank checkpoint path exists and is not a directory: {path}")
-            self._prepare_dir(os.path.dirname(path), in_use=os.path.basename(tmp_dir))
-            os.makedirs(tmp_dir, exist_ok=True)
-            nbytes = self._write_file(os.path.join(tmp_dir, layout.rank_file_name(rank)), prepared, buffer)
-            self._pre_commit(path)
-        except BaseException as e:
-            barrier_report_error(self.barrier, f"{key}/written", f"{type(e).__name__}: {e}")
+            token = self._share_temp_name(c, key)
+        except BaseException:
+            if c is not None:
+                c.abort()
             raise
-        written = time.perf_counter()
-        barrier_wait(self.barrier, f"{key}/written")
-        if rank == 0:
-            try:
-                self._commit_dir(tmp_dir, path, world, prepared.metadata)
-            except BaseException as e:
-                barrier_report_error(self.barrier, f"{key}/committed", f"commit failed: {type(e).__name__}: {e}")
-                raise
-        barrier_wait(self.barrier, f"{key}/committed")
-        self._post_commit(path)
+
+        def write_part() -> int:
+            nonlocal c
+            if c is None:
+                c = Commit.join(path, token, fsync=self.config.enable_fsync)
+            nbytes = self._write_rank_file(c, layout.rank_file_name(rank), prepared, buffer)
+            self._hook("pre_commit", path, hook_kwargs)
+            return nbytes
+
+        try:
+            nbytes = self._report_failure(f"{key}/written", write_part)
+            written = time.perf_counter()
+            if self.barrier is not None:
+                self._barrier_wait(f"{key}/written")
+            if rank == 0:
+                self._commit_dir(c, path, world, prepared.metadata, key)
+        except BaseException:
+            if c is not None:
+                c.abort()
+            raise
+        self._done(c)
+        if world > 1:
+            barrier_wait(self.barrier, f"{key}/committed")
+        self._hook("post_commit", path, hook_kwargs)
         return WriteStats(path, nbytes, written - start, time.perf_counter() - written)
 
-    def _commit_dir(self, tmp_dir: str, path: str, world: int, metadata: dict) -> None:
-        expected = {layout.rank_file_name(r) for r in range(world)}
-        present = set(os.listdir(tmp_dir))
-        missing = sorted(expected - present)
-        if missing:
-            raise IncompleteCheckpointError(f"rank files {missing} missing from {tmp_dir} after the barrier")
-        for extra in present - expected:
-            layout.remove_tree(os.path.join(tmp_dir, extra))
-        files = {}
-        for name in sorted(expected):
-            file_path = os.path.join(tmp_dir, name)
-            record = read_checksum_record(file_path) or {}
-            files[name] = {"nbytes": os.path.getsize(file_path), "data_pkl_xxh3": record.get("data_pkl_xxh3")}
-        manifest = {
-            "format": layout.FORMAT_VERSION,
-            "world_size": world,
-            "files": files,
-            "metadata": metadata,
-            "lightning_ckpt_version": _version(),
-            "torch_version": _torch_version(),
-            "created_unix": time.time(),
-        }
-        self._write_small_file(os.path.join(tmp_dir, layout.MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
-        if self.config.enable_fsync:
-            layout.fsync_dir(tmp_dir)
-        layout.commit_dir(tmp_dir, path)
-
-    def _write_small_file(self, final_path: str, data: bytes) -> None:
-        tmp = layout.tmp_file_path(final_path)
+    def _report_failure(self, point: str, step: Any) -> Any:
+        """Run ``step``; if it raises, tell the other ranks waiting at barrier ``point`` before re-raising."""
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                if self.config.enable_fsync:
-                    os.fsync(f.fileno())
-            os.replace(tmp, final_path)
-        except BaseException:
-            layout.remove_tree(tmp)
+            return step()
+        except BaseException as e:
+            if self.rank_info.global_world_size > 1:
+                barrier_report_error(self.barrier, point, f"{type(e).__name__}: {e}")
             raise
 
-    def _pre_commit(self, path: str) -> None:
-        if self.commit_hook is not None:
-            self.commit_hook.pre_commit(path, rank_info=self.rank_info)
+    def _create_dir_temp(self, path: str) -> Commit | None:
+        """Rank 0 (or a single rank) creates the temp directory; the other ranks join it once it is shared."""
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise NotADirectoryError(f"checkpoint directory path exists and is not a directory: {path}")
+        self._prepare_dir(os.path.dirname(path))
+        if self.rank_info.global_world_size > 1 and not isinstance(self.barrier, KeyedBarrier):
+            raise ValueError(
+                f"a {self.rank_info.global_world_size}-rank checkpoint needs a barrier that can share the temp "
+                f"directory's name ('dist' or 'tcp_store', or a KeyedBarrier), got {type(self.barrier).__name__}"
+            )
+        if self.rank_info.global_rank != 0:
+            return None
+        return Commit.create(path, directory=True, fsync=self.config.enable_fsync)
 
-    def _post_commit(self, path: str) -> None:
-        if self.commit_hook is not None:
-            self.commit_hook.post_commit(path, rank_info=self.rank_info)
+    def _share_temp_name(self, c: Commit | None, key: str) -> str | None:
+        """With several ranks: rank 0's unguessable temp name, passed to every rank at barrier point temp."""
+        if self.rank_info.global_world_size == 1:
+            return None
+        return self.barrier.share(c.token if c is not None else None, key=f"{key}/temp")
 
-    def close(self) -> None:
-        """Nothing is held between writes; kept for symmetry with the other components."""
+    def _commit_dir(self, c: Commit, path: str, world: int, metadata: dict, key: str) -> None:
+        """Rank 0: check every rank file is there, write the manifest, publish (a failure releases the peers)."""
+        try:
+            expected = {layout.rank_file_name(r) for r in range(world)}
+            present = set(c.listdir())
+            missing = sorted(expected - present)
+            if missing:
+                raise IncompleteCheckpointError(f"rank files {missing} missing from the temp of {path} after the "
+                                                "barrier")
+            for extra in present - expected:
+                c.remove(extra)
+            files = {}
+            for name in sorted(expected):
+                record = read_checksum_record(name, c.opener(name))
+                files[name] = ManifestFile(c.size(name), record.data_pkl_xxh3 if record is not None else None)
+            manifest = Manifest(world, files, metadata, _version(), _torch_version())
+            c.write_bytes(layout.MANIFEST_NAME, manifest.to_json())
+            c.publish()
+        except BaseException as e:
+            if world > 1:
+                barrier_report_error(self.barrier, f"{key}/committed", f"commit failed: {type(e).__name__}: {e}")
+            raise
+
+    # ------------------------------------------------------------------ shared steps
+
+    def _write_rank_file(self, c: Commit, name: str | None, prepared: PreparedCheckpoint,
+                         buffer: memoryview | None) -> int:
+        """Write (and fsync) one checkpoint file into the temp; returns its size."""
+        shown = os.path.join(c.final_path, name) if name else c.final_path  # what the user knows, in errors
+        write_file(shown, prepared, buffer, direct_io=self.config.use_direct_io, opener=c.opener(name),
+                   fsync=self.config.enable_fsync)
+        return c.size(name)
+
+    def _prepare_dir(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        if self.config.remove_stale_tmps and directory not in self._cleaned_dirs:
+            removed = commit.remove_stale_temps(directory)
+            if removed:
+                log.info("removed temps of writers that died from %s: %s", directory, removed)
+            self._cleaned_dirs.add(directory)
+
+    def _barrier_wait(self, key: str) -> None:
+        log.debug("rank %d waits for the other ranks at %s (expected within %ss)", self.rank_info.global_rank, key,
+                  self.config.write_barrier_timeout_secs)
+        barrier_wait(self.barrier, key)
+
+    def _hook(self, which: str, path: str, hook_kwargs: dict) -> None:
+        if self.commit_hook is not None:
+            getattr(self.commit_hook, which)(path, **hook_kwargs)
 
 
 def _torch_version() -> str:

@@ -13,6 +13,7 @@ Public API::
     Commit.join(final_path, c.token)      # another rank of a multi-rank save opens rank 0's directory temp
     is_temp_name(name)                    # True for our temp names (scans must skip them)
     remove_stale_temps(directory)         # removes temps whose writers are gone; returns their names
+    remove_path(path)                     # removes a published checkpoint (never follows a symlink)
 
 On disk a temp is a directory ``.lckpt-<16 hex>.tmp`` (mode 0700, 26 bytes whatever the final name, so any valid
 final name works; the name carries no ``.ckpt``, ``hpc_ckpt_``, ``epoch=``/``step=`` that a scan could parse). It
@@ -46,9 +47,11 @@ import shutil
 import stat
 from typing import Callable
 
+from lightning_ckpt.layout import TMP_MARKER
+
 log = logging.getLogger(__name__)
 
-TEMP_PREFIX = ".lckpt-"
+TEMP_PREFIX = TMP_MARKER
 TEMP_SUFFIX = ".tmp"
 LOCK_NAME = "lock"
 PAYLOAD_NAME = "payload"
@@ -88,6 +91,7 @@ class Commit:
         self.owner = owner
         self.fsync = fsync
         self.published = False
+        self.replaced = False  # the publish moved a previous checkpoint into the temp (freed at close)
         self._parent_fd = parent_fd
         self._tmp_fd = tmp_fd
         self._lock_fd = lock_fd
@@ -207,6 +211,15 @@ class Commit:
         """Make the (file) payload a symlink to ``target``."""
         os.symlink(target, self.entry(None), dir_fd=self.dir_fd)
 
+    def copy_from(self, source: str) -> None:
+        """Make the (file) payload a copy of file ``source`` (fsynced when this commit fsyncs)."""
+        fd = self.open_new()
+        with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            if self.fsync:
+                os.fsync(dst.fileno())
+
     def size(self, name: str | None = None) -> int:
         return os.stat(self.entry(name), dir_fd=self.dir_fd, follow_symlinks=False).st_size
 
@@ -261,6 +274,7 @@ class Commit:
         try:
             _renameat2(self._tmp_fd, PAYLOAD_NAME, self._parent_fd, self.final_name, _RENAME_EXCHANGE)
             os.rename(PAYLOAD_NAME, REPLACED_NAME, src_dir_fd=self._tmp_fd, dst_dir_fd=self._tmp_fd)
+            self.replaced = True
         except _Unsupported:
             log.debug("no RENAME_EXCHANGE for %s: replacing it by two renames", self.final_path)
             os.rename(self.final_name, ASIDE_NAME, src_dir_fd=self._parent_fd, dst_dir_fd=self._tmp_fd)
@@ -270,6 +284,7 @@ class Commit:
                 os.rename(ASIDE_NAME, self.final_name, src_dir_fd=self._tmp_fd, dst_dir_fd=self._parent_fd)
                 raise
             os.rename(ASIDE_NAME, REPLACED_NAME, src_dir_fd=self._tmp_fd, dst_dir_fd=self._tmp_fd)
+            self.replaced = True
 
     def _keep_replaced(self, old: os.stat_result) -> None:
         """Hard-link a regular file about to be replaced, so the rename does not free its blocks (slow for a big
@@ -279,6 +294,7 @@ class Commit:
         try:
             os.link(self.final_name, REPLACED_NAME, src_dir_fd=self._parent_fd, dst_dir_fd=self._tmp_fd,
                     follow_symlinks=False)
+            self.replaced = True
         except OSError:
             pass  # no hard links here: the rename frees the old blocks itself
 
@@ -314,6 +330,21 @@ class Commit:
                 self.close()
             except OSError:
                 pass
+
+
+def remove_path(path: str) -> None:
+    """Remove a published checkpoint: a file, a symlink (not its target) or a directory tree; missing is fine."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)  # never follows a symlink inside
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 class CommitError(OSError):

@@ -11,8 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_ckpt import layout
-from lightning_ckpt.commit import Commit
+from lightning_ckpt.commit import Commit, remove_path
 from lightning_ckpt.errors import CheckpointError
 from lightning_ckpt.paths import RemotePath
 from lightning_ckpt.remote import (
@@ -160,7 +159,7 @@ def is_complete(target: RemotePath, verify: bool = False) -> bool:
             try:
                 result = check_checkpoint(local)
             finally:
-                layout.remove_tree(local)
+                remove_path(local)
             if not result.ok:
                 log.warning("skipping %s: %s (%s)", target.url, result.status, result.detail)
                 return False

@@ -16,7 +16,7 @@ import secrets
 import struct
 import sys
 import zipfile
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import xxhash
 
@@ -42,14 +42,17 @@ class TorchZipWriter:
     """Writes records into a new zip file; ``close`` writes the trailer records and the central directory.
 
     Args:
-        path: the file to create.
+        path: the file to create (named in errors).
         direct_io: write large page-aligned buffers with O_DIRECT where the filesystem allows it.
+        opener: ``flags -> fd`` that opens the file (e.g. ``Commit.opener``: relative to a directory descriptor,
+            never following a symlink); by default ``path`` is opened.
     """
 
-    def __init__(self, path: str, direct_io: bool = False) -> None:
+    def __init__(self, path: str, direct_io: bool = False, opener: Callable[[int], int] | None = None) -> None:
         self.path = path
-        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()/abort()
-        self._direct_fd = _open_direct(path) if direct_io else None
+        self._opener = opener or (lambda flags: os.open(path, flags | os.O_CLOEXEC, 0o644))
+        self._file: BinaryIO = os.fdopen(self._opener(os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb")  # noqa: SIM115
+        self._direct_fd = _open_direct(self._opener) if direct_io else None
         self._pos = 0
         self._entries: list[tuple[bytes, int, int]] = []  # (name, header offset, size)
         self.direct_bytes = 0  # bytes written with O_DIRECT (tests and metrics read it)
@@ -106,8 +109,9 @@ class TorchZipWriter:
         n = self._file.write(data)
         self._pos += len(data) if n is None else n
 
-    def close(self) -> None:
-        """Write ``version``, ``byteorder``, the serialization id and the central directory, then close."""
+    def close(self, fsync: bool = False) -> None:
+        """Write ``version``, ``byteorder``, the serialization id and the central directory, then close (after an
+        fsync of the file when ``fsync``)."""
         self.write_record("version", b"3\n")
         self.write_record("byteorder", sys.byteorder.encode())
         self.write_record(".data/serialization_id", str(secrets.randbelow(10**40)).zfill(40).encode())
@@ -127,6 +131,8 @@ class TorchZipWriter:
             count, cd_size, cd_offset = 0xFFFF, _ZIP64_MARKER, _ZIP64_MARKER
         self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, cd_size, cd_offset, 0))
         self._file.flush()
+        if fsync:
+            os.fsync(self._file.fileno())
         self._file.close()
         self._close_direct()
 
@@ -142,13 +148,13 @@ class TorchZipWriter:
         self._close_direct()
 
 
-def _open_direct(path: str) -> int | None:
-    """A second descriptor on ``path`` with O_DIRECT, or None where the OS or filesystem has none (tmpfs)."""
+def _open_direct(opener: Callable[[int], int]) -> int | None:
+    """A second descriptor on the file with O_DIRECT, or None where the OS or filesystem has none (tmpfs)."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return None
     try:
-        return os.open(path, os.O_WRONLY | flag)
+        return opener(os.O_WRONLY | flag)
     except OSError:
         return None
 
@@ -160,16 +166,20 @@ def _address(view: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
-def read_record(path: str | BinaryIO, name: str) -> bytes | None:
+def read_record(path: str | BinaryIO, name: str, opener: Callable[[int], int] | None = None) -> bytes | None:
     """The bytes of record ``<folder>/<name>`` of a torch zip (any folder name), or None when absent.
 
     ``path`` may also be a seekable binary file (e.g. the fetched tail of a remote object): only that record's
-    header and bytes are read.
+    header and bytes are read. With ``opener`` (``flags -> fd``, e.g. relative to a directory descriptor) the file is
+    opened through it and ``path`` only names it in errors.
 
     Raises:
         zipfile.BadZipFile, OSError: not a readable zip.
     """
-    opened = open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)
+    if opener is not None:
+        opened: Any = os.fdopen(opener(os.O_RDONLY), "rb")
+    else:
+        opened = open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)
     with opened as f:
         span = record_spans(f, str(path), {name}).get(name)
         if span is None:

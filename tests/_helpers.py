@@ -94,3 +94,30 @@ class GateHook(WriterHook):
         with open(self.entered_file, "w"):
             pass
         wait_for(lambda: os.path.exists(self.release_file), self.timeout_secs, f"release file {self.release_file}")
+
+
+def data_file(path: Any, rank: int = 0) -> Any:
+    """The file holding ``rank``'s bytes: ``path`` itself (layout "file") or its rank file (layout "dir")."""
+    import pathlib
+
+    from lightning_ckpt.layout import rank_file_name
+
+    path = pathlib.Path(path)
+    return path / rank_file_name(rank) if path.is_dir() else path
+
+
+def file_layout_config(**kwargs: Any) -> Any:
+    """A ``CheckpointerConfig`` whose writer writes one file at the path (the Lightning layer's layout)."""
+    import lightning_ckpt as lc
+
+    return lc.CheckpointerConfig(writer_config=lc.CheckpointWriterConfig(layout="file"), **kwargs)
+
+
+def wait_until(predicate: Any, timeout_secs: float, interval_secs: float = 0.01) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout_secs`` pass; returns whether it held."""
+    deadline = time.monotonic() + timeout_secs
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_secs)
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -14,7 +15,7 @@ import torch
 from lightning.fabric.plugins.io import CheckpointIO
 from typing_extensions import override
 
-from lightning_ckpt import layout, paths
+from lightning_ckpt import commit, paths
 from lightning_ckpt.barriers import Barrier
 from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpoint_writer import WriterHook
@@ -55,7 +56,9 @@ class LightningCkptIO(CheckpointIO):
                  remote_config: Optional[RemoteConfig] = None) -> None:
         if error_policy not in ("raise", "warn"):
             raise ValueError(f"{type(self).__name__}.error_policy must be 'raise' or 'warn', got {error_policy!r}")
-        self.config = config if config is not None else CheckpointerConfig()
+        config = config if config is not None else CheckpointerConfig()
+        # A Lightning checkpoint is one file at Lightning's path (torch.load and load_from_checkpoint read it).
+        self.config = dataclasses.replace(config, writer_config=dataclasses.replace(config.writer_config, layout="file"))
         self.error_policy = error_policy
         self.commit_hook = commit_hook
         self.storage_options = dict(storage_options or {})
@@ -160,7 +163,7 @@ class LightningCkptIO(CheckpointIO):
                                     weights_only=weights_only)
         finally:
             if local is not location:
-                layout.remove_tree(local)  # a download of a remote object is read once
+                commit.remove_path(local)  # a download of a remote object is read once
         return loaded
 
     @override

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from collections import deque
@@ -12,7 +11,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lightning_ckpt import layout, paths
+from lightning_ckpt import commit, paths
 from lightning_ckpt.checkpointer import SaveStats
 from lightning_ckpt.error_store import ErrorStore
 from lightning_ckpt.errors import CheckpointTimeoutError
@@ -249,7 +248,7 @@ class SaveLedger(PicklableBeforeUse):
                 log.warning("kept %s: a save issued before its removal failed, so it may be the newest complete "
                             "checkpoint", action.path)
             else:
-                action.fn() if action.fn is not None else layout.remove_tree(action.path)
+                action.fn() if action.fn is not None else commit.remove_path(action.path)
             return
         target_seq = self._latest_by_path.get(action.target)
         if target_seq is not None and target_seq <= action.after_seq and self._failed({target_seq}):
@@ -274,18 +273,12 @@ def atomic_link(target: str, linkpath: str) -> None:
     """Point ``linkpath`` at ``target`` (relative symlink, or a copy where links fail) in one rename."""
     if os.path.abspath(target) == os.path.abspath(linkpath):
         return
-    tmp = layout.tmp_file_path(linkpath)
-    try:
+    with commit.Commit.create(linkpath) as c:
         try:
-            os.symlink(os.path.relpath(target, os.path.dirname(linkpath)), tmp)
+            c.symlink(os.path.relpath(target, os.path.dirname(os.path.abspath(linkpath))))
         except OSError:
-            shutil.copy(target, tmp)
-        if os.path.isdir(linkpath) and not os.path.islink(linkpath):
-            shutil.rmtree(linkpath)
-        os.replace(tmp, linkpath)
-    except BaseException:
-        layout.remove_tree(tmp)
-        raise
+            c.copy_from(target)
+        c.publish()
 
 
 def _wait(future: Future, timeout_secs: float, what: str) -> None:

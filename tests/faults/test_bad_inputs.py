@@ -16,7 +16,7 @@ import torch
 import lightning_ckpt as lc
 from lightning_ckpt.checkpoint_process import CheckpointProcessConfig
 from lightning_ckpt.staging import CheckpointStagerConfig
-from tests._helpers import assert_equal_state
+from tests._helpers import assert_equal_state, file_layout_config
 from tests.faults._faults import run_ranks_in_threads, tmp_leftovers
 
 pytestmark = pytest.mark.faults
@@ -99,7 +99,14 @@ def test_empty_nested_containers_round_trip(ck, tmp_path):
     assert_equal_state(ck.load(tmp_path / "e e.ckpt"), state)
 
 
-def test_single_rank_path_that_is_a_directory_is_refused(ck, tmp_path):
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_single_rank_path_that_is_a_directory_is_refused(kind, tmp_path):
+    make = lc.make_sync_checkpointer if kind == "sync" else lc.make_async_checkpointer
+    with make(file_layout_config()) as ck:  # layout "file": a directory at the path is not a checkpoint file
+        _refuses_directory(ck, tmp_path)
+
+
+def _refuses_directory(ck, tmp_path):
     (tmp_path / "dir.ckpt").mkdir()
     with pytest.raises((IsADirectoryError, lc.CheckpointWriteError), match="dir.ckpt.*is a directory|directory"):
         _save(ck, tmp_path / "dir.ckpt", {"w": torch.ones(2)})

@@ -13,7 +13,7 @@ from torch.distributed import TCPStore
 
 import lightning_ckpt as lc
 from lightning_ckpt.layout import MANIFEST_NAME
-from tests._helpers import assert_equal_state
+from tests._helpers import assert_equal_state, file_layout_config
 from tests.faults._faults import run_ranks_in_threads
 
 pytestmark = pytest.mark.faults
@@ -31,7 +31,7 @@ def test_every_flipped_byte_is_detected_or_harmless(tmp_path):
     """Bit flips anywhere in a committed file: the load fails with a CheckpointError naming the file, or (flips in
     zip padding and unused header fields) returns exactly what was saved. Never silently different data."""
     path = tmp_path / "a.ckpt"
-    with lc.make_sync_checkpointer() as ck:
+    with lc.make_sync_checkpointer(file_layout_config()) as ck:
         ck.save(path, STATE)
     original = path.read_bytes()
     rng = random.Random(5)
@@ -54,7 +54,7 @@ def test_every_flipped_byte_is_detected_or_harmless(tmp_path):
 
 def test_every_truncation_is_refused_naming_the_file(tmp_path):
     path = tmp_path / "a.ckpt"
-    with lc.make_sync_checkpointer() as ck:
+    with lc.make_sync_checkpointer(file_layout_config()) as ck:
         ck.save(path, STATE)
     original = path.read_bytes()
     for length in [0, 1, 21, *random.Random(6).sample(range(22, len(original)), 40), len(original) - 1]:
@@ -89,14 +89,14 @@ def _write_two_rank_checkpoint(path: str, port: int) -> list[dict]:
 def two_rank_ckpt(tmp_path, free_port):
     path = str(tmp_path / "dist.ckpt")
     states = _write_two_rank_checkpoint(path, free_port)
-    assert sorted(os.listdir(path)) == [MANIFEST_NAME, "checkpoint_0", "checkpoint_1"]
+    assert sorted(os.listdir(path)) == [MANIFEST_NAME, "checkpoint_0.pt", "checkpoint_1.pt"]
     for rank in range(2):
         assert_equal_state(_read(path, rank), states[rank])
     return path
 
 
 def test_flipped_byte_in_a_rank_file_names_file_key_and_checksums(two_rank_ckpt):
-    rank_file = os.path.join(two_rank_ckpt, "checkpoint_1")
+    rank_file = os.path.join(two_rank_ckpt, "checkpoint_1.pt")
     data = bytearray(open(rank_file, "rb").read())
     pos = bytes(data).find(torch.full((4,), 1.0).numpy().tobytes())
     data[pos + 1] ^= 0x10
@@ -109,7 +109,7 @@ def test_flipped_byte_in_a_rank_file_names_file_key_and_checksums(two_rank_ckpt)
 
 
 def test_truncated_rank_file_is_refused_by_its_manifest_size(two_rank_ckpt):
-    rank_file = os.path.join(two_rank_ckpt, "checkpoint_0")
+    rank_file = os.path.join(two_rank_ckpt, "checkpoint_0.pt")
     os.truncate(rank_file, os.path.getsize(rank_file) - 100)
     with pytest.raises(lc.CorruptCheckpointError, match="manifest says") as info:
         _read(two_rank_ckpt, rank=0)
@@ -117,7 +117,7 @@ def test_truncated_rank_file_is_refused_by_its_manifest_size(two_rank_ckpt):
 
 
 def test_missing_rank_file_is_an_incomplete_checkpoint(two_rank_ckpt):
-    os.remove(os.path.join(two_rank_ckpt, "checkpoint_1"))
+    os.remove(os.path.join(two_rank_ckpt, "checkpoint_1.pt"))
     with pytest.raises(lc.IncompleteCheckpointError, match="incomplete checkpoint.*checkpoint_1.*rank 1") as info:
         _read(two_rank_ckpt, rank=1)
     assert two_rank_ckpt in str(info.value)
@@ -137,7 +137,7 @@ def test_damaged_manifest_is_refused_naming_it(two_rank_ckpt, damage):
     text = open(manifest).read()
     replacement = {"garbage": "\x00\xff{", "truncated": text[: len(text) // 2], "empty": "",
                    "not_an_object": "[1, 2]",
-                   "no_sizes": json.dumps({**json.loads(text), "files": {"checkpoint_0": {}, "checkpoint_1": {}}})}
+                   "no_sizes": json.dumps({**json.loads(text), "files": {"checkpoint_0.pt": {}, "checkpoint_1.pt": {}}})}
     open(manifest, "w", encoding="latin-1").write(replacement[damage])
     with pytest.raises(lc.CheckpointError, match=MANIFEST_NAME) as info:
         _read(two_rank_ckpt, rank=0)

@@ -119,10 +119,9 @@ class SlowCommitHook(WriterHook):
         self.timeout_secs = timeout_secs
 
     def pre_commit(self, path: str, **kwargs: Any) -> None:
-        from lightning_ckpt.layout import wait_until
+        from tests._helpers import wait_for
 
-        if not wait_until(lambda: os.path.exists(self.release_file), self.timeout_secs):
-            raise TimeoutError(f"{self.release_file} never appeared")
+        wait_for(lambda: os.path.exists(self.release_file), self.timeout_secs, self.release_file)
 
 
 class DelayCommitHook(WriterHook):

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from lightning_ckpt.layout import MANIFEST_NAME, tmp_dir_path
+from lightning_ckpt.commit import PAYLOAD_NAME, is_temp_name
+from lightning_ckpt.layout import MANIFEST_NAME
 from tests._helpers import wait_for
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(180)]
@@ -33,8 +34,11 @@ def test_commit_marker_only_after_every_rank_wrote(mode, tmp_path, free_port):
         wait_for(lambda: (gate / "entered").exists() or any(p.poll() is not None for p in procs), 120,
                  "rank 1 to reach pre_commit")
         assert all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs]
-        tmp = tmp_dir_path(path)
-        wait_for(lambda: os.path.exists(os.path.join(tmp, "checkpoint_0")), 60, "rank 0's file")
+        temps = [n for n in os.listdir(tmp_path) if is_temp_name(n)]
+        assert len(temps) == 1, temps  # one temp directory, shared by both ranks
+        tmp = os.path.join(tmp_path, temps[0], PAYLOAD_NAME)
+        wait_for(lambda: os.path.exists(os.path.join(tmp, "checkpoint_0.pt")), 60, "rank 0's file")
+        assert os.path.exists(os.path.join(tmp, "checkpoint_1.pt"))
         assert not os.path.exists(path)  # nothing at the final path while a rank is still writing
         assert not os.path.exists(os.path.join(tmp, MANIFEST_NAME))
         (gate / "release").touch()
@@ -45,8 +49,8 @@ def test_commit_marker_only_after_every_rank_wrote(mode, tmp_path, free_port):
                 p.kill()
                 p.wait()
     assert [p.returncode for p in procs] == [0, 0], outputs
-    assert sorted(os.listdir(path)) == [MANIFEST_NAME, "checkpoint_0", "checkpoint_1"]
-    assert not os.path.exists(tmp_dir_path(path))
+    assert sorted(os.listdir(path)) == [MANIFEST_NAME, "checkpoint_0.pt", "checkpoint_1.pt"]
+    assert not any(is_temp_name(n) for n in os.listdir(tmp_path))
     with open(os.path.join(path, MANIFEST_NAME)) as f:
         manifest = json.load(f)
     assert manifest["world_size"] == 2

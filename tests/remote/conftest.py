@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_ckpt.layout import wait_until
+from tests._helpers import wait_until
 
 for _module in ("moto", "werkzeug", "boto3", "aiobotocore", "s3fs"):
     if importlib.util.find_spec(_module) is None:  # checked without importing (moto takes seconds)

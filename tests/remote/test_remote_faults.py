@@ -14,7 +14,7 @@ from lightning_ckpt import remote
 from lightning_ckpt.checkpoint_process import CheckpointProcessConfig
 from lightning_ckpt.config import CheckpointerConfig
 from lightning_ckpt.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
-from lightning_ckpt.layout import wait_until
+from tests._helpers import wait_for
 from lightning_ckpt.lightning import AsyncCheckpointIO, SyncCheckpointIO
 from lightning_ckpt.remote import RemoteConfig
 from tests.remote.test_remote_paths import PART, checkpoint
@@ -153,8 +153,7 @@ def test_sigkill_of_the_writer_mid_upload_keeps_the_old_object_and_the_next_writ
     s3.server.clear_log()
     plugin = plugin_for(AsyncCheckpointIO)
     plugin.save_checkpoint(checkpoint(2), url)
-    assert wait_until(lambda: any(o["part"] == 2 for o in s3.server.ops("UploadPart")), 60), \
-        "the upload never reached its second part"
+    wait_for(lambda: any(o["part"] == 2 for o in s3.server.ops("UploadPart")), 60, "the upload's second part")
     os.kill(plugin._checkpointer.process.pid, signal.SIGKILL)
     with pytest.raises(CheckpointWriteError, match="died"):
         plugin.teardown()
@@ -164,7 +163,7 @@ def test_sigkill_of_the_writer_mid_upload_keeps_the_old_object_and_the_next_writ
 
     timeout = 5.0  # the next writer aborts our uploads older than its write timeout, in the same prefix only
     s3.client.create_multipart_upload(Bucket=s3.name, Key="elsewhere/model.ckpt")
-    assert wait_until(lambda: time.time() - dangling["Initiated"].timestamp() > timeout, 30)
+    wait_for(lambda: time.time() - dangling["Initiated"].timestamp() > timeout, 30, "the dangling upload to age")
     save_and_finish(plugin_for(AsyncCheckpointIO, write_timeout_secs=timeout / 0.8), checkpoint(3, numel=10),
                     f"{s3.url}/run/other.ckpt")
     assert [u["Key"] for u in s3.uploads()] == ["elsewhere/model.ckpt"]

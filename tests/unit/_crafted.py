@@ -14,7 +14,7 @@ from lightning_ckpt.torch_zip import ALIGNMENT, TorchZipWriter, record_spans
 
 def write_ours(path, state) -> str:
     """Writes ``state`` at ``path`` with our writer (one rank); returns the path."""
-    lc.CheckpointWriter(rank_info=lc.RankInfo(0, 1)).write(str(path), state)
+    lc.CheckpointWriter(lc.CheckpointWriterConfig(layout="file"), rank_info=lc.RankInfo(0, 1)).write(str(path), state)
     return str(path)
 
 

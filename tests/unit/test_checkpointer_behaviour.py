@@ -11,7 +11,9 @@ import torch
 
 import lightning_ckpt as lc
 from lightning_ckpt.staging import CheckpointStagerConfig
-from tests._helpers import FailingHook, GateHook, assert_equal_state, nested_state_dict, wait_for
+from lightning_ckpt.commit import is_temp_name
+from tests._helpers import (FailingHook, GateHook, assert_equal_state, data_file, file_layout_config, nested_state_dict,
+                           wait_for)
 
 
 def _make(kind: str, **kw):
@@ -35,15 +37,17 @@ def kind(request):
     return request.param
 
 
-def test_round_trip_nested_state(kind, tmp_path):
+@pytest.mark.parametrize("layout", ["dir", "file"])
+def test_round_trip_nested_state(kind, tmp_path, layout):
     sd = nested_state_dict()
-    with _make(kind) as ck:
+    with _make(kind, config=file_layout_config() if layout == "file" else None) as ck:
         stats = _save(ck, tmp_path / "a.ckpt", sd)
         loaded = ck.load(tmp_path / "a.ckpt")
-    assert stats.nbytes == os.path.getsize(tmp_path / "a.ckpt")
+    assert (tmp_path / "a.ckpt").is_dir() == (layout == "dir")  # dir: torch's <path>/checkpoint_0.pt + manifest
+    assert stats.nbytes == os.path.getsize(data_file(tmp_path / "a.ckpt"))
     assert_equal_state(loaded, sd)
     # The file is an ordinary torch.save zip: plain torch.load with weights_only reads it.
-    assert_equal_state(torch.load(tmp_path / "a.ckpt", weights_only=True), sd)
+    assert_equal_state(torch.load(data_file(tmp_path / "a.ckpt"), weights_only=True), sd)
 
 
 def test_mutating_after_save_does_not_change_what_is_written(kind, tmp_path):
@@ -117,7 +121,7 @@ def test_nothing_at_final_path_until_commit(kind, tmp_path):
         worker.start()
         wait_for(lambda: os.path.exists(tmp_path / "entered"), what="the writer to reach pre_commit")
         assert not final.exists()
-        temps = [n for n in os.listdir(final.parent) if ".lckpt-tmp" in n]
+        temps = [n for n in os.listdir(final.parent) if is_temp_name(n)]
         assert len(temps) == 1, temps  # the complete data sits under a temp name
         open(tmp_path / "release", "w").close()
         worker.join(timeout=60)
@@ -140,7 +144,7 @@ def test_failed_write_leaves_previous_checkpoint_and_no_temp(kind, tmp_path):
         if kind == "async":
             ck.check_for_errors()  # seen through the future already: not raised twice
     assert sorted(os.listdir(tmp_path)) == ["good.ckpt"]
-    assert torch.equal(torch.load(tmp_path / "good.ckpt")["w"], torch.ones(3))
+    assert torch.equal(torch.load(data_file(tmp_path / "good.ckpt"))["w"], torch.ones(3))
 
 
 def test_async_error_is_raised_once_at_next_save_then_cleared(tmp_path):
@@ -178,8 +182,8 @@ def test_truncated_file_raises_corrupt_naming_path(kind, tmp_path):
     path = tmp_path / "a.ckpt"
     with _make(kind) as ck:
         _save(ck, path, nested_state_dict())
-        data = path.read_bytes()
-        path.write_bytes(data[: len(data) // 2])
+        data = data_file(path).read_bytes()
+        data_file(path).write_bytes(data[: len(data) // 2])
         with pytest.raises(lc.CorruptCheckpointError, match="a.ckpt"):
             ck.load(path)
 
@@ -189,15 +193,15 @@ def test_flipped_byte_in_tensor_data_is_detected_with_key_and_checksums(kind, tm
     w = torch.arange(4096, dtype=torch.float32)
     with _make(kind) as ck:
         _save(ck, path, {"model": {"w": w}, "step": 1})
-        data = bytearray(path.read_bytes())
+        data = bytearray(data_file(path).read_bytes())
         pos = bytes(data).find(w[1000:1004].numpy().tobytes())
         assert pos > 0
         data[pos] ^= 0x01
-        path.write_bytes(bytes(data))
+        data_file(path).write_bytes(bytes(data))
         with pytest.raises(lc.CorruptCheckpointError) as info:
             ck.load(path)
         assert info.value.key == "model.w" and info.value.expected != info.value.actual
-        assert str(path) in str(info.value) and info.value.expected in str(info.value)
+        assert str(data_file(path)) in str(info.value) and info.value.expected in str(info.value)
         ck.load(path, verify=False)  # the opt-out loads the damaged bytes as they are
 
 

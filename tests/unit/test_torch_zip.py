@@ -7,7 +7,7 @@ import torch
 
 import lightning_ckpt as lc
 from lightning_ckpt import torch_zip
-from tests._helpers import assert_equal_state, nested_state_dict
+from tests._helpers import assert_equal_state, data_file, nested_state_dict
 
 
 @pytest.mark.parametrize("zip64", [False, True])
@@ -19,8 +19,8 @@ def test_files_load_with_torch_plain_and_mmap(zip64, tmp_path, monkeypatch):
     with lc.make_sync_checkpointer() as ck:
         ck.save(tmp_path / "a.ckpt", sd)
         assert_equal_state(ck.load(tmp_path / "a.ckpt"), sd)
-    assert_equal_state(torch.load(tmp_path / "a.ckpt", weights_only=True), sd)
-    mapped = torch.load(tmp_path / "a.ckpt", weights_only=True, mmap=True)
+    assert_equal_state(torch.load(data_file(tmp_path / "a.ckpt"), weights_only=True), sd)
+    mapped = torch.load(data_file(tmp_path / "a.ckpt"), weights_only=True, mmap=True)
     assert_equal_state(mapped, sd)
 
 
@@ -29,8 +29,8 @@ def test_tensor_records_start_at_aligned_offsets(tmp_path):
 
     with lc.make_sync_checkpointer() as ck:
         ck.save(tmp_path / "a.ckpt", {"a": torch.ones(3), "b": torch.ones(5, dtype=torch.int8), "c": torch.ones(7)})
-    raw = (tmp_path / "a.ckpt").read_bytes()
-    with zipfile.ZipFile(tmp_path / "a.ckpt") as z:
+    raw = data_file(tmp_path / "a.ckpt").read_bytes()
+    with zipfile.ZipFile(data_file(tmp_path / "a.ckpt")) as z:
         for info in z.infolist():
             name_len, extra_len = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little"), \
                 int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
@@ -70,4 +70,4 @@ def test_async_checkpoints_of_large_tensors_round_trip_through_direct_io(tmp_pat
     with lc.make_async_checkpointer() as ck:
         ck.save(tmp_path / "a.ckpt", sd)[1].result(timeout=60)
         assert_equal_state(ck.load(tmp_path / "a.ckpt"), sd)
-    assert_equal_state(torch.load(tmp_path / "a.ckpt", weights_only=True, mmap=True), sd)
+    assert_equal_state(torch.load(data_file(tmp_path / "a.ckpt"), weights_only=True, mmap=True), sd)

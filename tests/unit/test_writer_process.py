@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lightning_ckpt as lc
-from tests._helpers import GateHook, wait_for
+from tests._helpers import GateHook, data_file, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -73,7 +73,7 @@ def test_unguarded_user_script_runs_once(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("SCRIPT-BODY-RAN") == 1 and "DONE" in out.stdout
-    assert torch.equal(torch.load(tmp_path / "x.ckpt")["w"], torch.ones(4))
+    assert torch.equal(torch.load(data_file(tmp_path / "x.ckpt"))["w"], torch.ones(4))
 
 
 def test_hook_defined_in_main_is_refused_with_a_clear_error():
