@@ -7,6 +7,7 @@ import os
 import shutil
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -20,7 +21,25 @@ from lightning_ckpt.picklable import PicklableBeforeUse
 log = logging.getLogger(__name__)
 
 _OUTCOMES_KEPT = 256  # outcomes of finished saves remembered for removal decisions
-_COMPLETED_KEPT = 1024  # committed saves kept for metrics until popped (the plugin alone never pops them)
+_COMPLETED_KEPT = 1024  # committed saves kept for metrics until popped
+_LEDGERS: "weakref.WeakSet[SaveLedger]" = weakref.WeakSet()  # every ledger of the process (loads wait on all)
+
+
+def path_key(path: str) -> str:
+    """What identifies a checkpoint path: its directory's real path plus its own name (a ``last.ckpt`` link is
+    not followed, a symlinked spelling of the directory is)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(parent), name)
+
+
+def wait_in_process(path: str, timeout_secs: float) -> None:
+    """Block until no ledger of this process has a save of ``path`` pending (any plugin instance).
+
+    Raises:
+        CheckpointTimeoutError: still pending after ``timeout_secs``.
+    """
+    for ledger in list(_LEDGERS):
+        ledger.wait(timeout_secs, path)
 
 
 @dataclass
@@ -31,11 +50,21 @@ class CompletedSave:
     stats: SaveStats
     stall_secs: float
 
+    def metrics(self) -> dict[str, float]:
+        """What goes to the trainer's logger, at the save's step."""
+        stats = self.stats
+        return {
+            "ckpt/stall_ms": self.stall_secs * 1e3,
+            "ckpt/write_secs": stats.write_secs,
+            "ckpt/gb_per_s": stats.gb_per_sec if stats.write_secs > 0 else 0.0,
+            "ckpt/bytes": float(stats.nbytes),
+        }
+
 
 @dataclass
 class _Save:
     seq: int
-    path: str
+    path: str  # path_key(path)
     step: int | None
     stage_future: Future
     stall_secs: float = 0.0
@@ -59,11 +88,12 @@ class SaveLedger(PicklableBeforeUse):
       one of those failed (the file may be the only complete checkpoint left) and dropped when the same path was
       saved again after the request (that save replaces the file atomically anyway);
     - a link (``last.ckpt`` -> target) is made atomically once the target is committed, and skipped (the old
-      link stays valid) when the target's save failed;
+      link stays valid) when the target's save failed; among actions ready together, a link goes before the
+      removal of its old target, so ``last.ckpt`` never dangles;
     - main-thread calls (logger hooks) wait the same way but only run from ``run_main_thread_actions``.
 
-    Errors of failed saves are kept until ``take_error`` (each raised once); with ``keep_errors=False`` they
-    are only logged.
+    Paths are matched by ``path_key`` (real directory). Errors of failed saves are kept, one per save, until
+    ``take_error`` (each raised once); with ``keep_errors=False`` they are only logged.
     """
 
     def __init__(self) -> None:
@@ -74,11 +104,15 @@ class SaveLedger(PicklableBeforeUse):
         self._latest_by_path: dict[str, int] = {}
         self._actions: deque[_Action] = deque()
         self._calls: deque[_Action] = deque()
-        self._errors: list[BaseException] = []
-        self._error_ids: set[int] = set()
+        self._errors: dict[Any, BaseException] = {}  # keyed by the save (seq) it belongs to, in failure order
         self._completed: deque[CompletedSave] = deque(maxlen=_COMPLETED_KEPT)
         self._orders = 0
         self.keep_errors = True
+        _LEDGERS.add(self)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _LEDGERS.add(self)
 
     _RECREATED = {"_cond": threading.Condition}
 
@@ -88,19 +122,22 @@ class SaveLedger(PicklableBeforeUse):
     # ------------------------------------------------------------------ saves
 
     def add_save(self, path: str, step: int | None, stage_future: Future, write_future: Future,
-                 stall_secs: float) -> None:
-        """Register a save; ``write_future`` resolves to ``SaveStats`` or fails."""
-        path = os.path.abspath(path)
+                 stall_secs: float) -> int:
+        """Register a save; ``write_future`` resolves to ``SaveStats`` or fails. Returns its sequence number."""
+        key = path_key(path)
         with self._cond:
             self._seq += 1
-            save = _Save(self._seq, path, step, stage_future, stall_secs)
+            save = _Save(self._seq, key, step, stage_future, stall_secs)
             self._pending[save.seq] = save
-            self._latest_by_path[path] = save.seq
+            self._latest_by_path[key] = save.seq
         write_future.add_done_callback(lambda f: self._complete(save, f))
+        return save.seq
 
     def _complete(self, save: _Save, future: Future) -> None:
         exc = future.exception()  # marks the core's future observed: errors are reported through this ledger
         with self._cond:
+            if exc is not None:
+                self._record(save.seq, exc, save.path)
             self._pending.pop(save.seq, None)
             self._outcomes[save.seq] = exc is None
             for old in [s for s in self._outcomes if s <= save.seq - _OUTCOMES_KEPT]:
@@ -112,42 +149,53 @@ class SaveLedger(PicklableBeforeUse):
             stats = future.result()
             log.info("checkpoint %s committed: %.1f MB, stall %.1f ms, write %.3f s (%.2f GB/s)", stats.path,
                      stats.nbytes / 1e6, save.stall_secs * 1e3, stats.write_secs, stats.gb_per_sec)
-        else:
-            self.record_error(exc)
         self.process()
 
-    def record_error(self, exc: BaseException) -> None:
-        """Keep ``exc`` to be raised once by ``take_error`` (the same exception object is kept only once)."""
+    # ------------------------------------------------------------------ errors
+
+    def record_error(self, exc: BaseException, what: str = "a checkpoint save") -> None:
+        """Keep ``exc`` (a failure outside any registered save) to be raised once by ``take_error``."""
         with self._cond:
-            if id(exc) in self._error_ids:
-                return
-            self._error_ids.add(id(exc))
-            if self.keep_errors:
-                self._errors.append(exc)
-        log.error("checkpoint save failed: %s", exc)
+            self._orders += 1
+            self._record(("unregistered", self._orders), exc, what)
+
+    def _record(self, key: Any, exc: BaseException, what: str) -> None:
+        """One concise line per failure (traceback at DEBUG); kept under ``key`` when errors are raised."""
+        level = logging.ERROR if self.keep_errors else logging.WARNING
+        log.log(level, "checkpoint save of %s failed: %s", what, _summary(exc))
+        log.debug("the failed save of %s in full: %s", what, exc, exc_info=(type(exc), exc, exc.__traceback__))
+        if self.keep_errors:
+            self._errors[key] = exc
 
     def peek_error(self) -> BaseException | None:
         with self._cond:
-            return self._errors[0] if self._errors else None
+            return next(iter(self._errors.values()), None)
 
-    def take_error(self) -> BaseException | None:
-        """The first error not yet taken (the others are logged); forgets them all."""
+    def take_error(self, seq: int | None = None) -> BaseException | None:
+        """The error of save ``seq``, or the first error not yet taken (the others then are forgotten: they
+        were logged); each error is returned once."""
         with self._cond:
-            errors, self._errors = self._errors, []
+            if seq is not None:
+                return self._errors.pop(seq, None)
+            errors, self._errors = list(self._errors.values()), {}
         if len(errors) > 1:
-            log.error("%d more checkpoint saves failed; the first is raised", len(errors) - 1)
+            log.error("%d more checkpoint saves failed (logged above); the first is raised", len(errors) - 1)
         return errors[0] if errors else None
+
+    # ------------------------------------------------------------------ state
 
     def pending_paths(self) -> list[str]:
         with self._cond:
             return [s.path for s in sorted(self._pending.values(), key=lambda s: s.seq)]
 
-    def is_pending(self, path: str) -> bool:
-        path = os.path.abspath(path)
+    def is_pending(self, path: Any) -> bool:
+        """True while a save of ``path`` is in flight (ModelCheckpoint's version counter asks)."""
+        key = path_key(os.fspath(path))
         with self._cond:
-            return any(s.path == path for s in self._pending.values())
+            return any(s.path == key for s in self._pending.values())
 
     def pop_completed(self) -> list[CompletedSave]:
+        """Saves committed since the last call, with their step and stall (for metrics)."""
         with self._cond:
             done, self._completed = list(self._completed), deque(maxlen=_COMPLETED_KEPT)
         return done
@@ -166,17 +214,19 @@ class SaveLedger(PicklableBeforeUse):
                 save.stall_secs += time.perf_counter() - t0
         return time.perf_counter() - start
 
-    def wait(self, timeout_secs: float, path: str | None = None) -> None:
-        """Block until no save (of ``path``, when given) is pending; errors stay for ``take_error``.
+    def wait(self, timeout_secs: float, path: str | None = None, seq: int | None = None) -> None:
+        """Block until no save (of ``path``, or save ``seq``, when given) is pending; errors stay for
+        ``take_error``.
 
         Raises:
             CheckpointTimeoutError: still pending after ``timeout_secs``.
         """
-        path = os.path.abspath(path) if path is not None else None
+        key = path_key(path) if path is not None else None
         deadline = time.monotonic() + timeout_secs
 
         def busy() -> list[str]:
-            return [s.path for s in self._pending.values() if path is None or s.path == path]
+            return [s.path for s in self._pending.values()
+                    if (key is None or s.path == key) and (seq is None or s.seq == seq)]
 
         with self._cond:
             while busy():
@@ -189,17 +239,20 @@ class SaveLedger(PicklableBeforeUse):
     # ------------------------------------------------------------------ ordered actions
 
     def request_removal(self, path: str) -> None:
+        """Remove ``path`` once the saves issued before now are committed (see the class docstring)."""
         self._request(_Action("remove", 0, set(), path=os.path.abspath(path)))
 
     def request_link(self, target: str, linkpath: str) -> None:
+        """Point ``linkpath`` at ``target`` atomically once ``target`` is committed (never a dangling link)."""
+        os.makedirs(os.path.dirname(os.path.abspath(linkpath)), exist_ok=True)
         self._request(_Action("link", 0, set(), path=os.path.abspath(linkpath), target=os.path.abspath(target)))
 
-    def request_call(self, fn: Callable[[], Any]) -> None:
-        """Run ``fn`` from ``run_main_thread_actions`` once the saves pending now are done."""
+    def call_after_commit(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on the training thread once the saves pending now are done (``run_main_thread_actions``)."""
         with self._cond:
             self._orders += 1
-            action = _Action("call", self._seq, set(self._pending), fn=fn, order=self._orders)
-            self._calls.append(action)
+            self._calls.append(_Action("call", self._seq, set(self._pending), fn=fn, order=self._orders))
+        self.run_main_thread_actions()
 
     def _request(self, action: _Action) -> None:
         with self._cond:
@@ -208,7 +261,7 @@ class SaveLedger(PicklableBeforeUse):
             action.after_seq = self._seq
             action.waits_for = set(self._pending)
             if action.kind == "link":
-                target_seq = self._latest_by_path.get(action.target)
+                target_seq = self._latest_by_path.get(path_key(action.target))
                 if target_seq is not None:
                     action.waits_for.add(target_seq)
             elif self._seq:
@@ -225,8 +278,10 @@ class SaveLedger(PicklableBeforeUse):
     def process(self) -> None:
         """Run the ordered removals and links whose saves are done (any thread)."""
         with self._cond:
+            ready = []
             while self._actions and self._ready(self._actions[0]):
-                action = self._actions.popleft()
+                ready.append(self._actions.popleft())
+            for action in _links_first(ready):
                 try:
                     self._run(action)
                 except OSError as e:
@@ -237,7 +292,7 @@ class SaveLedger(PicklableBeforeUse):
 
     def _run(self, action: _Action) -> None:
         if action.kind == "remove":
-            if self._latest_by_path.get(action.path, 0) > action.after_seq:
+            if self._latest_by_path.get(path_key(action.path), 0) > action.after_seq:
                 log.debug("removal of %s dropped: it was saved again after the request", action.path)
             elif self._failed(action.waits_for):
                 log.warning("kept %s: a save issued before its removal failed, so it may be the newest complete "
@@ -245,7 +300,7 @@ class SaveLedger(PicklableBeforeUse):
             else:
                 layout.remove_tree(action.path)
             return
-        target_seq = self._latest_by_path.get(action.target)
+        target_seq = self._latest_by_path.get(path_key(action.target))
         if target_seq is not None and target_seq <= action.after_seq and self._failed({target_seq}):
             log.warning("kept the link %s: its new target %s failed to save", action.path, action.target)
             return
@@ -262,6 +317,23 @@ class SaveLedger(PicklableBeforeUse):
                 action.fn()
             finally:
                 self.process()
+
+
+def _summary(exc: BaseException) -> str:
+    """One line: the error's first line and, for a worker's traceback text, its last (the root cause)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [""]
+    head = f"{type(exc).__name__}: {lines[0]}"
+    return head if len(lines) == 1 else f"{head} {lines[-1]}"
+
+
+def _links_first(actions: list[_Action]) -> list[_Action]:
+    """Links before removals (a removal may be of the link's old target), except a removal of the link path
+    itself, which keeps its place before the link."""
+    linkpaths = {a.path for a in actions if a.kind == "link"}
+    early = [a for a in actions if a.kind == "remove" and a.path in linkpaths]
+    links = [a for a in actions if a.kind == "link"]
+    rest = [a for a in actions if a not in early and a.kind != "link"]
+    return early + links + rest
 
 
 def atomic_link(target: str, linkpath: str) -> None:
