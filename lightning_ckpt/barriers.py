@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import abc
+import inspect
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any
 
 from lightning_ckpt.errors import BarrierPeerError, BarrierTimeoutError, CheckpointError
 from lightning_ckpt.types import RankInfo
@@ -17,12 +20,43 @@ log = logging.getLogger(__name__)
 STORE_PORT_ENV = "LIGHTNING_CKPT_STORE_PORT"
 _POLL_SECS = 0.005
 
+# Names this project used before it took the seed's; still accepted in BarrierConfig and create_barrier_from_config.
+_TYPE_ALIASES = {"dist": "dist_barrier"}
+_ARG_ALIASES = {
+    "master_port": "tcpstore_port",
+    "master_addr": "master_address",
+    "prefix": "barrier_prefix",
+    "init_timeout_secs": "timeout_barrier_init_secs",
+}
 
-@runtime_checkable
-class Barrier(Protocol):
-    """Blocks until every rank of the checkpoint reached the same barrier."""
 
-    def execute_barrier(self) -> None: ...
+class Barrier(abc.ABC):
+    """Blocks until every rank of the checkpoint reached the same barrier.
+
+    Any object with an ``execute_barrier()`` method counts as a ``Barrier`` (``isinstance`` checks the method).
+    """
+
+    @abc.abstractmethod
+    def execute_barrier(self) -> None:
+        """Returns once every rank reached this barrier."""
+
+    @classmethod
+    def __subclasshook__(cls, other: type) -> bool:
+        if cls is Barrier and any("execute_barrier" in vars(base) for base in other.__mro__):
+            return True
+        return NotImplemented
+
+
+class KeyedBarrier(Barrier):
+    """Ours: a barrier whose points may be named, and which can tell the peers that this rank failed."""
+
+    @abc.abstractmethod
+    def execute_barrier(self, key: str | None = None) -> None:
+        """Returns once every rank reached barrier point ``key`` (None: the next in sequence)."""
+
+    @abc.abstractmethod
+    def report_error(self, message: str, key: str | None = None) -> None:
+        """Makes the peers waiting at ``key`` fail at once with ``BarrierPeerError`` carrying ``message``."""
 
 
 def barrier_wait(barrier: Barrier, key: str) -> None:
@@ -42,26 +76,39 @@ def barrier_report_error(barrier: Barrier, key: str, message: str) -> None:
             log.exception("could not report a failure to the other ranks at barrier %s", key)
 
 
-class KeyedBarrier:
-    """A barrier whose points are named, and which can tell peers that this rank failed."""
-
-    def execute_barrier(self, key: str | None = None) -> None:
-        raise NotImplementedError
-
-    def report_error(self, message: str, key: str | None = None) -> None:
-        raise NotImplementedError
+BARRIER_REGISTRY: dict[str, type] = {}
 
 
+def register_barrier(barrier_class: type) -> type:
+    """Class decorator: makes ``barrier_class`` available as ``BarrierConfig(barrier_type=barrier_class.barrier_type)``.
+
+    Returns the class unchanged; a class without a ``barrier_type`` attribute is not registered.
+    """
+    name = getattr(barrier_class, "barrier_type", None)
+    if name is not None:
+        BARRIER_REGISTRY[name] = barrier_class
+    return barrier_class
+
+
+@register_barrier
 class DistBarrier(KeyedBarrier):
     """A barrier over the default ``torch.distributed`` group; call it from the main thread only.
 
     Better than a bare ``dist.barrier()``: each rank contributes ok/failed through one ``all_gather``, so a rank
     whose write failed releases its peers with ``BarrierPeerError`` naming it instead of leaving them hanging; the
     wait is bounded by ``timeout_secs`` (not the process group's timeout), and a timeout or a vanished peer raises
-    an error naming the ranks that never arrived (recorded in the process group's store).
+    an error naming the ranks that never arrived (recorded in the process group's store). Without an initialized
+    process group (a single process) it returns at once.
+
+    Args:
+        timeout_secs: how long one barrier waits for its peers.
+        rank_info: accepted for symmetry with the other barriers; the ranks come from the process group.
     """
 
-    def __init__(self, rank_info: RankInfo | None = None, timeout_secs: float = 600.0) -> None:
+    barrier_type = "dist_barrier"
+    needs_main_thread = True  # it runs collectives
+
+    def __init__(self, timeout_secs: float = 600.0, *, rank_info: RankInfo | None = None) -> None:
         self.rank_info = rank_info
         self.timeout_secs = timeout_secs
         self._seq = 0
@@ -132,86 +179,160 @@ def _missing_ranks(store: Any, name: str, arrivals: int, world: int) -> list[int
         return "unknown"
 
 
+@register_barrier
 class TCPStoreBarrier(KeyedBarrier):
     """A barrier over a TCPStore, usable from any thread or process (the writer subprocess uses it).
 
-    Each barrier point is a key ``<prefix>/<key>``: a rank arrives by setting ``arrived/<rank>``; a failing rank
-    sets ``error`` so that peers raise ``BarrierPeerError`` at once; a timeout names the missing ranks.
+    Barrier points are sequence-numbered per prefix, as in PyTorch's: the n-th ``execute_barrier()`` meets at
+    ``<barrier_prefix><n>``; ours may also be named (``execute_barrier(key=...)`` meets at ``<barrier_prefix>/<key>``).
+    Better than PyTorch's: a failing rank's ``report_error`` makes its peers raise ``BarrierPeerError`` at once
+    instead of waiting; the wait is bounded by ``timeout_secs`` and a timeout raises ``BarrierTimeoutError`` naming
+    prefix, sequence, the missing ranks and the last barrier each of them reached.
 
     Args:
-        rank_info: this rank and the number of ranks that meet at each barrier.
-        master_port: port of the store served by rank 0 (see ``host_barrier_store``).
-        master_addr: host of that store.
-        prefix: namespace of the keys, so several checkpointers can share a store.
+        global_rank: this rank.
+        global_world_size: the number of ranks that meet at each barrier.
+        barrier_prefix: namespace of the keys, so several checkpointers can share a store.
+        timeout_barrier_init_secs: how long creating or reaching the store may take.
+        use_checkpoint_barrier_tcpstore_libuv: kept for PyTorch's signature; the store uses torch's default backend.
+        tcpstore_port: port of the store (default: the ``LIGHTNING_CKPT_STORE_PORT`` environment variable).
+        master_address: host of the store (default: ``MASTER_ADDR``, else 127.0.0.1).
         timeout_secs: how long one barrier waits for its peers.
-        init_timeout_secs: how long connecting to the store may take.
-        store: an existing store to use instead of connecting.
+        is_master: ours: whether this barrier serves the store; default: rank 0 does (as PyTorch's). The
+            checkpointer's writers pass False: the training process of rank 0 serves it (``host_barrier_store``).
+        store: ours: an existing store to use instead of creating one.
+        rank_info: ours: ``global_rank`` and ``global_world_size`` as one ``RankInfo``.
     """
 
-    def __init__(self, rank_info: RankInfo, master_port: int | None = None, master_addr: str | None = None,
-                 prefix: str = "lightning_ckpt", timeout_secs: float = 600.0, init_timeout_secs: float = 120.0,
-                 store: Any = None) -> None:
-        self.rank_info = rank_info
-        self.prefix = prefix
-        self.timeout_secs = timeout_secs
-        self._seq = 0
-        self._store = store if store is not None else self._connect(master_addr, master_port, init_timeout_secs)
+    barrier_type = "tcp_store"
+    needs_main_thread = False
 
-    def _connect(self, addr: str | None, port: int | None, init_timeout_secs: float) -> Any:
-        from torch.distributed import TCPStore
+    def __init__(self, global_rank: int | None = None, global_world_size: int | None = None,
+                 barrier_prefix: str = "lightning_ckpt", timeout_barrier_init_secs: float = 120.0,
+                 use_checkpoint_barrier_tcpstore_libuv: bool = True, tcpstore_port: int | None = None,
+                 master_address: str | None = None, timeout_secs: float = 600.0, *, is_master: bool | None = None,
+                 store: Any = None, rank_info: RankInfo | None = None) -> None:
+        if rank_info is not None:
+            global_rank = rank_info.global_rank if global_rank is None else global_rank
+            global_world_size = rank_info.global_world_size if global_world_size is None else global_world_size
+        if global_rank is None or global_world_size is None:
+            raise ValueError(
+                f"TCPStoreBarrier needs global_rank and global_world_size, got {global_rank!r}, {global_world_size!r}"
+            )
+        self.global_rank, self.global_world_size = int(global_rank), int(global_world_size)
+        self.barrier_prefix = barrier_prefix
+        self.timeout_secs = float(timeout_secs)
+        self.use_checkpoint_barrier_tcpstore_libuv = use_checkpoint_barrier_tcpstore_libuv
+        self._seq: Counter = Counter()
+        if store is None:
+            is_master = self.global_rank == 0 if is_master is None else is_master
+            store = self._connect(master_address, tcpstore_port, timeout_barrier_init_secs, is_master)
+        self._store = store
+
+    def _connect(self, addr: str | None, port: int | None, init_secs: float, is_master: bool) -> Any:
+        import torch.distributed as dist
 
         addr, port = resolve_store_address(addr, port)
+        log.debug("TCPStoreBarrier rank %d: %s the store at %s:%d (prefix %r)", self.global_rank,
+                  "serving" if is_master else "connecting to", addr, port, self.barrier_prefix)
         try:
-            return TCPStore(addr, port, self.rank_info.global_world_size, is_master=False,
-                            timeout=timedelta(seconds=init_timeout_secs), wait_for_workers=False)
+            return dist.TCPStore(addr, port, world_size=self.global_world_size,
+                                 timeout=timedelta(seconds=init_secs), is_master=is_master)
         except Exception as e:
             raise CheckpointError(
-                f"TCPStoreBarrier (rank {self.rank_info.global_rank}) could not reach the store at {addr}:{port} "
-                f"within {init_timeout_secs}s: {e}"
+                f"TCPStoreBarrier (rank {self.global_rank}, prefix '{self.barrier_prefix}') could not "
+                f"{'serve' if is_master else 'reach'} the store at {addr}:{port} within {init_secs}s: {e}"
             ) from e
 
-    def _next_key(self, key: str | None) -> str:
-        if key is None:
-            self._seq += 1
-            key = f"seq-{self._seq}"
-        return f"{self.prefix}/{key}"
+    def _point(self, key: str | None) -> tuple[str, str]:
+        """Returns (keys of the next barrier point, its sequence label) and advances the sequence."""
+        if key is not None:
+            return f"{self.barrier_prefix}/{key}", key
+        seq = self._seq[self.barrier_prefix]
+        self._seq[self.barrier_prefix] += 1
+        return f"{self.barrier_prefix}{seq}", str(seq)
 
     def execute_barrier(self, key: str | None = None) -> None:
-        base = self._next_key(key)
-        rank, world = self.rank_info.global_rank, self.rank_info.global_world_size
-        self._store.set(f"{base}/arrived/{rank}", "1")
-        arrived = [f"{base}/arrived/{r}" for r in range(world)]
+        import torch.distributed.elastic.utils.store as store_util
+
+        point, label = self._point(key)
+        self._store.set(f"rank{self.global_rank}", label)  # the last barrier each rank reached, for timeouts
+        self._wait_for_peers(point, label)
+        # every rank arrived: PyTorch's store barrier on the same point returns at once
+        store_util.barrier(store=self._store, world_size=self.global_world_size, key_prefix=point)
+
+    def _wait_for_peers(self, point: str, label: str) -> None:
+        rank, world = self.global_rank, self.global_world_size
+        self._store.add(f"{point}/arrived/{rank}", 1)
+        arrived = [f"{point}/arrived/{r}" for r in range(world)]
         deadline = time.monotonic() + self.timeout_secs
-        while True:
-            if self._store.check([f"{base}/error"]):
-                raise BarrierPeerError(f"barrier '{base}': {self._store.get(f'{base}/error').decode()}")
-            if self._store.check(arrived):
-                return
+        while not self._store.check(arrived):
+            if self._store.check([f"{point}/error"]):
+                raise BarrierPeerError(f"barrier '{point}': {self._store.get(f'{point}/error').decode()}")
             if time.monotonic() >= deadline:
                 missing = [r for r in range(world) if not self._store.check([arrived[r]])]
                 raise BarrierTimeoutError(
-                    f"barrier '{base}' (prefix '{self.prefix}') timed out after {self.timeout_secs}s on rank {rank}: "
-                    f"ranks {missing} of {world} never arrived"
+                    f"barrier '{point}' (prefix '{self.barrier_prefix}', sequence {label}) timed out after "
+                    f"{self.timeout_secs}s on rank {rank}: ranks {missing} of {world} never arrived "
+                    f"({self._last_reached(missing)})"
                 )
             time.sleep(_POLL_SECS)
 
+    def _last_reached(self, ranks: list[int]) -> str:
+        parts = []
+        for r in ranks:
+            try:
+                last = self._store.get(f"rank{r}").decode() if self._store.check([f"rank{r}"]) else None
+            except Exception:  # noqa: BLE001 - only for the message
+                last = "?"
+            parts.append(f"rank {r} last reached {last!r}" if last is not None else f"rank {r} reached none")
+        return "; ".join(parts)
+
     def report_error(self, message: str, key: str | None = None) -> None:
-        base = self._next_key(key)
-        self._store.set(f"{base}/error", f"rank {self.rank_info.global_rank} failed: {message}")
+        point, _ = self._point(key)
+        self._store.set(f"{point}/error", f"rank {self.global_rank} failed: {message}")
 
 
 def resolve_store_address(addr: str | None, port: int | None) -> tuple[str, int]:
+    """Fills a missing host from ``MASTER_ADDR`` (else 127.0.0.1) and a missing port from ``LIGHTNING_CKPT_STORE_PORT``."""
     addr = addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
     if port is None and os.environ.get(STORE_PORT_ENV):
         port = int(os.environ[STORE_PORT_ENV])
     if port is None:
         raise ValueError(
-            f"TCPStoreBarrier needs a port: set barrier_args['master_port'] or the {STORE_PORT_ENV} environment variable"
+            f"TCPStoreBarrier needs a port: set barrier_args['tcpstore_port'] or the {STORE_PORT_ENV} environment "
+            "variable"
         )
     return addr, int(port)
 
 
-def host_barrier_store(barrier_config: "BarrierConfig", rank_info: RankInfo) -> Any:
+def canonical_barrier_args(barrier_args: dict[str, Any]) -> dict[str, Any]:
+    """Returns ``barrier_args`` with this project's former names replaced by PyTorch's (``master_port`` ->
+    ``tcpstore_port``, ...); ValueError when both spellings of one argument are given."""
+    out = dict(barrier_args)
+    for old, new in _ARG_ALIASES.items():
+        if old in out:
+            if new in out:
+                raise ValueError(f"BarrierConfig.barrier_args gives both {old!r} and {new!r}; keep {new!r}")
+            out[new] = out.pop(old)
+    return out
+
+
+def tcp_store_port(barrier_config: BarrierConfig | None) -> int | None:
+    """The store port a ``tcp_store`` config names (either spelling), or None."""
+    if barrier_config is None:
+        return None
+    return canonical_barrier_args(barrier_config.barrier_args).get("tcpstore_port")
+
+
+def needs_main_thread(barrier_config: BarrierConfig | None) -> bool:
+    """Whether the barrier ``barrier_config`` names runs collectives (so it cannot live in the writer process)."""
+    if barrier_config is None or barrier_config.barrier_type is None:
+        return False
+    return bool(getattr(BARRIER_REGISTRY.get(barrier_config.barrier_type), "needs_main_thread", False))
+
+
+def host_barrier_store(barrier_config: BarrierConfig, rank_info: RankInfo) -> Any:
     """On rank 0, serve the TCPStore that ``tcp_store`` barriers of every rank connect to; else None.
 
     The store lives in the training process (not in a writer subprocess), so a replaced writer finds it again.
@@ -220,21 +341,10 @@ def host_barrier_store(barrier_config: "BarrierConfig", rank_info: RankInfo) -> 
         return None
     from torch.distributed import TCPStore
 
-    args = barrier_config.barrier_args
-    addr, port = resolve_store_address(args.get("master_addr"), args.get("master_port"))
+    args = canonical_barrier_args(barrier_config.barrier_args)
+    addr, port = resolve_store_address(args.get("master_address"), args.get("tcpstore_port"))
     return TCPStore(addr, port, rank_info.global_world_size, is_master=True, wait_for_workers=False,
-                    timeout=timedelta(seconds=float(args.get("init_timeout_secs", 120.0))))
-
-
-BARRIER_REGISTRY: dict[str, Callable[..., Barrier]] = {
-    "dist": DistBarrier,
-    "tcp_store": TCPStoreBarrier,
-}
-
-
-def register_barrier(name: str, factory: Callable[..., Barrier]) -> None:
-    """Make ``factory(rank_info=..., **barrier_args)`` available as ``BarrierConfig(barrier_type=name)``."""
-    BARRIER_REGISTRY[name] = factory
+                    timeout=timedelta(seconds=float(args.get("timeout_barrier_init_secs", 120.0))))
 
 
 @dataclass
@@ -242,26 +352,55 @@ class BarrierConfig:
     """Which barrier the ranks of one checkpoint meet at.
 
     Args:
-        barrier_type: a name in ``BARRIER_REGISTRY`` (``"dist"``, ``"tcp_store"``), or None for no barrier.
-        barrier_args: keyword arguments of that barrier (``tcp_store``: ``master_port``, ``master_addr``,
-            ``prefix``, ``timeout_secs``, ``init_timeout_secs``).
+        barrier_type: a name in ``BARRIER_REGISTRY`` (``"dist_barrier"``, ``"tcp_store"``, or a class added with
+            ``register_barrier``), or None for no barrier. ``"dist"`` is accepted for ``"dist_barrier"``.
+        barrier_args: keyword arguments of that barrier's constructor (``tcp_store``: ``tcpstore_port``,
+            ``master_address``, ``barrier_prefix``, ``timeout_secs``, ``timeout_barrier_init_secs``, ...).
     """
 
     barrier_type: str | None = None
     barrier_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.barrier_type = _TYPE_ALIASES.get(self.barrier_type, self.barrier_type)
         if self.barrier_type is not None and self.barrier_type not in BARRIER_REGISTRY:
             raise ValueError(
                 f"BarrierConfig.barrier_type must be one of {sorted(BARRIER_REGISTRY)} or None, got {self.barrier_type!r}"
             )
-        timeout = self.barrier_args.get("timeout_secs")
-        if timeout is not None and not float(timeout) > 0:  # NaN too
-            raise ValueError(f"BarrierConfig.barrier_args['timeout_secs'] must be > 0, got {timeout}")
+        args = canonical_barrier_args(self.barrier_args)
+        for name in ("timeout_secs", "timeout_barrier_init_secs"):
+            value = args.get(name)
+            if value is not None and not float(value) > 0:  # NaN too
+                raise ValueError(f"BarrierConfig.barrier_args['{name}'] must be > 0, got {value}")
 
 
-def create_barrier_from_config(config: BarrierConfig | None, rank_info: RankInfo) -> Barrier | None:
-    """Build the barrier ``config`` names, or None when it names none."""
-    if config is None or config.barrier_type is None:
+def create_barrier_from_config(barrier_config: BarrierConfig | None,
+                               rank_info: RankInfo | None = None) -> Barrier | None:
+    """Builds the barrier ``barrier_config`` names: ``cls(**barrier_args)``; None when it names none.
+
+    Args:
+        barrier_config: which barrier, with its constructor arguments.
+        rank_info: ours: the ranks of a checkpointer's writer. They fill ``global_rank``/``global_world_size`` (or
+            ``rank_info``) where the class takes them and ``barrier_args`` does not give them, and a ``tcp_store``
+            barrier then connects to the store that ``host_barrier_store`` serves instead of serving one itself.
+
+    Raises:
+        ValueError: the type is not registered.
+    """
+    if barrier_config is None or barrier_config.barrier_type is None:
         return None
-    return BARRIER_REGISTRY[config.barrier_type](rank_info=rank_info, **config.barrier_args)
+    barrier_type = _TYPE_ALIASES.get(barrier_config.barrier_type, barrier_config.barrier_type)
+    if barrier_type not in BARRIER_REGISTRY:
+        raise ValueError(f"unknown barrier type {barrier_type!r}; registered: {sorted(BARRIER_REGISTRY)}")
+    cls = BARRIER_REGISTRY[barrier_type]
+    args = canonical_barrier_args(barrier_config.barrier_args)
+    if rank_info is not None:
+        params = inspect.signature(cls).parameters
+        if "global_rank" in params and "global_world_size" in params:
+            args.setdefault("global_rank", rank_info.global_rank)
+            args.setdefault("global_world_size", rank_info.global_world_size)
+        elif "rank_info" in params:
+            args.setdefault("rank_info", rank_info)
+        if issubclass(cls, TCPStoreBarrier):
+            args.setdefault("is_master", False)
+    return cls(**args)

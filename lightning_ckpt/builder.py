@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import socket
 
-from lightning_ckpt.barriers import BarrierConfig, create_barrier_from_config
+from lightning_ckpt.barriers import BarrierConfig, create_barrier_from_config, tcp_store_port
 from lightning_ckpt.checkpoint_process import CheckpointProcess
 from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpoint_writer import CheckpointWriter, WriterHook
 from lightning_ckpt.checkpointer import AsyncCheckpointer, SyncCheckpointer
 from lightning_ckpt.config import CheckpointerConfig
+from lightning_ckpt.error_store import ErrorStore
 from lightning_ckpt.staging import DefaultStager
 from lightning_ckpt.types import RankInfo
 
@@ -37,13 +38,15 @@ def make_sync_checkpointer(config: CheckpointerConfig | None = None, rank_info: 
 
 
 def make_async_checkpointer(config: CheckpointerConfig | None = None, rank_info: RankInfo | None = None,
-                            commit_hook: WriterHook | None = None) -> AsyncCheckpointer:
+                            commit_hook: WriterHook | None = None, *,
+                            error_store: ErrorStore | None = None) -> AsyncCheckpointer:
     """A checkpointer that stages into shared memory and writes in a persistent subprocess.
 
     Args:
         config: the config tree; defaults throughout when None.
         rank_info: defaults to the ``torch.distributed`` rank when initialised, else ``RankInfo(0, 1)``.
         commit_hook: a ``WriterHook`` importable by module path (it runs in the writer process).
+        error_store: where failed saves wait to be raised (shared with the caller's layer); a private one if None.
 
     With several ranks and no barrier configured, a ``tcp_store`` barrier is used; when ``torch.distributed`` is
     initialised and no port is given, rank 0 picks a free port and broadcasts it (a collective: call this on
@@ -55,7 +58,8 @@ def make_async_checkpointer(config: CheckpointerConfig | None = None, rank_info:
     process = CheckpointProcess(rank_info, config.process_config, config.writer_config, barrier_config, commit_hook)
     return AsyncCheckpointer(DefaultStager(config.staging_config), process,
                              CheckpointReader(rank_info, verify=config.verify_on_load),
-                             max_in_flight=config.max_in_flight, wait_timeout_secs=config.wait_timeout_secs)
+                             max_in_flight=config.max_in_flight, wait_timeout_secs=config.wait_timeout_secs,
+                             error_store=error_store)
 
 
 def _async_barrier_config(barrier_config: BarrierConfig, rank_info: RankInfo) -> BarrierConfig | None:
@@ -63,11 +67,11 @@ def _async_barrier_config(barrier_config: BarrierConfig, rank_info: RankInfo) ->
         return barrier_config if barrier_config.barrier_type is not None else None
     if barrier_config.barrier_type is None:
         barrier_config = BarrierConfig("tcp_store")
-    if barrier_config.barrier_type == "tcp_store" and barrier_config.barrier_args.get("master_port") is None:
+    if barrier_config.barrier_type == "tcp_store" and tcp_store_port(barrier_config) is None:
         port = _broadcast_free_port(rank_info)
         if port is not None:
             barrier_config = dataclasses.replace(
-                barrier_config, barrier_args={**barrier_config.barrier_args, "master_port": port}
+                barrier_config, barrier_args={**barrier_config.barrier_args, "tcpstore_port": port}
             )
     return barrier_config
 

@@ -17,7 +17,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import send_handle
 from typing import TYPE_CHECKING, Any
 
-from lightning_ckpt.barriers import BarrierConfig
+from lightning_ckpt.barriers import BarrierConfig, needs_main_thread
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint
 from lightning_ckpt.checkpoint_writer import (
     CheckpointWriterConfig,
@@ -93,6 +93,7 @@ class WriteRequest:
     prepared: PreparedCheckpoint
     buffer_id: int | None
     save_key: str | None
+    after_commit: Any = None  # run by the writer once committed (``CheckpointWriter.write_prepared``)
 
 
 @dataclass
@@ -135,9 +136,9 @@ class CheckpointProcess(PicklableBeforeUse):
     def __init__(self, rank_info: RankInfo, config: CheckpointProcessConfig | None = None,
                  writer_config: CheckpointWriterConfig | None = None, barrier_config: BarrierConfig | None = None,
                  commit_hook: WriterHook | None = None) -> None:
-        if barrier_config is not None and barrier_config.barrier_type == "dist":
+        if needs_main_thread(barrier_config):
             raise ValueError(
-                "barrier_type 'dist' runs collectives and must stay on the main thread; the writer subprocess "
+                "barrier_type 'dist_barrier' runs collectives and must stay on the main thread; the writer subprocess "
                 "needs barrier_type 'tcp_store'"
             )
         if commit_hook is not None and type(commit_hook).__module__ == "__main__":
@@ -185,8 +186,11 @@ class CheckpointProcess(PicklableBeforeUse):
             self._ensure_started()
 
     def write(self, path: str, prepared: PreparedCheckpoint, buffer: "StagingBuffer | None",
-              save_key: str | None = None) -> Future:
-        """Send one write; the future resolves to ``WriteStats`` or fails with the writer's error text."""
+              save_key: str | None = None, after_commit: Any = None) -> Future:
+        """Send one write; the future resolves to ``WriteStats`` or fails with the writer's error text.
+
+        ``after_commit`` (picklable, importable by module path) runs in the writer once the file is committed.
+        """
         future: Future = Future()
         with self._lock:
             if self._closed:
@@ -200,7 +204,8 @@ class CheckpointProcess(PicklableBeforeUse):
             with self._plock:
                 self._pending[request_id] = _Pending(future, path)
             try:
-                self._send(WriteRequest(request_id, path, prepared, buffer.id if buffer else None, save_key))
+                self._send(WriteRequest(request_id, path, prepared, buffer.id if buffer else None, save_key,
+                                        after_commit))
             except BaseException:
                 with self._plock:
                     self._pending.pop(request_id, None)

@@ -12,10 +12,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_ckpt import paths
 from lightning_ckpt.barriers import create_barrier_from_config, host_barrier_store
 from lightning_ckpt.checkpoint_process import CheckpointProcess
 from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpoint_writer import CheckpointWriter, WriteStats
+from lightning_ckpt.error_store import ErrorStore, new_save_key
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError
 from lightning_ckpt.futures import TrackedFuture, completed_future
 from lightning_ckpt.picklable import PicklableBeforeUse
@@ -137,10 +139,13 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         reader: reads checkpoints back.
         max_in_flight: saves that may be pending at once (each holds its own staging buffer).
         wait_timeout_secs: how long ``save`` waits for a free slot and ``wait``/``close`` for pending saves.
+        error_store: where failed saves are kept until raised (share one with the layer above, so that each
+            failure is logged and raised once); a private one when None.
     """
 
     def __init__(self, checkpoint_stager: CheckpointStager, checkpoint_process: CheckpointProcess,
-                 reader: CheckpointReader, *, max_in_flight: int = 1, wait_timeout_secs: float = 3600.0) -> None:
+                 reader: CheckpointReader, *, max_in_flight: int = 1, wait_timeout_secs: float = 3600.0,
+                 error_store: ErrorStore | None = None) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.stager = checkpoint_stager
@@ -156,7 +161,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         self.max_in_flight = max_in_flight
         self.wait_timeout_secs = wait_timeout_secs
         self._inflight: deque[_InFlight] = deque()
-        self._errors: list[tuple[TrackedFuture, BaseException]] = []
+        self.errors = error_store if error_store is not None else ErrorStore()
         self._lock = threading.Lock()
         self._seq = 0
         self._store: Any = None
@@ -178,7 +183,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             state_dict: what to save.
             **kwargs: ``metadata`` (json-able facts kept with the checksums); ``snapshot_token`` (a value such as
                 the training step: a save with the same token as the previous one, of the same unchanged tensors,
-                shares its staged copy).
+                shares its staged copy); ``after_commit`` (run by the writer once committed, e.g. an upload).
 
         Returns:
             ``(stage_future, write_future)``; ``write_future`` resolves to ``SaveStats``.
@@ -196,34 +201,36 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         if not self._stager_bounds_buffers:
             self._wait_for_slot()
         self._seq += 1
-        save_key = f"save-{self._seq}"
-        path = os.path.abspath(os.fspath(path))
+        save_key = new_save_key()
+        path = paths.local_path(path)
+        after_commit = kwargs.get("after_commit")
         start = time.perf_counter()
         self._host_store()
         try:
             staged = self.stager.stage(state_dict, metadata=kwargs.get("metadata"),
                                        snapshot_token=kwargs.get("snapshot_token"))
         except StagingBufferTooLarge as e:
-            return self._save_fallback(path, state_dict, save_key, start, e)
+            return self._save_fallback(path, state_dict, save_key, start, e, after_commit)
         stall = time.perf_counter() - start
         stage_future = staged if isinstance(staged, Future) else completed_future(staged)
-        write_future = TrackedFuture()
+        write_future = TrackedFuture(save_key, lambda: self.errors.mark_seen(save_key))
         with self._lock:
             while self._inflight and self._inflight[0].write_future.done():
-                self._inflight.popleft()  # finished saves are forgotten (their errors are kept in _errors)
+                self._inflight.popleft()  # finished saves are forgotten (their errors are kept in self.errors)
             self._inflight.append(_InFlight(path, stage_future, write_future))
-        stage_future.add_done_callback(lambda f: self._dispatch(f, path, write_future, save_key, start, stall))
+        stage_future.add_done_callback(
+            lambda f: self._dispatch(f, path, write_future, save_key, start, stall, after_commit))
         return stage_future, write_future
 
     def _dispatch(self, stage_future: Future, path: str, write_future: TrackedFuture, save_key: str,
-                  start: float, stall: float) -> None:
+                  start: float, stall: float, after_commit: Any = None) -> None:
         """Runs when staging is done: hand the staged checkpoint to the writer process."""
         if stage_future.exception() is not None:
             self._fail(write_future, stage_future.exception())
             return
         staged: StagedCheckpoint = stage_future.result()
         try:
-            inner = self.process.write(path, staged.prepared, staged.buffer, save_key)
+            inner = self.process.write(path, staged.prepared, staged.buffer, save_key, after_commit)
         except BaseException as e:  # noqa: BLE001 - delivered through the future and raised once later
             self.stager.release(staged)
             self._fail(write_future, e)
@@ -244,12 +251,11 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         write_future.set_result(result)
 
     def _fail(self, write_future: TrackedFuture, exc: BaseException) -> None:
-        with self._lock:
-            self._errors.append((write_future, exc))
+        self.errors.record(exc, write_future.save_key)
         write_future.set_exception(exc)
 
     def _save_fallback(self, path: str, state_dict: STATE_DICT, save_key: str, start: float,
-                       reason: Exception) -> tuple[Future, Future]:
+                       reason: Exception, after_commit: Any = None) -> tuple[Future, Future]:
         """The state exceeds the staging budget: wait for pending saves, then write from the live tensors here."""
         log.warning("%s; writing %s synchronously from the live tensors (slower path)", reason, path)
         self.wait()
@@ -257,7 +263,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             proc = self.process
             barrier = create_barrier_from_config(proc.barrier_config, proc.rank_info)
             self._fallback = CheckpointWriter(proc.writer_config, proc.rank_info, barrier, proc.commit_hook)
-        stats = self._fallback.write(path, state_dict, save_key=save_key)
+        stats = self._fallback.write(path, state_dict, save_key=save_key, after_commit=after_commit)
         elapsed = time.perf_counter() - start
         result = SaveStats(stats.path, stats.nbytes, elapsed, elapsed, stats.write_secs, elapsed, fallback=True)
         return completed_future(None), completed_future(result)
@@ -325,6 +331,10 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             self._wait_future(entry, self.wait_timeout_secs if timeout_secs is None else timeout_secs)
 
     def wait(self, timeout_secs: float | None = None) -> None:
+        self._wait_pending(timeout_secs)
+        self.check_for_errors()
+
+    def _wait_pending(self, timeout_secs: float | None) -> None:
         timeout_secs = self.wait_timeout_secs if timeout_secs is None else timeout_secs
         deadline = time.monotonic() + timeout_secs
         with self._lock:
@@ -333,17 +343,10 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             self._wait_future(entry, max(0.0, deadline - time.monotonic()))
         with self._lock:
             self._inflight.clear()
-        self.check_for_errors()
 
     def check_for_errors(self) -> None:
-        """Raise the first background error nobody has seen yet, then forget all recorded errors."""
-        with self._lock:
-            errors, self._errors = self._errors, []
-        unseen = [exc for future, exc in errors if not future.observed]
-        if unseen:
-            if len(unseen) > 1:
-                log.error("%d more checkpoint saves failed; the first is raised", len(unseen) - 1)
-            raise unseen[0]
+        """Raise the oldest failed save nobody has seen yet (through its future or a raise), once."""
+        self.errors.raise_pending()
 
     def load(self, path: str | os.PathLike, state_dict: STATE_DICT | None = None, *,
              default_map_location: Any = None, strict: bool = False, **kwargs: Any) -> STATE_DICT:
@@ -363,7 +366,8 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         error: BaseException | None = None
         try:
             self._join_starter()
-            self.wait()
+            self._wait_pending(None)
+            self.errors.raise_pending(all_=True)  # nobody can take the later ones: named in its notes
         except BaseException as e:  # noqa: BLE001 - released first, raised after
             error = e
         finally:

@@ -3,8 +3,39 @@
 from __future__ import annotations
 
 
+def _rebuild(cls: type, args: tuple, state: dict) -> BaseException:
+    """Recreate an error without calling ``__init__`` (whose signature may differ from ``args``)."""
+    exc = _new(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
+def _new(cls: type) -> BaseException:
+    # With two builtin bases (e.g. RuntimeError and TimeoutError) only the base owning the memory layout may allocate.
+    for base in cls.__mro__:
+        if "__new__" in vars(base):
+            try:
+                return base.__new__(cls)
+            except TypeError:
+                continue
+    raise TypeError(f"cannot allocate {cls.__name__}")
+
+
 class CheckpointError(RuntimeError):
-    """Root of every error this library raises besides ``ValueError``/``FileNotFoundError``/``TypeError``."""
+    """Root of every error this library raises besides ``ValueError``/``FileNotFoundError``/``TypeError``.
+
+    Every subclass survives pickling with its message and fields (``torch.distributed`` gathers exceptions from
+    the ranks by pickling them; a keyword-only field would otherwise make the unpickling raise ``TypeError``).
+    """
+
+    def __reduce__(self) -> tuple:
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
+
+
+def restated(exc: CheckpointError, message: str) -> CheckpointError:
+    """The same error (type and fields) with another message, e.g. one naming the rank it came from."""
+    return _rebuild(type(exc), (message, *exc.args[1:]), dict(exc.__dict__))
 
 
 class IncompleteCheckpointError(CheckpointError):

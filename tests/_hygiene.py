@@ -5,8 +5,11 @@ Plain functions so they can be unit-tested; ``tests/conftest.py`` wires them int
 
 from __future__ import annotations
 
+import ctypes
 import os
+import select
 import signal
+import struct
 import sys
 import threading
 import time
@@ -166,6 +169,16 @@ def leaked_threads(before: Iterable[threading.Thread], grace_secs: float = GRACE
 
 
 # ---------------------------------------------------------------- /dev/shm
+#
+# /dev/shm is shared by every job on the machine, and tmpfs records no creator. An entry counts as this test's only on
+# positive evidence that this process or one of its descendants made it: this process opened it with O_CREAT (audit hook),
+# or a process of this tree held it (descriptor or mapping) when inotify reported its creation or when the check ran.
+# Anything else (another job's semaphores, entries whose origin is unknown) is neither reported nor removed.
+
+IN_CREATE = 0x100
+IN_MOVED_TO = 0x80
+_INOTIFY_HEADER = struct.Struct("iIII")
+_active_watches: list[ShmWatch] = []
 
 
 def shm_snapshot(shm_dir: str = SHM_DIR) -> set[str]:
@@ -176,51 +189,177 @@ def shm_snapshot(shm_dir: str = SHM_DIR) -> set[str]:
         return set()
 
 
-def _foreign_shm_names(names: set[str], shm_dir: str) -> set[str]:
-    """Returns the names among ``names`` held open or mapped by a process outside this process tree.
+def _tree_pids() -> set[int]:
+    """This process and its running descendants."""
+    return {os.getpid()} | child_pids()
 
-    Another test run or program on the machine may create /dev/shm entries while a test runs; those are not our leaks.
-    """
-    ours = {os.getpid()} | set(_descendants(os.getpid()))
-    paths = {os.path.join(shm_dir, name): name for name in names}
-    foreign: set[str] = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in ours:
-            continue
+
+def _held_paths(pid: int, prefix: str) -> set[str]:
+    """Paths under ``prefix`` that ``pid`` holds as a descriptor or a mapping (empty when unreadable)."""
+    held: set[str] = set()
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            held.update(line.split(maxsplit=5)[-1].strip() for line in f if prefix in line)
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return held
+    for fd in fds:
         try:
-            with open(f"/proc/{entry}/maps") as f:
-                held = {line.split(maxsplit=5)[-1].strip() for line in f if shm_dir in line}
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                try:
-                    held.add(os.readlink(f"/proc/{entry}/fd/{fd}"))
-                except OSError:
-                    continue
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        foreign.update(paths[p] for p in held if p in paths)
-    return foreign
+        if target.startswith(prefix):
+            held.add(target)
+    return held
 
 
-def leaked_shm(before: Iterable[str], grace_secs: float = GRACE_SECS, shm_dir: str = SHM_DIR) -> list[str]:
-    """Returns entries of ``shm_dir`` created since ``before`` that still exist after up to ``grace_secs``."""
-    before = set(before)
-
-    def still_leaking() -> list[str]:
-        return sorted(shm_snapshot(shm_dir) - before)
-
-    leaking = set(_poll_until(still_leaking, grace_secs))
-    if leaking:
-        leaking -= _foreign_shm_names(leaking, shm_dir)
-    return sorted(leaking)
+def _names_held_by(pids: Iterable[int], shm_dir: str) -> set[str]:
+    prefix = shm_dir.rstrip("/") + "/"
+    names = set()
+    for pid in pids:
+        names.update(p[len(prefix) :] for p in _held_paths(pid, prefix) if "/" not in p[len(prefix) :])
+    return names
 
 
-def remove_shm(names: Iterable[str], shm_dir: str = SHM_DIR) -> None:
-    """Unlinks the given entries of ``shm_dir``, ignoring those already gone."""
-    for name in names:
+def _audit_open(event: str, args: tuple) -> None:
+    """Audit hook: records entries that this process creates with ``open``/``os.open`` in a watched directory."""
+    if event != "open" or not _active_watches:
+        return
+    path, _mode, flags = args
+    if not isinstance(path, (str, bytes, os.PathLike)) or not (flags or 0) & os.O_CREAT:
+        return
+    path = os.fsdecode(path)
+    for watch in list(_active_watches):
+        directory, name = os.path.split(os.path.abspath(path))
+        if directory == os.path.abspath(watch.shm_dir) and not os.path.lexists(path):
+            watch.pending_self.add(name)
+
+
+sys.addaudithook(_audit_open)
+
+
+class ShmWatch:
+    """Records which entries of ``shm_dir`` this process and its descendants create while the watch is open."""
+
+    def __init__(self, shm_dir: str = SHM_DIR) -> None:
+        self.shm_dir = shm_dir
+        self.before = shm_snapshot(shm_dir)
+        self.pending_self: set[str] = set()  # created by this process; inode looked up lazily
+        self._created: dict[str, int] = {}  # name -> inode at the time it was attributed to us
+        self._lock = threading.Lock()
+        self._stop_r, self._stop_w = os.pipe()
+        self._inotify = self._open_inotify()
+        self._thread = None
+        if self._inotify is not None:
+            self._thread = threading.Thread(target=self._watch_loop, name="hygiene-shm-watch", daemon=True)
+            self._thread.start()
+        _active_watches.append(self)
+
+    def _open_inotify(self) -> int | None:
         try:
-            os.unlink(os.path.join(shm_dir, name))
-        except FileNotFoundError:
-            pass
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+            if fd < 0:
+                return None
+            if libc.inotify_add_watch(fd, os.fsencode(self.shm_dir), IN_CREATE | IN_MOVED_TO) < 0:
+                os.close(fd)
+                return None
+            return fd
+        except (OSError, AttributeError):
+            return None
+
+    def _watch_loop(self) -> None:
+        while True:
+            ready, _, _ = select.select([self._inotify, self._stop_r], [], [])
+            if self._stop_r in ready:
+                return
+            try:
+                data = os.read(self._inotify, 65536)
+            except BlockingIOError:
+                continue
+            names = set()
+            offset = 0
+            while offset < len(data):
+                _wd, _mask, _cookie, length = _INOTIFY_HEADER.unpack_from(data, offset)
+                offset += _INOTIFY_HEADER.size
+                names.add(data[offset : offset + length].rstrip(b"\0").decode(errors="replace"))
+                offset += length
+            self._attribute(names & _names_held_by(_tree_pids(), self.shm_dir))
+
+    def _attribute(self, names: Iterable[str]) -> None:
+        for name in names:
+            if name in self.before:
+                continue
+            try:
+                inode = os.lstat(os.path.join(self.shm_dir, name)).st_ino
+            except OSError:
+                continue  # already gone: not a leak
+            with self._lock:
+                self._created.setdefault(name, inode)
+
+    def observe_tree(self) -> None:
+        """Attributes the entries that this process tree holds right now (call before killing leaked processes)."""
+        self._attribute(_names_held_by(_tree_pids(), self.shm_dir))
+
+    def created(self) -> dict[str, int]:
+        """Returns ``{name: inode}`` of the entries attributed to this process tree so far."""
+        pending, self.pending_self = self.pending_self, set()
+        self._attribute(pending)
+        with self._lock:
+            return dict(self._created)
+
+    def existing(self) -> list[str]:
+        """Returns the attributed entries that still exist as the same file (same inode)."""
+        alive = []
+        for name, inode in self.created().items():
+            try:
+                if os.lstat(os.path.join(self.shm_dir, name)).st_ino == inode:
+                    alive.append(name)
+            except OSError:
+                continue
+        return sorted(alive)
+
+    def remove(self, names: Iterable[str]) -> None:
+        """Unlinks the given attributed entries, only while they are still the file that was attributed."""
+        created = self.created()
+        for name in names:
+            path = os.path.join(self.shm_dir, name)
+            try:
+                if name in created and os.lstat(path).st_ino == created[name]:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        """Stops watching (idempotent); what was attributed stays readable."""
+        if self in _active_watches:
+            _active_watches.remove(self)
+        if self._thread is not None:
+            os.write(self._stop_w, b"x")
+            self._thread.join(timeout=GRACE_SECS)
+            self._thread = None
+        for fd in (self._inotify, self._stop_r, self._stop_w):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._inotify = self._stop_r = self._stop_w = None
+
+
+def _held_outside_tree(names: set[str], shm_dir: str) -> set[str]:
+    """Returns the names among ``names`` that a process outside this process tree holds (someone else uses them)."""
+    ours = _tree_pids()
+    others = [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) not in ours]
+    return names & _names_held_by(others, shm_dir)
+
+
+def leaked_shm(watch: ShmWatch, grace_secs: float = GRACE_SECS) -> list[str]:
+    """Returns entries created by this process tree since ``watch`` opened that still exist after up to ``grace_secs``."""
+    leaking = set(_poll_until(watch.existing, grace_secs))
+    if leaking:
+        leaking -= _held_outside_tree(leaking, watch.shm_dir)
+    return sorted(leaking)
 
 
 # ---------------------------------------------------------------- torch.distributed
@@ -245,9 +384,9 @@ class LeakChecker:
 
     def __init__(self, grace_secs: float = GRACE_SECS) -> None:
         self.grace_secs = grace_secs
+        self.shm = ShmWatch()
         self.pids = child_pids()
         self.threads = thread_snapshot()
-        self.shm = shm_snapshot()
 
     def check_and_clean(self) -> list[str]:
         """Returns one message per kind of leak (empty when clean); kills, unlinks and destroys what leaked.
@@ -255,6 +394,7 @@ class LeakChecker:
         Threads cannot be killed; they are only reported.
         """
         problems = []
+        self.shm.observe_tree()  # before leaked processes die: what they hold is theirs
         processes = leaked_processes(self.pids, self.grace_secs)
         if processes:
             listing = "; ".join(f"pid {pid}: {cmd}" for pid, cmd in processes)
@@ -265,9 +405,10 @@ class LeakChecker:
             listing = ", ".join(f"{t.name!r} (daemon={t.daemon})" for t in threads)
             problems.append(f"leaked {len(threads)} thread(s): {listing}")
         shm = leaked_shm(self.shm, self.grace_secs)
+        self.shm.close()
         if shm:
-            problems.append(f"leaked {len(shm)} {SHM_DIR} entr(y/ies), removed: {', '.join(shm)}")
-            remove_shm(shm)
+            problems.append(f"leaked {len(shm)} {SHM_DIR} entr(y/ies) created by this test, removed: {', '.join(shm)}")
+            self.shm.remove(shm)
         if process_group_initialized():
             problems.append("left the torch.distributed default process group initialized (destroyed it)")
             destroy_process_group()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import logging
 from concurrent.futures import Future
 from typing import Any
 
@@ -12,8 +11,6 @@ from lightning_ckpt.checkpointer import AsyncCheckpointer
 from lightning_ckpt.lightning.base_io import LightningCkptIO
 from lightning_ckpt.lightning.ledger import _wait
 from lightning_ckpt.types import RankInfo
-
-log = logging.getLogger(__name__)
 
 
 class AsyncCheckpointIO(LightningCkptIO):
@@ -36,23 +33,16 @@ class AsyncCheckpointIO(LightningCkptIO):
     Args: see ``LightningCkptIO`` (``config``, ``error_policy``, ``commit_hook``).
     """
 
-    def _save(self, path: str, checkpoint: dict[str, Any], step: int | None) -> tuple[Future, Future]:
+    def _save(self, path: str, checkpoint: dict[str, Any], step: int | None,
+              after_commit: Any = None) -> tuple[Future, Future]:
         checkpointer = self._ensure_checkpointer()
-        self._forget_core_errors(checkpointer)
         metadata = {"step": int(step)} if step is not None else None
         stage_future, write_future = checkpointer.save(path, self.window.prepare(checkpoint), metadata=metadata,
-                                                       snapshot_token=self.window.token(step))
+                                                       snapshot_token=self.window.token(step),
+                                                       after_commit=after_commit)
         if not self.window.defers_staging:
             _wait(stage_future, self.config.wait_timeout_secs, f"staging of {path}")
         return stage_future, write_future
-
-    @staticmethod
-    def _forget_core_errors(checkpointer: AsyncCheckpointer) -> None:
-        """The ledger reports each failed save through its write future; the core's copy is not raised again."""
-        try:
-            checkpointer.check_for_errors()
-        except Exception as e:  # noqa: BLE001 - already recorded by the ledger (one report per save)
-            log.debug("core error already reported through its save's future: %s", e)
 
     def _warm_up(self) -> None:
         self._ensure_checkpointer().start(block=False)
@@ -60,7 +50,8 @@ class AsyncCheckpointIO(LightningCkptIO):
     def _ensure_checkpointer(self) -> AsyncCheckpointer:
         if self._checkpointer is None:
             # Lightning saves on global rank 0 only and each checkpoint is one file: the writer is a single rank.
-            self._checkpointer = make_async_checkpointer(self.config, RankInfo(0, 1), self.commit_hook)
+            self._checkpointer = make_async_checkpointer(self.config, RankInfo(0, 1), self.commit_hook,
+                                                         error_store=self.ledger.errors)
             atexit.register(self._close_at_exit)
         return self._checkpointer
 

@@ -13,27 +13,26 @@ import torch
 from lightning.fabric.plugins.io import CheckpointIO
 from typing_extensions import override
 
+from lightning_ckpt import layout, paths, remote_files
 from lightning_ckpt.barriers import Barrier
 from lightning_ckpt.builder import make_sync_checkpointer
 from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpointer import SyncCheckpointer
 from lightning_ckpt.checkpoint_writer import WriterHook
 from lightning_ckpt.config import CheckpointerConfig
+from lightning_ckpt.errors import CheckpointWriteError
 from lightning_ckpt.futures import completed_future
 from lightning_ckpt.lightning.binding import StrategyBarrier, TrainerBinding
 from lightning_ckpt.lightning.ledger import SaveLedger, wait_in_process
 from lightning_ckpt.lightning.plugin_config import coerce_config
 from lightning_ckpt.lightning.snapshot_window import SnapshotWindow
+from lightning_ckpt.paths import RemotePath
+from lightning_ckpt.remote import RemoteConfig, RemoteUpload
 from lightning_ckpt.types import RankInfo
 
 log = logging.getLogger(__name__)
 
 ErrorPolicy = Literal["raise", "warn"]
-
-
-def resolve_path(path: Any) -> str:
-    """The one place a Lightning path becomes the path we write, read and remove (local: absolute)."""
-    return os.path.abspath(os.fspath(path))
 
 
 def ensure_directory(path: str) -> None:
@@ -64,19 +63,32 @@ class LightningCkptIO(CheckpointIO):
             ``"warn"``: one line is logged (logger ``lightning_ckpt.lightning``, traceback at DEBUG) and
             training continues.
         commit_hook: a ``WriterHook`` called around each commit (importable by module path).
+        storage_options: fsspec options for remote paths (``s3://``): ``endpoint_url``, ``key``, ``secret``,
+            ``client_kwargs``, ``config_kwargs``; Lightning's per-call ``storage_options`` are merged over them.
+        remote_config: part size, concurrency and retries of remote uploads and downloads.
+
+    Remote paths (``s3://bucket/run/x.ckpt``): the checkpoint is committed in the local cache
+    (``$LIGHTNING_CKPT_CACHE_DIR``, default ``~/.cache/lightning_ckpt``), then the writer uploads it with a multipart
+    upload whose completion is the commit; the save counts as done (removals, ``last.ckpt``, ``load``) only then.
+    A remote save of the same step and unchanged weights as the previous remote save (ModelCheckpoint's
+    ``save_last=True``) becomes a server-side copy of that object once it is complete, never a second upload.
 
     Raises:
         ValueError: a bad ``config`` field or ``error_policy`` (named).
     """
 
     def __init__(self, config: Optional[CheckpointerConfig] = None, error_policy: ErrorPolicy = "raise",
-                 commit_hook: Optional[WriterHook] = None) -> None:
+                 commit_hook: Optional[WriterHook] = None, storage_options: Optional[dict[str, Any]] = None,
+                 remote_config: Optional[RemoteConfig] = None) -> None:
         name = type(self).__name__
         if error_policy not in ("raise", "warn"):
             raise ValueError(f"{name}.error_policy must be 'raise' or 'warn', got {error_policy!r}")
         self.config = coerce_config(config, f"{name}.config")
         self.error_policy = error_policy
         self.commit_hook = commit_hook
+        self.storage_options = dict(storage_options or {})
+        self.remote_config = remote_config if remote_config is not None else RemoteConfig()
+        self._last_remote: tuple | None = None  # (step, weights fingerprint, RemotePath) of the last upload
         self.rank_info = RankInfo(0, 1)
         self.barrier: Barrier | None = None
         self.window = SnapshotWindow()
@@ -100,35 +112,38 @@ class LightningCkptIO(CheckpointIO):
         """Save ``checkpoint`` at ``path`` (the directory is created now, the file appears atomically).
 
         Raises:
-            TypeError: ``storage_options`` is not None (like ``TorchCheckpointIO``).
+            TypeError: ``storage_options`` for a local path (like ``TorchCheckpointIO``).
+            ValueError: a path we cannot write (``memory://``, an unknown protocol).
             NotADirectoryError: a file is where the checkpoint directory should be.
             CheckpointError: this save (outside the training loop) or an earlier one failed (``"raise"``).
         """
-        if storage_options is not None:
-            raise TypeError(
-                f"`Trainer.save_checkpoint(..., storage_options=...)` with `storage_options` arg is not supported for "
-                f"`{type(self).__name__}`. Please implement your custom `CheckpointIO` to define how you'd like to "
-                f"use `storage_options`."
-            )
+        location = self._locate(path, storage_options)
         trainer = self.binding.bind_caller()
         self._check_world()
-        self._raise_pending_error()
-        path = resolve_path(path)
-        ensure_directory(path)
+        self.raise_pending_error()
         step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
-        commit_now = self.binding.commits_before_return(trainer, path)
+        local, after_commit = location, None
+        if isinstance(location, RemotePath):
+            if self._copy_instead(location, checkpoint, step):
+                return
+            local, after_commit = location.cache_path(), RemoteUpload(location, self.remote_config,
+                                                                      self._remote_timeout())
+        ensure_directory(local)
+        commit_now = self.binding.commits_before_return(trainer, local)
         start = time.perf_counter()
         try:
             if commit_now:
-                stage_future, write_future = self._write_now(path, checkpoint, step)
+                stage_future, write_future = self._write_now(local, checkpoint, step, after_commit)
             else:
-                stage_future, write_future = self._save(path, checkpoint, step)
+                stage_future, write_future = self._save(local, checkpoint, step, after_commit)
         except Exception as e:
             if self.error_policy == "raise" and not self._defer_errors:
                 raise
-            self.ledger.record_error(e, path)
+            self.ledger.record_error(e)
             return
-        self.ledger.add_save(path, step, stage_future, write_future, time.perf_counter() - start)
+        if isinstance(location, RemotePath):
+            write_future.add_done_callback(lambda _: remote_files.forget_listings(location))
+        self.ledger.add_save(location, step, stage_future, write_future, time.perf_counter() - start)
 
     @override
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None,
@@ -146,13 +161,21 @@ class LightningCkptIO(CheckpointIO):
             CorruptCheckpointError: the checksums do not match.
         """
         self.binding.bind_caller()
-        given, path = path, resolve_path(path)
-        wait_in_process(path, self.config.wait_timeout_secs)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"Checkpoint file not found: {os.fspath(given)}")
-        reader = CheckpointReader(RankInfo(0, 1), verify=self.config.verify_on_load)
-        loaded, _ = reader.read(path, map_location="cpu" if map_location is None else map_location,
-                                weights_only=weights_only)
+        location = self._locate(path, None)
+        wait_in_process(location, self.config.wait_timeout_secs)
+        local = location
+        if isinstance(location, RemotePath):
+            local = remote_files.download(location, location.cache_path("download"), self.remote_config,
+                                          self._remote_timeout())
+        try:
+            if not os.path.exists(local):
+                raise FileNotFoundError(f"Checkpoint file not found: {os.fspath(path)}")
+            reader = CheckpointReader(RankInfo(0, 1), verify=self.config.verify_on_load)
+            loaded, _ = reader.read(local, map_location="cpu" if map_location is None else map_location,
+                                    weights_only=weights_only)
+        finally:
+            if local is not location:
+                layout.remove_tree(local)  # a download of a remote object is read once
         return loaded
 
     @override
@@ -162,7 +185,12 @@ class LightningCkptIO(CheckpointIO):
         It is never removed while its own save or a newer save is in flight, and kept when one of them failed (it
         may be the newest complete checkpoint). A missing path is not an error.
         """
-        self.ledger.request_removal(resolve_path(path))
+        location = self._locate(path, None)
+        if isinstance(location, RemotePath):
+            self.ledger.request_removal(location, remove=lambda: remote_files.delete(
+                location, self.remote_config, self._remote_timeout()))
+        else:
+            self.ledger.request_removal(location)
 
     @override
     def teardown(self) -> None:
@@ -180,10 +208,10 @@ class LightningCkptIO(CheckpointIO):
         try:
             self.ledger.wait(self.config.process_config.shutdown_timeout_secs)
         except Exception as e:  # noqa: BLE001 - reported like any failed save
-            self.ledger.record_error(e, "the pending saves")
+            self.ledger.record_error(e)
         self.binding.flush(self.binding.trainer)
         self.ledger.run_main_thread_actions()
-        error = self.ledger.take_error()
+        error = self.ledger.take_error(all_=True)
         if error is not None:
             raise error
 
@@ -193,7 +221,7 @@ class LightningCkptIO(CheckpointIO):
         Raises:
             CheckpointTimeoutError: still pending after ``config.wait_timeout_secs``.
         """
-        self.ledger.wait(self.config.wait_timeout_secs, None if path is None else resolve_path(path))
+        self.ledger.wait(self.config.wait_timeout_secs, None if path is None else self._locate(path, None))
 
     # ------------------------------------------------------------------ for AsyncCheckpointCallback
 
@@ -210,20 +238,73 @@ class LightningCkptIO(CheckpointIO):
         if self.rank_info.global_rank == 0:
             self._warm_up()
 
+    def link_after_commit(self, target: Any, linkpath: Any) -> None:
+        """Point ``linkpath`` at ``target`` atomically once ``target`` is committed (never a dangling link; on a
+        remote store: a server-side copy). ModelCheckpoint's ``save_last="link"`` goes through here."""
+        link, source = self._locate(linkpath, None), self._locate(target, None)
+        if isinstance(link, RemotePath) or isinstance(source, RemotePath):
+            self._request_copy(source, link)
+            return
+        self.ledger.request_link(source, link)
+
+    # ------------------------------------------------------------------ paths (local or remote)
+
+    def _locate(self, path: Any, storage_options: Optional[dict]) -> paths.Location:
+        """The one place a Lightning path becomes what we write, read and remove (local: absolute)."""
+        if storage_options is not None and not paths.is_remote(path):
+            raise TypeError(
+                f"`Trainer.save_checkpoint(..., storage_options=...)` with `storage_options` arg is not supported for "
+                f"`{type(self).__name__}` with the local path {os.fspath(path)!r}; it is for remote paths (s3://)."
+            )
+        return paths.resolve(path, {**self.storage_options, **(storage_options or {})})
+
+    def _remote_timeout(self) -> float:
+        """A remote call's deadline: before the writer is killed at ``write_timeout_secs``, so that a stuck
+        upload is aborted by its own writer rather than left dangling."""
+        return 0.8 * self.config.process_config.write_timeout_secs
+
+    def _copy_instead(self, location: RemotePath, checkpoint: dict[str, Any], step: int | None) -> bool:
+        """A save of the same step and weights as the last upload becomes a server-side copy of it."""
+        fingerprint = _weights_fingerprint(checkpoint)
+        last = self._last_remote
+        if (last is not None and step is not None and fingerprint is not None and last[:2] == (step, fingerprint)
+                and last[2] != location and last[2].bucket == location.bucket
+                and last[2].storage_options == location.storage_options):
+            self._request_copy(last[2], location)
+            return True
+        self._last_remote = (step, fingerprint, location)
+        return False
+
+    def _request_copy(self, source: paths.Location, dest: paths.Location) -> None:
+        if not (isinstance(source, RemotePath) and isinstance(dest, RemotePath)):
+            raise ValueError(f"cannot link {dest} to {source}: both must be in one remote store, or both local")
+
+        def copy(*_: Any) -> None:
+            try:
+                remote_files.copy(source, dest, self.remote_config, self._remote_timeout())
+            except Exception as e:  # noqa: BLE001 - raised at the next step like a failed save
+                error = CheckpointWriteError(f"server-side copy of {source} to {dest} failed: {e}")
+                error.__cause__ = e
+                self.ledger.record_error(error)
+
+        self.ledger.request_link(source, dest, make_link=copy)
+
     # ------------------------------------------------------------------ for subclasses
 
-    def _save(self, path: str, checkpoint: dict[str, Any], step: int | None) -> tuple[Future, Future]:
+    def _save(self, path: str, checkpoint: dict[str, Any], step: int | None,
+              after_commit: RemoteUpload | None = None) -> tuple[Future, Future]:
         """Start a save inside the training loop (it may stay in flight after ``save_checkpoint`` returns)."""
-        return self._write_now(path, checkpoint, step)
+        return self._write_now(path, checkpoint, step, after_commit)
 
-    def _write_now(self, path: str, checkpoint: dict[str, Any], step: int | None) -> tuple[Future, Future]:
+    def _write_now(self, path: str, checkpoint: dict[str, Any], step: int | None,
+                   after_commit: RemoteUpload | None = None) -> tuple[Future, Future]:
         """Write and commit in this thread, after the saves already pending (no thread or process is left
         running: a save after ``fit`` may be the process's last act)."""
         self.ledger.wait(self.config.wait_timeout_secs)
         if self._writer is None:
             self._writer = make_sync_checkpointer(self.config, RankInfo(0, 1), self.commit_hook)
         metadata = {"step": int(step)} if step is not None else None
-        stats = self._writer.save(path, checkpoint, metadata=metadata)
+        stats = self._writer.save(path, checkpoint, metadata=metadata, after_commit=after_commit)
         return completed_future(None), completed_future(stats)
 
     def _warm_up(self) -> None:
@@ -233,10 +314,11 @@ class LightningCkptIO(CheckpointIO):
         try:
             checkpointer.close()
         except Exception as e:  # noqa: BLE001 - raised once from teardown through the ledger
-            self.ledger.record_error(e, "the pending saves")
+            self.ledger.record_error(e)
 
-    def _raise_pending_error(self) -> None:
-        """Raise a failed save once (policy ``raise``; with several ranks only where the callback agrees)."""
+    def raise_pending_error(self) -> None:
+        """Raise the oldest failed save not raised yet, once (policy ``raise``; with several ranks only where the
+        callback agrees on it)."""
         if not self._defer_errors:
             error = self.ledger.take_error()
             if error is not None:
@@ -254,3 +336,11 @@ class LightningCkptIO(CheckpointIO):
                 "are logged and raised from teardown on rank 0 only; add the callback so every rank fails together",
                 stacklevel=3,
             )
+
+
+def _weights_fingerprint(checkpoint: Any) -> tuple | None:
+    """Identity and version of every tensor in ``checkpoint["state_dict"]``: equal means unchanged weights."""
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not state:
+        return None
+    return tuple((k, v.data_ptr(), v._version) for k, v in state.items() if isinstance(v, torch.Tensor))

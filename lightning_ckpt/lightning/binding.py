@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,10 @@ def find_plugin(strategy: Any) -> "LightningCkptIO | None":
 
 def bypass_reason(strategy: Any) -> str | None:
     """Why ``strategy`` saves without calling the CheckpointIO plugin, or None (checked by name: no extra deps)."""
+    from lightning_ckpt.lightning.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return None  # ours: sharded saves are committed and checksummed by lightning_ckpt
     names = {cls.__name__ for cls in type(strategy).__mro__}
     if "DeepSpeedStrategy" in names:
         return "DeepSpeedStrategy saves through the DeepSpeed engine on every rank"
@@ -131,11 +136,13 @@ class TrainerBinding:
 
     @staticmethod
     def commits_before_return(trainer: Any, path: str) -> bool:
-        """True when the caller may read ``path`` as soon as the save returns: anything but a save inside a
-        running fit (a direct call, after ``fit``, in ``on_exception``, a SLURM requeue save made right before
-        the job dies, a wrapper's background thread)."""
+        """True when the caller may read ``path`` as soon as the save returns: a save through a Trainer outside
+        its running fit (after ``fit``, in ``on_exception``, a SLURM requeue save made right before the job dies),
+        or from a background thread (Lightning's own ``AsyncCheckpointIO`` wrapping ours). Inside the fit loop,
+        and for direct calls on the main thread (whoever holds the plugin waits with ``wait_for_saves``), the
+        save stays in flight."""
         if trainer is None:
-            return True
+            return threading.current_thread() is not threading.main_thread()
         state = trainer.state
         in_loop = state.fn == TrainerFn.FITTING and state.status == TrainerStatus.RUNNING
         return not in_loop or bool(trainer.received_sigterm) or os.path.basename(path).startswith(HPC_PREFIX)
@@ -223,7 +230,7 @@ class _LinkCheckpoint(_Guard):
             type(self.owner)._link_checkpoint(trainer, filepath, linkpath)  # a staticmethod
             return
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
-            plugin.ledger.request_link(filepath, linkpath)
+            plugin.link_after_commit(filepath, linkpath)
         trainer.strategy.barrier()
 
 

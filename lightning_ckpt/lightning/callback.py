@@ -12,6 +12,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_ckpt import paths
 from lightning_ckpt.errors import CheckpointWriteError
 from lightning_ckpt.lightning.base_io import LightningCkptIO
 from lightning_ckpt.lightning.ledger import CompletedSave
@@ -135,7 +136,7 @@ class AsyncCheckpointCallback(Callback):
         if reason is not None:
             rank_zero_warn(f"{reason}: the CheckpointIO plugin is bypassed for saves, so they are neither async nor "
                            "checksummed by lightning_ckpt; AsyncCheckpointCallback only sets the cadence")
-        self._dirpath = os.path.abspath(self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints"))
+        self._dirpath = paths.path_key(self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints"))
         _refuse_file_dirpaths([self._dirpath] + [c.dirpath for c in trainer.checkpoint_callbacks
                                                  if isinstance(c, ModelCheckpoint) and c.dirpath])
         # Overlap pays where the copy runs beside the compute (device-to-host on a side stream); on a CPU-only

@@ -13,9 +13,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lightning_ckpt import layout
+from lightning_ckpt import layout, paths
 from lightning_ckpt.checkpointer import SaveStats
+from lightning_ckpt.error_store import ErrorStore
 from lightning_ckpt.errors import CheckpointTimeoutError
+from lightning_ckpt.futures import peek_exception
 from lightning_ckpt.picklable import PicklableBeforeUse
 
 log = logging.getLogger(__name__)
@@ -25,14 +27,17 @@ _COMPLETED_KEPT = 1024  # committed saves kept for metrics until popped
 _LEDGERS: "weakref.WeakSet[SaveLedger]" = weakref.WeakSet()  # every ledger of the process (loads wait on all)
 
 
-def path_key(path: str) -> str:
-    """What identifies a checkpoint path: its directory's real path plus its own name (a ``last.ckpt`` link is
-    not followed, a symlinked spelling of the directory is)."""
-    parent, name = os.path.split(os.path.abspath(path))
+def path_key(path: Any) -> str:
+    """What identifies a checkpoint path: a remote URL, or the local directory's real path plus the file's own
+    name (a symlinked spelling of the directory is followed, a ``last.ckpt`` link itself is not)."""
+    key = paths.path_key(path)
+    if "://" in key:
+        return key
+    parent, name = os.path.split(key)
     return os.path.join(os.path.realpath(parent), name)
 
 
-def wait_in_process(path: str, timeout_secs: float) -> None:
+def wait_in_process(path: Any, timeout_secs: float) -> None:
     """Block until no ledger of this process has a save of ``path`` pending (any plugin instance).
 
     Raises:
@@ -77,7 +82,7 @@ class _Action:
     waits_for: set[int]  # saves pending at request time (and the newest save)
     path: str = ""
     target: str = ""
-    fn: Callable[[], Any] | None = None
+    fn: Callable[..., Any] | None = None  # a call; or how to remove/link where it is not local (remote stores)
     order: int = 0  # request order across removals, links and calls
 
 
@@ -92,8 +97,9 @@ class SaveLedger(PicklableBeforeUse):
       removal of its old target, so ``last.ckpt`` never dangles;
     - main-thread calls (logger hooks) wait the same way but only run from ``run_main_thread_actions``.
 
-    Paths are matched by ``path_key`` (real directory). Errors of failed saves are kept, one per save, until
-    ``take_error`` (each raised once); with ``keep_errors=False`` they are only logged.
+    Paths are matched by ``path_key`` (real directory). Errors of failed saves are kept in ``errors`` (an
+    ``ErrorStore`` shared with the core checkpointer, keyed by save) until ``take_error`` (each logged once,
+    raised once); with ``keep_errors=False`` they are only logged.
     """
 
     def __init__(self) -> None:
@@ -104,10 +110,9 @@ class SaveLedger(PicklableBeforeUse):
         self._latest_by_path: dict[str, int] = {}
         self._actions: deque[_Action] = deque()
         self._calls: deque[_Action] = deque()
-        self._errors: dict[Any, BaseException] = {}  # keyed by the save (seq) it belongs to, in failure order
+        self.errors = ErrorStore(logger=log)
         self._completed: deque[CompletedSave] = deque(maxlen=_COMPLETED_KEPT)
         self._orders = 0
-        self.keep_errors = True
         _LEDGERS.add(self)
 
     def __setstate__(self, state: dict) -> None:
@@ -116,14 +121,22 @@ class SaveLedger(PicklableBeforeUse):
 
     _RECREATED = {"_cond": threading.Condition}
 
+    @property
+    def keep_errors(self) -> bool:
+        return self.errors.keep
+
+    @keep_errors.setter
+    def keep_errors(self, keep: bool) -> None:
+        self.errors.keep = keep
+
     def _in_use(self) -> str | None:
         return "it has pending work" if self._pending or self._actions or self._calls else None
 
     # ------------------------------------------------------------------ saves
 
-    def add_save(self, path: str, step: int | None, stage_future: Future, write_future: Future,
-                 stall_secs: float) -> int:
-        """Register a save; ``write_future`` resolves to ``SaveStats`` or fails. Returns its sequence number."""
+    def add_save(self, path: Any, step: int | None, stage_future: Future, write_future: Future,
+                 stall_secs: float) -> None:
+        """Register a save; ``write_future`` resolves to ``SaveStats`` or fails."""
         key = path_key(path)
         with self._cond:
             self._seq += 1
@@ -131,13 +144,12 @@ class SaveLedger(PicklableBeforeUse):
             self._pending[save.seq] = save
             self._latest_by_path[key] = save.seq
         write_future.add_done_callback(lambda f: self._complete(save, f))
-        return save.seq
 
     def _complete(self, save: _Save, future: Future) -> None:
-        exc = future.exception()  # marks the core's future observed: errors are reported through this ledger
+        exc = peek_exception(future)  # the core recorded a failure in the shared store: it is raised from there
+        if exc is not None:
+            self.record_error(exc, getattr(future, "save_key", None))
         with self._cond:
-            if exc is not None:
-                self._record(save.seq, exc, save.path)
             self._pending.pop(save.seq, None)
             self._outcomes[save.seq] = exc is None
             for old in [s for s in self._outcomes if s <= save.seq - _OUTCOMES_KEPT]:
@@ -153,34 +165,17 @@ class SaveLedger(PicklableBeforeUse):
 
     # ------------------------------------------------------------------ errors
 
-    def record_error(self, exc: BaseException, what: str = "a checkpoint save") -> None:
-        """Keep ``exc`` (a failure outside any registered save) to be raised once by ``take_error``."""
-        with self._cond:
-            self._orders += 1
-            self._record(("unregistered", self._orders), exc, what)
-
-    def _record(self, key: Any, exc: BaseException, what: str) -> None:
-        """One concise line per failure (traceback at DEBUG); kept under ``key`` when errors are raised."""
-        level = logging.ERROR if self.keep_errors else logging.WARNING
-        log.log(level, "checkpoint save of %s failed: %s", what, _summary(exc))
-        log.debug("the failed save of %s in full: %s", what, exc, exc_info=(type(exc), exc, exc.__traceback__))
-        if self.keep_errors:
-            self._errors[key] = exc
+    def record_error(self, exc: BaseException, save_key: Any = None) -> None:
+        """Keep ``exc`` (the failure of ``save_key``, if known) to be raised once by ``take_error``."""
+        self.errors.record(exc, save_key)
 
     def peek_error(self) -> BaseException | None:
-        with self._cond:
-            return next(iter(self._errors.values()), None)
+        return self.errors.peek()
 
-    def take_error(self, seq: int | None = None) -> BaseException | None:
-        """The error of save ``seq``, or the first error not yet taken (the others then are forgotten: they
-        were logged); each error is returned once."""
-        with self._cond:
-            if seq is not None:
-                return self._errors.pop(seq, None)
-            errors, self._errors = list(self._errors.values()), {}
-        if len(errors) > 1:
-            log.error("%d more checkpoint saves failed (logged above); the first is raised", len(errors) - 1)
-        return errors[0] if errors else None
+    def take_error(self, all_: bool = False) -> BaseException | None:
+        """The oldest failure not yet raised; with ``all_`` (teardown) the later ones are named in its notes
+        and forgotten."""
+        return self.errors.take_all() if all_ else self.errors.take()
 
     # ------------------------------------------------------------------ state
 
@@ -214,9 +209,8 @@ class SaveLedger(PicklableBeforeUse):
                 save.stall_secs += time.perf_counter() - t0
         return time.perf_counter() - start
 
-    def wait(self, timeout_secs: float, path: str | None = None, seq: int | None = None) -> None:
-        """Block until no save (of ``path``, or save ``seq``, when given) is pending; errors stay for
-        ``take_error``.
+    def wait(self, timeout_secs: float, path: Any = None) -> None:
+        """Block until no save (of ``path``, when given) is pending; errors stay for ``take_error``.
 
         Raises:
             CheckpointTimeoutError: still pending after ``timeout_secs``.
@@ -225,8 +219,7 @@ class SaveLedger(PicklableBeforeUse):
         deadline = time.monotonic() + timeout_secs
 
         def busy() -> list[str]:
-            return [s.path for s in self._pending.values()
-                    if (key is None or s.path == key) and (seq is None or s.seq == seq)]
+            return [s.path for s in self._pending.values() if key is None or s.path == key]
 
         with self._cond:
             while busy():
@@ -238,14 +231,17 @@ class SaveLedger(PicklableBeforeUse):
 
     # ------------------------------------------------------------------ ordered actions
 
-    def request_removal(self, path: str) -> None:
-        """Remove ``path`` once the saves issued before now are committed (see the class docstring)."""
-        self._request(_Action("remove", 0, set(), path=os.path.abspath(path)))
+    def request_removal(self, path: Any, remove: Callable[[], Any] | None = None) -> None:
+        """Remove ``path`` once the saves issued before now are committed (``remove`` does it where it is not a
+        local path)."""
+        self._request(_Action("remove", 0, set(), path=path_key(path), fn=remove))
 
-    def request_link(self, target: str, linkpath: str) -> None:
-        """Point ``linkpath`` at ``target`` atomically once ``target`` is committed (never a dangling link)."""
-        os.makedirs(os.path.dirname(os.path.abspath(linkpath)), exist_ok=True)
-        self._request(_Action("link", 0, set(), path=os.path.abspath(linkpath), target=os.path.abspath(target)))
+    def request_link(self, target: Any, linkpath: Any, make_link: Callable[[str, str], Any] | None = None) -> None:
+        """Point ``linkpath`` at ``target`` atomically once ``target`` is committed (never a dangling link;
+        ``make_link`` instead of a local link)."""
+        if make_link is None:
+            os.makedirs(os.path.dirname(path_key(linkpath)), exist_ok=True)
+        self._request(_Action("link", 0, set(), path=path_key(linkpath), target=path_key(target), fn=make_link))
 
     def call_after_commit(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on the training thread once the saves pending now are done (``run_main_thread_actions``)."""
@@ -261,7 +257,7 @@ class SaveLedger(PicklableBeforeUse):
             action.after_seq = self._seq
             action.waits_for = set(self._pending)
             if action.kind == "link":
-                target_seq = self._latest_by_path.get(path_key(action.target))
+                target_seq = self._latest_by_path.get(action.target)
                 if target_seq is not None:
                     action.waits_for.add(target_seq)
             elif self._seq:
@@ -292,19 +288,19 @@ class SaveLedger(PicklableBeforeUse):
 
     def _run(self, action: _Action) -> None:
         if action.kind == "remove":
-            if self._latest_by_path.get(path_key(action.path), 0) > action.after_seq:
+            if self._latest_by_path.get(action.path, 0) > action.after_seq:
                 log.debug("removal of %s dropped: it was saved again after the request", action.path)
             elif self._failed(action.waits_for):
                 log.warning("kept %s: a save issued before its removal failed, so it may be the newest complete "
                             "checkpoint", action.path)
             else:
-                layout.remove_tree(action.path)
+                action.fn() if action.fn is not None else layout.remove_tree(action.path)
             return
-        target_seq = self._latest_by_path.get(path_key(action.target))
+        target_seq = self._latest_by_path.get(action.target)
         if target_seq is not None and target_seq <= action.after_seq and self._failed({target_seq}):
             log.warning("kept the link %s: its new target %s failed to save", action.path, action.target)
             return
-        atomic_link(action.target, action.path)
+        (action.fn or atomic_link)(action.target, action.path)
 
     def run_main_thread_actions(self) -> None:
         """Run deferred main-thread calls whose saves are done (call from the training thread only)."""
@@ -317,13 +313,6 @@ class SaveLedger(PicklableBeforeUse):
                 action.fn()
             finally:
                 self.process()
-
-
-def _summary(exc: BaseException) -> str:
-    """One line: the error's first line and, for a worker's traceback text, its last (the root cause)."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [""]
-    head = f"{type(exc).__name__}: {lines[0]}"
-    return head if len(lines) == 1 else f"{head} {lines[-1]}"
 
 
 def _links_first(actions: list[_Action]) -> list[_Action]:

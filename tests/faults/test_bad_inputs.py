@@ -117,7 +117,8 @@ def test_multi_rank_path_that_is_a_file_fails_both_ranks_naming_it(tmp_path, fre
 
     def rank_main(rank: int) -> None:
         info = lc.RankInfo(rank, 2)
-        barrier = lc.TCPStoreBarrier(info, master_port=free_port, master_addr="127.0.0.1", timeout_secs=30)
+        barrier = lc.TCPStoreBarrier(rank_info=info, tcpstore_port=free_port, master_address="127.0.0.1", timeout_secs=30,
+                                     is_master=False)
         try:
             lc.CheckpointWriter(rank_info=info, barrier=barrier).write(tmp_path / "dist.ckpt", {"w": torch.ones(2)})
         except BaseException as e:  # noqa: BLE001 - asserted below

@@ -73,7 +73,8 @@ def _write_two_rank_checkpoint(path: str, port: int) -> list[dict]:
     def rank_main(rank: int) -> None:
         info = lc.RankInfo(rank, 2)
         try:
-            barrier = lc.TCPStoreBarrier(info, master_port=port, master_addr="127.0.0.1", timeout_secs=30)
+            barrier = lc.TCPStoreBarrier(rank_info=info, tcpstore_port=port, master_address="127.0.0.1", timeout_secs=30,
+                                         is_master=False)
             lc.CheckpointWriter(rank_info=info, barrier=barrier).write(path, states[rank])
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)

@@ -112,13 +112,16 @@ def test_failed_save_raises_once(tmp_path):
 
 @pytest.mark.parametrize("cls", PLUGINS)
 def test_save_outside_the_loop_returns_committed(cls, tmp_path):
-    """Direct calls and saves after ``fit`` return once committed: plain ``torch.load`` reads the file at once,
-    and no writer thread or process is left behind (a save after fit may be the process's last act)."""
+    """Saves after ``fit`` and from a background thread return once committed: plain ``torch.load`` reads the
+    file at once, and no writer thread or process is left behind (a save after fit may be the last act)."""
     import threading
 
     plugin = cls()
-    plugin.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, tmp_path / "direct.ckpt")
-    assert torch.load(tmp_path / "direct.ckpt", weights_only=True)["global_step"] == 1
+    thread = threading.Thread(target=plugin.save_checkpoint, args=({"global_step": 1, "w": torch.ones(3)},
+                                                                   tmp_path / "thread.ckpt"))
+    thread.start()
+    thread.join(timeout=60)
+    assert torch.load(tmp_path / "thread.ckpt", weights_only=True)["global_step"] == 1
     trainer = helpers.trainer(tmp_path, max_steps=2, plugins=[plugin])
     trainer.fit(TinyModel(), helpers.loader())
     before = {t.name for t in threading.enumerate()}

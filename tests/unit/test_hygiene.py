@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import threading
+import time
+import uuid
 
 import pytest
 
@@ -60,17 +62,112 @@ def test_ignores_pydevd_threads():
         thread.join(timeout=10)
 
 
-@pytest.mark.skipif(not os.path.isdir(_hygiene.SHM_DIR), reason="no /dev/shm")
-def test_reports_leaked_shm_entry():
-    before = _hygiene.shm_snapshot()
-    name = f"lightning_ckpt_hygiene_test_{os.getpid()}"
-    with open(os.path.join(_hygiene.SHM_DIR, name), "wb") as f:
-        f.write(b"x")
+needs_shm = pytest.mark.skipif(not os.path.isdir(_hygiene.SHM_DIR), reason="no /dev/shm")
+
+
+def _shm_name() -> str:
+    return f"lightning_ckpt_hygiene_test_{uuid.uuid4().hex}"
+
+
+def _wait_for(condition, what: str, timeout_secs: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_secs
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_secs}s waiting for {what}"
+        time.sleep(0.01)
+
+
+@needs_shm
+def test_reports_shm_entry_this_process_created():
+    watch = _hygiene.ShmWatch()
+    name = _shm_name()
     try:
-        assert _hygiene.leaked_shm(before, grace_secs=0.1) == [name]
+        with open(os.path.join(_hygiene.SHM_DIR, name), "wb") as f:
+            f.write(b"x")
+        assert _hygiene.leaked_shm(watch, grace_secs=0.1) == [name]
+        watch.remove([name])
+        assert _hygiene.leaked_shm(watch, grace_secs=0.1) == []
     finally:
-        _hygiene.remove_shm([name])
-    assert _hygiene.leaked_shm(before, grace_secs=0.1) == []
+        watch.close()
+        _unlink_quietly(name)
+
+
+@needs_shm
+def test_reports_shm_entry_that_a_descendant_created_and_left_behind():
+    watch = _hygiene.ShmWatch()
+    name = _shm_name()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_THEN_EXIT, os.path.join(_hygiene.SHM_DIR, name)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        _wait_for(lambda: name in watch.created(), f"the watch to attribute {name} to the child")
+        child.stdin.close()  # the child exits without unlinking: a leak of this test
+        child.wait(timeout=30)
+        assert _hygiene.leaked_shm(watch, grace_secs=0.1) == [name]
+        watch.remove([name])
+        assert not os.path.exists(os.path.join(_hygiene.SHM_DIR, name))
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+        child.stdout.close()
+        watch.close()
+        _unlink_quietly(name)
+
+
+@needs_shm
+def test_never_reports_or_removes_shm_entries_that_another_process_tree_created():
+    """Another job's entries (here: made by a process that is not our descendant, held or already closed) survive."""
+    checker = _hygiene.LeakChecker(grace_secs=0.2)
+    closed, held = _shm_name(), _shm_name()
+    paths = [os.path.join(_hygiene.SHM_DIR, n) for n in (closed, held)]
+    launcher = subprocess.Popen([sys.executable, "-c", _FOREIGN_CREATOR, *paths], stdout=subprocess.PIPE)
+    try:
+        foreign_pid = int(launcher.stdout.readline())
+        launcher.wait(timeout=30)
+        _wait_for(lambda: all(os.path.exists(p) for p in paths), "the foreign process to create its entries")
+        assert foreign_pid not in _hygiene.child_pids()
+        assert checker.check_and_clean() == []
+        assert all(os.path.exists(p) for p in paths)
+    finally:
+        checker.shm.close()
+        launcher.stdout.close()
+        for path in paths:
+            _unlink_quietly(os.path.basename(path))
+
+
+def _unlink_quietly(name: str) -> None:
+    try:
+        os.unlink(os.path.join(_hygiene.SHM_DIR, name))
+    except FileNotFoundError:
+        pass
+
+
+_HOLD_THEN_EXIT = """
+import sys
+f = open(sys.argv[1], "wb")
+f.write(b"x"); f.flush()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+# double fork: the grandchild is re-parented away from this test's tree, then creates one entry it closes at once
+# and one it holds until its deadline (or until the test unlinks it)
+_FOREIGN_CREATOR = """
+import os, sys, time
+if os.fork():
+    os._exit(0)
+parent = os.getppid()
+print(os.getpid(), flush=True)
+deadline = time.monotonic() + 30
+while os.getppid() == parent and time.monotonic() < deadline:
+    time.sleep(0.01)
+open(sys.argv[1], "wb").close()
+held = open(sys.argv[2], "wb")
+while os.path.exists(sys.argv[2]) and time.monotonic() < deadline:
+    time.sleep(0.05)
+"""
 
 
 def test_reports_initialized_process_group(free_port):

@@ -1,0 +1,93 @@
+"""What a committed DCP checkpoint directory holds: file names, the manifest with per-chunk xxh3, its checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_ckpt import layout
+from lightning_ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
+
+# DCP's own name for the pickled ``Metadata`` (plain ``dcp.load`` reads it).
+METADATA_NAME = ".metadata"
+# One data file per rank, named as DCP's FileSystemWriter names them.
+DATA_FILE_TEMPLATE = "__{rank}_0.distcp"
+# Marks a manifest written for a DCP directory (rank-file directories have no ``layout`` field).
+MANIFEST_LAYOUT = "dcp"
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """Where one chunk landed (the fields of DCP's ``_StorageInfo``) and the xxh3 of its bytes."""
+
+    relative_path: str
+    offset: int
+    length: int
+    xxh3: str
+
+
+def chunk_key(relative_path: str, offset: int) -> str:
+    """The manifest key of the chunk at ``offset`` in ``relative_path``."""
+    return f"{relative_path}@{offset}"
+
+
+def build_manifest(chunks: list[ChunkInfo], files: dict[str, dict], world_size: int) -> dict:
+    """The manifest: every file with its size (and xxh3 where hashed whole), every chunk with its xxh3."""
+    from lightning_ckpt.checkpoint_writer import _torch_version, _version
+
+    return {
+        "format": layout.FORMAT_VERSION,
+        "layout": MANIFEST_LAYOUT,
+        "world_size": world_size,
+        "files": files,
+        "chunks": {chunk_key(c.relative_path, c.offset): {"nbytes": c.length, "xxh3": c.xxh3} for c in chunks},
+        "lightning_ckpt_version": _version(),
+        "torch_version": _torch_version(),
+        "created_unix": time.time(),
+    }
+
+
+def read_manifest(path: str) -> dict:
+    """The manifest of the committed DCP checkpoint at ``path``.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        IncompleteCheckpointError: ``path`` has no manifest (never committed, or written by plain DCP).
+        CorruptCheckpointError: the manifest is unreadable or not a DCP manifest.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    manifest_path = os.path.join(path, layout.MANIFEST_NAME)
+    if not os.path.isdir(path) or not os.path.isfile(manifest_path):
+        raise IncompleteCheckpointError(
+            f"incomplete checkpoint: {path} has no {layout.MANIFEST_NAME} (never committed, or not written by "
+            "lightning_ckpt; torch.distributed.checkpoint.FileSystemReader reads it unverified)"
+        )
+    try:
+        with open(manifest_path, "rb") as f:
+            manifest = json.loads(f.read())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"corrupt checkpoint {path}: unreadable manifest: {e}", path=manifest_path) from e
+    if not isinstance(manifest, dict) or manifest.get("layout") != MANIFEST_LAYOUT or "chunks" not in manifest:
+        raise CorruptCheckpointError(f"corrupt checkpoint {path}: {layout.MANIFEST_NAME} is not a DCP manifest",
+                                     path=manifest_path)
+    return manifest
+
+
+def verify_bytes(path: str, key: str, data: Any, expected: str | None) -> None:
+    """Compare the xxh3 of ``data`` with ``expected``.
+
+    Raises:
+        CorruptCheckpointError: naming ``path``, ``key`` and both checksums (also when nothing was recorded).
+    """
+    from lightning_ckpt.torch_zip import checksum
+
+    actual = checksum(data)
+    if expected != actual:
+        raise CorruptCheckpointError(
+            f"corrupt checkpoint {path}: {key} checksum mismatch (expected {expected}, got {actual})",
+            path=path, key=key, expected=expected, actual=actual,
+        )

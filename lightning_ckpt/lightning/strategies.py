@@ -1,0 +1,146 @@
+"""Lightning's FSDP and ModelParallel strategies with sharded checkpoints committed and verified by lightning_ckpt."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDPStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy as _LightningModelParallelStrategy
+from typing_extensions import override
+
+from lightning_ckpt.dcp.checkpointer import DistributedCheckpointer
+from lightning_ckpt.dcp.failures import unwrapped_failures
+from lightning_ckpt.dcp.manifest import read_manifest, verify_bytes
+from lightning_ckpt.dcp.storage_reader import StorageReader
+from lightning_ckpt.dcp.storage_writer import StorageWriter
+
+log = logging.getLogger(__name__)
+
+
+class FSDPStrategy(_LightningFSDPStrategy):
+    """Lightning's ``FSDPStrategy`` whose sharded checkpoints (``state_dict_type="sharded"``) are ours.
+
+    Accepts every argument of its parent. Only the sharded branches of ``save_checkpoint`` and
+    ``load_checkpoint`` differ: every rank writes its shards through ``lightning_ckpt.dcp.StorageWriter``, and
+    Lightning's ``meta.pt`` (the non-tensor state) joins the same atomic commit, so a checkpoint directory is
+    complete or absent (an overwrite never leaves a torn one) and every chunk is checksummed. Loading verifies
+    the manifest, ``meta.pt`` and every chunk read, then runs Lightning's own loading code. Full state dicts
+    (``state_dict_type="full"``) go through the CheckpointIO plugin as before.
+    Use it as ``Trainer(strategy=FSDPStrategy(...), plugins=[AsyncCheckpointIO()])``.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH,
+                        storage_options: Optional[Any] = None) -> None:
+        if self._state_dict_type != "sharded":
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        _refuse_storage_options(self, storage_options)
+        save_sharded(self, checkpoint, filepath, model_key="model")
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_dir():
+            return super().load_checkpoint(path, weights_only)
+        verify_sharded(path)
+        import lightning.pytorch.strategies.fsdp as fsdp_module
+        import torch.distributed.checkpoint as dcp_module
+
+        with unwrapped_failures(f"loading {path}", writing=False), \
+                _routed(fsdp_module, "_distributed_checkpoint_load", load_verified), \
+                _routed(dcp_module, "FileSystemReader", StorageReader):  # the optimizer's reader
+            return super().load_checkpoint(path, weights_only)
+
+
+class ModelParallelStrategy(_LightningModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` whose distributed checkpoints (the default,
+    ``save_distributed_checkpoint=True``) are ours: atomic, checksummed, verified on load (see ``FSDPStrategy``).
+
+    Accepts every argument of its parent; only the distributed branches of ``save_checkpoint`` and
+    ``load_checkpoint`` differ. Use it as ``Trainer(strategy=ModelParallelStrategy(...), plugins=[...])``.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH,
+                        storage_options: Optional[Any] = None) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        _refuse_storage_options(self, storage_options)
+        save_sharded(self, checkpoint, filepath, model_key="state_dict")
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_dir():
+            return super().load_checkpoint(path, weights_only)
+        verify_sharded(path)
+        import lightning.fabric.strategies.model_parallel as model_parallel_module
+
+        with unwrapped_failures(f"loading {path}", writing=False), \
+                _routed(model_parallel_module, "_distributed_checkpoint_load", load_verified):
+            return super().load_checkpoint(path, weights_only)
+
+
+def save_sharded(strategy: Any, checkpoint: dict[str, Any], filepath: _PATH, model_key: str) -> None:
+    """Save Lightning's checkpoint dict as one committed DCP directory: the model and optimizer shards on every
+    rank, ``meta.pt`` (everything else) from global rank 0, all in one commit.
+
+    Raises:
+        CheckpointError: a rank or the commit failed (on every rank, naming the rank); nothing changed at the path.
+    """
+    path = Path(strategy.broadcast(filepath))
+    state = {model_key: checkpoint.pop("state_dict")}
+    state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+    writer = StorageWriter(path)
+    if strategy.global_rank == 0:
+        meta = io.BytesIO()
+        torch.save(checkpoint, meta)
+        writer.add_file(_METADATA_FILENAME, meta.getvalue())
+    DistributedCheckpointer(writer).save(state)
+
+
+def verify_sharded(path: Path) -> None:
+    """Refuse an uncommitted directory and check ``meta.pt`` against the manifest before Lightning reads it.
+
+    Raises:
+        IncompleteCheckpointError: no manifest (never committed, or saved by the stock strategy).
+        CorruptCheckpointError: ``meta.pt`` does not match its checksum.
+    """
+    manifest = read_manifest(os.fspath(path))
+    meta_path = path / _METADATA_FILENAME
+    data = meta_path.read_bytes()
+    verify_bytes(os.fspath(meta_path), _METADATA_FILENAME, data,
+                 manifest["files"].get(_METADATA_FILENAME, {}).get("xxh3"))
+
+
+def load_verified(state: dict[str, Any], path: Path) -> None:
+    """Lightning's ``_distributed_checkpoint_load``, through our verifying reader."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, storage_reader=StorageReader(path))
+
+
+@contextlib.contextmanager
+def _routed(module: Any, name: str, replacement: Any) -> Iterator[None]:
+    """While Lightning's loading code runs (main thread), its DCP read ``module.name`` is ours."""
+    original = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def _refuse_storage_options(strategy: Any, storage_options: Any) -> None:
+    if storage_options is not None:
+        raise TypeError(f"`{type(strategy).__name__}.save_checkpoint(..., storage_options=...)` is not supported "
+                        "for sharded checkpoints (they are written by every rank, not by the CheckpointIO plugin)")
