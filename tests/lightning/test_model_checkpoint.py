@@ -159,3 +159,39 @@ def test_last_ckpt_shares_the_staged_copy_of_the_top_k_save(tmp_path):
     assert last["global_step"] == 4
     helpers.assert_trees_equal(last["state_dict"], model.snapshots[4]["state_dict"])
     helpers.assert_trees_equal(last["optimizer_states"], model.snapshots[4]["optimizer_states"])
+
+
+@pytest.mark.parametrize("with_callback", [True, False], ids=["callback", "plugin_alone"])
+def test_saves_of_one_step_share_one_staged_copy_with_a_monitored_model_checkpoint(with_callback, tmp_path,
+                                                                                   monkeypatch):
+    """A monitored ModelCheckpoint (its best score changes between the saves of a step) with save_last=True, and
+    our callback at the same steps: one copy of the state per step, one buffer, and each file holds its own
+    scores and that step's weights."""
+    from lightning_ckpt.staging import DefaultStager
+
+    copies = []
+    original_copy = DefaultStager._copy
+
+    def counting_copy(self, *args, **kwargs):
+        copies.append(1)
+        return original_copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(DefaultStager, "_copy", counting_copy)
+    ck = tmp_path / "ck"
+    mc = ModelCheckpoint(dirpath=ck, monitor="train_loss", every_n_train_steps=2, save_top_k=2, save_last=True)
+    own = ([AsyncCheckpointCallback(dirpath=str(tmp_path / "own"), every_n_train_steps=2, save_on_train_end=False)]
+           if with_callback else [])
+    plugin = AsyncCheckpointIO()
+    model = TinyModel()
+    model.record_snapshots = True
+    trainer = helpers.trainer(tmp_path, max_steps=4, plugins=[plugin], callbacks=[*own, mc], enable_checkpointing=True)
+    trainer.fit(model, helpers.loader())
+    assert len(copies) == 2  # steps 2 and 4, whatever the number of saves per step (2 or 3)
+    saves_per_step = 3 if with_callback else 2
+    assert len(plugin.binding.saves) == 2 * saves_per_step
+    for name in helpers.final_files(ck):
+        saved = torch.load(ck / name, weights_only=False)
+        state = saved["callbacks"][mc.state_key]
+        helpers.assert_trees_equal(saved["state_dict"], model.snapshots[saved["global_step"]]["state_dict"])
+        if name != "last.ckpt":
+            assert state["best_k_models"][str(ck / name)] == state["current_score"]  # its own score, not shared
