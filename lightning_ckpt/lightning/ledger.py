@@ -44,7 +44,8 @@ def wait_in_process(path: Any, timeout_secs: float) -> None:
         CheckpointTimeoutError: still pending after ``timeout_secs``.
     """
     for ledger in list(_LEDGERS):
-        ledger.wait(timeout_secs, path)
+        # a link or copy to ``path`` (a remote last.ckpt) waits for earlier saves: so does the load
+        ledger.wait(timeout_secs, None if ledger.has_pending_action(path) else path)
 
 
 @dataclass
@@ -188,6 +189,12 @@ class SaveLedger(PicklableBeforeUse):
         key = path_key(os.fspath(path))
         with self._cond:
             return any(s.path == key for s in self._pending.values())
+
+    def has_pending_action(self, path: Any) -> bool:
+        """True while a removal or link (a remote copy) of ``path`` waits for earlier saves."""
+        path = path_key(path)
+        with self._cond:
+            return any(a.path == path for a in self._actions)
 
     def pop_completed(self) -> list[CompletedSave]:
         """Saves committed since the last call, with their step and stall (for metrics)."""

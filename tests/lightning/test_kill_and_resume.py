@@ -9,7 +9,9 @@ import sys
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lightning_ckpt import AsyncCheckpointIO
 from lightning_ckpt.lightning.resume import is_complete
 from tests.lightning import helpers
 from tests.lightning.helpers import TinyModel
@@ -68,7 +70,8 @@ def _resume_step(root, ckpt_path):
         def on_train_start(self):
             restored.setdefault("step", self.trainer.global_step)
 
-    trainer = helpers.trainer(root, max_steps=4, enable_checkpointing=False)
+    mc = ModelCheckpoint(dirpath=root / "ck", save_top_k=0)  # where Lightning looks for last.ckpt
+    trainer = helpers.trainer(root, max_steps=4, callbacks=[mc], plugins=[AsyncCheckpointIO()])
     trainer.fit(Probe(), helpers.loader(n=512), ckpt_path=ckpt_path)
     return restored["step"], trainer.ckpt_path
 
