@@ -71,7 +71,7 @@ def _resume_step(root, ckpt_path):
             restored.setdefault("step", self.trainer.global_step)
 
     mc = ModelCheckpoint(dirpath=root / "ck", save_top_k=0)  # where Lightning looks for last.ckpt
-    trainer = helpers.trainer(root, max_steps=4, callbacks=[mc], plugins=[AsyncCheckpointIO()])
+    trainer = helpers.trainer(root, max_steps=4, callbacks=[mc], plugins=[AsyncCheckpointIO()], enable_checkpointing=True)
     trainer.fit(Probe(), helpers.loader(n=512), ckpt_path=ckpt_path)
     return restored["step"], trainer.ckpt_path
 
@@ -109,14 +109,14 @@ def test_hpc_save_inside_the_loop_is_committed_when_it_returns(tmp_path):
 
 def test_job_wide_sigterm_commits_the_checkpoint_in_flight(tmp_path):
     """SIGTERM to the whole process group (SLURM scancel, a Kubernetes stop) while the step-2 save is held in the
-    writer: Lightning stops gracefully, the plugin's teardown drains, and the step-2 checkpoint is committed."""
+    writer: Lightning stops gracefully, the plugin's teardown drains, and the checkpoint in flight is committed."""
     proc, lines = _start(tmp_path, "sigterm")
     os.killpg(proc.pid, signal.SIGTERM)
     for pid in _descendants(proc.pid):  # a writer in its own session gets the job-wide signal too
         os.kill(pid, signal.SIGTERM)
     (tmp_path / "release").touch()  # the held commit may now finish
     out = "".join(lines) + _finish(proc)
-    assert proc.returncode != 0 and "SIGTERM" in out, out[-3000:]
-    step2 = tmp_path / "ck" / "epoch=0-step=2.ckpt"
-    assert is_complete(str(step2), verify=True), out[-3000:]
-    assert os.readlink(tmp_path / "ck" / "last.ckpt") == "epoch=0-step=2.ckpt"
+    assert "Received SIGTERM" in out, out[-3000:]  # Lightning stopped gracefully (its own SIGTERM handling)
+    last = tmp_path / "ck" / "last.ckpt"  # step 2, or step 3 saved at the batch end before Lightning stops
+    assert os.path.exists(last) and is_complete(str(last), verify=True), out[-3000:]
+    assert torch.load(last, weights_only=False)["global_step"] >= 2 and helpers.temp_files(tmp_path) == []
