@@ -121,7 +121,7 @@ class TrainerBinding:
             self._flushed_by_callback = by_callback or any(
                 getattr(c, "flushes_plugin", False) for c in trainer.callbacks)
         for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint):
+            if issubclass(type(callback), ModelCheckpoint):  # a Mock(spec=ModelCheckpoint) is left alone
                 guard_model_checkpoint(callback, self.plugin)
         guard_loggers(trainer.loggers, self.plugin)
         if not self._flushed_by_callback and not any(isinstance(c, _Flusher) for c in trainer.callbacks):
