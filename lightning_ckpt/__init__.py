@@ -10,6 +10,10 @@ __version__ = "0.1.0"
 # Re-exports, resolved on first use: the writer subprocess imports only the torch-free modules it needs, so it
 # starts in a fraction of a second and stays small.
 _EXPORTS = {
+    # The Lightning layer (importing these imports lightning; the core names below never do).
+    "AsyncCheckpointCallback": "lightning_ckpt.lightning.callback",
+    "AsyncCheckpointIO": "lightning_ckpt.lightning.async_io",
+    "SyncCheckpointIO": "lightning_ckpt.lightning.sync_io",
     "AsyncCheckpointer": "lightning_ckpt.checkpointer",
     "BARRIER_REGISTRY": "lightning_ckpt.barriers",
     "Barrier": "lightning_ckpt.barriers",
@@ -48,6 +52,8 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "AsyncCheckpointCallback",
+    "AsyncCheckpointIO",
     "AsyncCheckpointer",
     "BARRIER_REGISTRY",
     "Barrier",
@@ -73,6 +79,7 @@ __all__ = [
     "RankInfo",
     "STATE_DICT",
     "SaveStats",
+    "SyncCheckpointIO",
     "SyncCheckpointer",
     "TCPStoreBarrier",
     "WriteStats",
@@ -126,5 +133,8 @@ if TYPE_CHECKING:
         WriterProcessDiedError,
     )
     from lightning_ckpt.futures import wrap_future
+    from lightning_ckpt.lightning.async_io import AsyncCheckpointIO
+    from lightning_ckpt.lightning.callback import AsyncCheckpointCallback
+    from lightning_ckpt.lightning.sync_io import SyncCheckpointIO
     from lightning_ckpt.staging import CheckpointStager, CheckpointStagerConfig, DefaultStager
     from lightning_ckpt.types import STATE_DICT, RankInfo

@@ -293,7 +293,11 @@ def _align(n: int, alignment: int = STORAGE_ALIGNMENT) -> int:
 
 
 def _stageable(t: torch.Tensor) -> bool:
-    return t.layout == torch.strided and t.device.type != "meta" and not t.is_quantized and t.numel() > 0
+    """Whether ``t`` is copied into the staging buffer. 0-dim tensors (scores, step counters) are cloned at stage
+    time instead: they change between the saves of one step (ModelCheckpoint's best score), and keeping them out
+    of the buffer and of the snapshot signature lets such saves share the staged copy of everything else."""
+    return (t.layout == torch.strided and t.device.type != "meta" and not t.is_quantized and t.dim() > 0
+            and t.numel() > 0)
 
 
 class StagingPlan:

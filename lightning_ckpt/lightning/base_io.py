@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import os
 import time
 import warnings
 from concurrent.futures import Future
-from typing import Any, Callable, Iterable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from lightning.fabric.plugins.io import CheckpointIO
 from typing_extensions import override
 
-from lightning_ckpt import commit, paths
+from lightning_ckpt import commit, paths, remote_files
 from lightning_ckpt.barriers import Barrier
+from lightning_ckpt.builder import make_sync_checkpointer
 from lightning_ckpt.checkpoint_reader import CheckpointReader
+from lightning_ckpt.checkpointer import SyncCheckpointer
 from lightning_ckpt.checkpoint_writer import WriterHook
 from lightning_ckpt.config import CheckpointerConfig
-from lightning_ckpt.lightning.ledger import CompletedSave, SaveLedger
-from lightning_ckpt.paths import RemotePath
-from lightning_ckpt import remote_files
 from lightning_ckpt.errors import CheckpointWriteError
+from lightning_ckpt.futures import completed_future
+from lightning_ckpt.lightning.binding import StrategyBarrier, TrainerBinding
+from lightning_ckpt.lightning.ledger import SaveLedger, wait_in_process
+from lightning_ckpt.lightning.plugin_config import coerce_config
+from lightning_ckpt.lightning.snapshot_window import SnapshotWindow
+from lightning_ckpt.paths import RemotePath
 from lightning_ckpt.remote import RemoteConfig, RemoteUpload
 from lightning_ckpt.types import RankInfo
 
@@ -32,13 +36,33 @@ log = logging.getLogger(__name__)
 ErrorPolicy = Literal["raise", "warn"]
 
 
+def ensure_directory(path: str) -> None:
+    """Create the directory of ``path`` now (a ``save_last="link"`` symlink needs it), refusing a file there.
+
+    Raises:
+        NotADirectoryError: the directory (or one above it) is a file.
+    """
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise NotADirectoryError(f"checkpoint directory {parent} is not a directory (a file is in the way)") from e
+
+
 class LightningCkptIO(CheckpointIO):
     """Common ground of our CheckpointIO plugins: ordering, errors, loading, metrics.
 
+    Alone on a Trainer, the plugin binds itself to it at its first call (``TrainerBinding``): ModelCheckpoint's
+    ``-vN`` names, top-k removal, ``save_last`` (True and ``"link"``) and loggers' ``after_save_checkpoint``
+    behave as with ``TorchCheckpointIO``; a save requested outside the training loop (``trainer.save_checkpoint``
+    after ``fit``, ``on_exception``, a SLURM requeue) returns once committed; one inside it stays async.
+
     Args:
-        config: the core config tree (staging, queue depth ``max_in_flight``, timeouts, ``verify_on_load``).
+        config: the core config tree (staging, queue depth ``max_in_flight``, timeouts, ``verify_on_load``), or
+            the same as a dict (YAML); checked here, field by field.
         error_policy: ``"raise"``: a failed save fails training at the next save, callback hook or teardown;
-            ``"warn"``: it is logged (logger ``lightning_ckpt.lightning``) and training continues.
+            ``"warn"``: one line is logged (logger ``lightning_ckpt.lightning``, traceback at DEBUG) and
+            training continues.
         commit_hook: a ``WriterHook`` called around each commit (importable by module path).
         storage_options: fsspec options for remote paths (``s3://``): ``endpoint_url``, ``key``, ``secret``,
             ``client_kwargs``, ``config_kwargs``; Lightning's per-call ``storage_options`` are merged over them.
@@ -49,16 +73,20 @@ class LightningCkptIO(CheckpointIO):
     upload whose completion is the commit; the save counts as done (removals, ``last.ckpt``, ``load``) only then.
     A remote save of the same step and unchanged weights as the previous remote save (ModelCheckpoint's
     ``save_last=True``) becomes a server-side copy of that object once it is complete, never a second upload.
+
+    Raises:
+        ValueError: a bad ``config`` field or ``error_policy`` (named).
     """
 
     def __init__(self, config: Optional[CheckpointerConfig] = None, error_policy: ErrorPolicy = "raise",
                  commit_hook: Optional[WriterHook] = None, storage_options: Optional[dict[str, Any]] = None,
                  remote_config: Optional[RemoteConfig] = None) -> None:
+        name = type(self).__name__
         if error_policy not in ("raise", "warn"):
-            raise ValueError(f"{type(self).__name__}.error_policy must be 'raise' or 'warn', got {error_policy!r}")
-        config = config if config is not None else CheckpointerConfig()
+            raise ValueError(f"{name}.error_policy must be 'raise' or 'warn', got {error_policy!r}")
+        self.config = coerce_config(config, f"{name}.config")
         # A Lightning checkpoint is one file at Lightning's path (torch.load and load_from_checkpoint read it).
-        self.config = dataclasses.replace(config, writer_config=dataclasses.replace(config.writer_config, layout="file"))
+        self.config = dataclasses.replace(self.config, writer_config=dataclasses.replace(self.config.writer_config, layout="file"))
         self.error_policy = error_policy
         self.commit_hook = commit_hook
         self.storage_options = dict(storage_options or {})
@@ -66,38 +94,19 @@ class LightningCkptIO(CheckpointIO):
         self._last_remote: tuple | None = None  # (step, weights fingerprint, RemotePath) of the last upload
         self.rank_info = RankInfo(0, 1)
         self.barrier: Barrier | None = None
-        self.defer_staging = False  # set by AsyncCheckpointCallback inside its safe window (with overlap)
-        self._window_open = False
-        self._window = 0  # counts the callback's safe windows: saves within one may share a staged copy
-        self._buffer_clones: dict[tuple, torch.Tensor] = {}
-        self._buffer_source: Callable[[], Iterable[torch.Tensor]] | None = None
-        self._defer_errors = False
+        self.window = SnapshotWindow()
+        self.ledger = SaveLedger()
+        self.ledger.keep_errors = error_policy == "raise"
+        self.binding = TrainerBinding(self)
+        self._defer_errors = False  # several ranks: the callback agrees on errors, rank 0 alone never raises
         self._attached = False
-        self._checkpointer: Any = None
-        self._ledger = SaveLedger()
-        self._ledger.keep_errors = error_policy == "raise"
-
-    def set_safe_window(self, open_: bool, overlap: bool = True) -> None:
-        """Called by the callback: inside its safe window, saves of one step may share a staged copy and, with
-        ``overlap``, finish staging after ``save_checkpoint`` returns (the callback waits before they matter)."""
-        if open_ and not self._window_open:
-            self._window += 1
-            self._buffer_clones = {}
-        self._window_open = open_
-        self.defer_staging = open_ and overlap
-
-    def snapshot_token(self, step: int | None) -> Any:
-        """Saves of one safe window and step may share one staged copy (the stager also checks that every tensor
-        is the same object with an unchanged version counter); outside a window nothing is shared."""
-        return (self._window, step) if self._window_open and step is not None else None
+        self._checkpointer: Any = None  # the async checkpointer (AsyncCheckpointIO)
+        self._writer: SyncCheckpointer | None = None  # in-process writes: saves that commit before returning
 
     def __getstate__(self) -> dict:
-        if self._checkpointer is not None:
+        if self._checkpointer is not None or self._writer is not None:
             raise TypeError(f"a {type(self).__name__} in use cannot be pickled; pickle it before the first save")
-        state = self.__dict__.copy()
-        state["barrier"] = state["_buffer_source"] = None
-        state["_buffer_clones"] = {}
-        return state
+        return {**self.__dict__, "barrier": None}
 
     # ------------------------------------------------------------------ Lightning's API
 
@@ -108,9 +117,11 @@ class LightningCkptIO(CheckpointIO):
         Raises:
             TypeError: ``storage_options`` for a local path (like ``TorchCheckpointIO``).
             ValueError: a path we cannot write (``memory://``, an unknown protocol).
-            CheckpointError: an earlier save failed (``error_policy="raise"``, single process).
+            NotADirectoryError: a file is where the checkpoint directory should be.
+            CheckpointError: this save (outside the training loop) or an earlier one failed (``"raise"``).
         """
         location = self._locate(path, storage_options)
+        trainer = self.binding.bind_caller()
         self._check_world()
         self.raise_pending_error()
         step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
@@ -120,23 +131,28 @@ class LightningCkptIO(CheckpointIO):
                 return
             local, after_commit = location.cache_path(), RemoteUpload(location, self.remote_config,
                                                                       self._remote_timeout())
-        os.makedirs(os.path.dirname(local), exist_ok=True)  # a save_last="link" symlink needs the directory now
+        ensure_directory(local)
+        commit_now = self.binding.commits_before_return(trainer, local)
         start = time.perf_counter()
         try:
-            stage_future, write_future = self._save(local, checkpoint, step, after_commit=after_commit)
+            if commit_now:
+                stage_future, write_future = self._write_now(local, checkpoint, step, after_commit)
+            else:
+                stage_future, write_future = self._save(local, checkpoint, step, after_commit)
         except Exception as e:
             if self.error_policy == "raise" and not self._defer_errors:
                 raise
-            self._ledger.record_error(e)
+            self.ledger.record_error(e)
             return
         if isinstance(location, RemotePath):
             write_future.add_done_callback(lambda _: remote_files.forget_listings(location))
-        self._ledger.add_save(location, step, stage_future, write_future, time.perf_counter() - start)
+        self.ledger.add_save(location, step, stage_future, write_future, time.perf_counter() - start)
 
     @override
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
-        """Load a checkpoint after any pending save of the same path, verifying checksums (``verify_on_load``).
+        """Load a checkpoint once no save of that path is pending (in any plugin of this process), verifying
+        checksums (``verify_on_load``).
 
         Args:
             path: the checkpoint file.
@@ -147,17 +163,16 @@ class LightningCkptIO(CheckpointIO):
             FileNotFoundError: nothing at ``path``.
             CorruptCheckpointError: the checksums do not match.
         """
+        self.binding.bind_caller()
         location = self._locate(path, None)
-        self._ledger.wait(self.config.wait_timeout_secs, location)
-        if self._ledger.has_pending_action(location):  # a last.ckpt copy waits for its source's save
-            self._ledger.wait(self.config.wait_timeout_secs)
+        wait_in_process(location, self.config.wait_timeout_secs)
         local = location
         if isinstance(location, RemotePath):
             local = remote_files.download(location, location.cache_path("download"), self.remote_config,
                                           self._remote_timeout())
         try:
             if not os.path.exists(local):
-                raise FileNotFoundError(f"Checkpoint file not found: {local}")
+                raise FileNotFoundError(f"Checkpoint file not found: {os.fspath(path)}")
             reader = CheckpointReader(RankInfo(0, 1), verify=self.config.verify_on_load)
             loaded, _ = reader.read(local, map_location="cpu" if map_location is None else map_location,
                                     weights_only=weights_only)
@@ -175,10 +190,10 @@ class LightningCkptIO(CheckpointIO):
         """
         location = self._locate(path, None)
         if isinstance(location, RemotePath):
-            self._ledger.request_removal(location, remove=lambda: remote_files.delete(
+            self.ledger.request_removal(location, remove=lambda: remote_files.delete(
                 location, self.remote_config, self._remote_timeout()))
         else:
-            self._ledger.request_removal(location)
+            self.ledger.request_removal(location)
 
     @override
     def teardown(self) -> None:
@@ -187,90 +202,58 @@ class LightningCkptIO(CheckpointIO):
         Raises:
             CheckpointError: a save failed and was not raised yet (``error_policy="raise"``).
         """
-        self.set_safe_window(False)
-        checkpointer, self._checkpointer = self._checkpointer, None
-        if checkpointer is not None:
-            self._close(checkpointer)
+        self.window.close()
+        for name in ("_checkpointer", "_writer"):
+            checkpointer = getattr(self, name)
+            setattr(self, name, None)
+            if checkpointer is not None:
+                self._close(checkpointer)
         try:
-            self._ledger.wait(self.config.process_config.shutdown_timeout_secs)
+            self.ledger.wait(self.config.process_config.shutdown_timeout_secs)
         except Exception as e:  # noqa: BLE001 - reported like any failed save
-            self._ledger.record_error(e)
-        self._ledger.run_main_thread_actions()
-        error = self._ledger.take_error()
+            self.ledger.record_error(e)
+        self.binding.flush(self.binding.trainer)
+        self.ledger.run_main_thread_actions()
+        error = self.ledger.take_error(all_=True)
         if error is not None:
             raise error
+
+    def wait_for_saves(self, path: Any = None) -> None:
+        """Block until every pending save (of ``path``) is committed or failed; errors stay pending.
+
+        Raises:
+            CheckpointTimeoutError: still pending after ``config.wait_timeout_secs``.
+        """
+        self.ledger.wait(self.config.wait_timeout_secs, None if path is None else self._locate(path, None))
 
     # ------------------------------------------------------------------ for AsyncCheckpointCallback
 
-    def attach(self, rank_info: RankInfo, barrier: Barrier | None = None,
-               buffer_source: Callable[[], Iterable[torch.Tensor]] | None = None) -> None:
+    def attach(self, trainer: Any) -> None:
         """Called by the callback at setup: the trainer's ranks (errors are then agreed on, not raised on rank 0
-        alone), a barrier over the strategy, and where the module's buffers are (cloned at save time)."""
-        self.rank_info = rank_info
-        self.barrier = barrier
-        self._buffer_source = buffer_source
-        self._defer_errors = rank_info.global_world_size > 1
+        alone), a barrier over the strategy, the module's buffers (cloned at save time when staging is
+        deferred), and the binding (the callback flushes metrics and logger calls)."""
+        self.rank_info = RankInfo(trainer.global_rank, trainer.world_size)
+        self.barrier = StrategyBarrier(trainer.strategy)
+        self.window.buffer_source = trainer.lightning_module.buffers
+        self._defer_errors = self.rank_info.global_world_size > 1
         self._attached = True
-        if rank_info.global_rank == 0:
+        self.binding.bind(trainer, by_callback=True)
+        if self.rank_info.global_rank == 0:
             self._warm_up()
 
-    def _warm_up(self) -> None:
-        """Start what the first save would otherwise wait for (the async writer process)."""
-
-    def wait_for_staging(self) -> float:
-        """Block until no pending save reads live tensors; returns the seconds waited."""
-        return self._ledger.wait_for_staging(self.config.wait_timeout_secs)
-
-    def wait_for_saves(self, path: str | None = None) -> None:
-        """Block until every pending save (of ``path``) is committed or failed; errors stay pending."""
-        self._ledger.wait(self.config.wait_timeout_secs, path)
-
-    def has_pending_saves(self) -> bool:
-        return bool(self._ledger.pending_paths())
-
-    def is_pending(self, path: Any) -> bool:
-        """True while a save of ``path`` is in flight (ModelCheckpoint's version counter asks)."""
-        return self._ledger.is_pending(path)
-
-    def peek_error(self) -> BaseException | None:
-        """The failed save that will be raised next, without clearing it."""
-        return self._ledger.peek_error()
-
-    def raise_pending_error(self) -> None:
-        """Raise a failed save once (policy ``raise``; with several ranks only where the callback agrees)."""
-        if not self._defer_errors:
-            self.raise_error()
-
-    def raise_error(self) -> None:
-        error = self._ledger.take_error()
-        if error is not None:
-            raise error
-
-    def pop_completed(self) -> list[CompletedSave]:
-        """Saves committed since the last call, with their step and stall (for metrics)."""
-        return self._ledger.pop_completed()
-
-    def link_after_commit(self, target: str, linkpath: str) -> None:
+    def link_after_commit(self, target: Any, linkpath: Any) -> None:
         """Point ``linkpath`` at ``target`` atomically once ``target`` is committed (never a dangling link; on a
-        remote store: a server-side copy)."""
+        remote store: a server-side copy). ModelCheckpoint's ``save_last="link"`` goes through here."""
         link, source = self._locate(linkpath, None), self._locate(target, None)
         if isinstance(link, RemotePath) or isinstance(source, RemotePath):
             self._request_copy(source, link)
             return
-        os.makedirs(os.path.dirname(link), exist_ok=True)
-        self._ledger.request_link(source, link)
-
-    def call_after_commit(self, fn: Callable[[], Any]) -> None:
-        """Run ``fn`` on the training thread once the saves pending now are committed (``run_main_thread_actions``)."""
-        self._ledger.request_call(fn)
-        self._ledger.run_main_thread_actions()
-
-    def run_main_thread_actions(self) -> None:
-        self._ledger.run_main_thread_actions()
+        self.ledger.request_link(source, link)
 
     # ------------------------------------------------------------------ paths (local or remote)
 
     def _locate(self, path: Any, storage_options: Optional[dict]) -> paths.Location:
+        """The one place a Lightning path becomes what we write, read and remove (local: absolute)."""
         if storage_options is not None and not paths.is_remote(path):
             raise TypeError(
                 f"`Trainer.save_checkpoint(..., storage_options=...)` with `storage_options` arg is not supported for "
@@ -305,21 +288,44 @@ class LightningCkptIO(CheckpointIO):
             except Exception as e:  # noqa: BLE001 - raised at the next step like a failed save
                 error = CheckpointWriteError(f"server-side copy of {source} to {dest} failed: {e}")
                 error.__cause__ = e
-                self._ledger.record_error(error)
+                self.ledger.record_error(error)
 
-        self._ledger.request_link(source, dest, make_link=copy)
+        self.ledger.request_link(source, dest, make_link=copy)
 
     # ------------------------------------------------------------------ for subclasses
 
     def _save(self, path: str, checkpoint: dict[str, Any], step: int | None,
               after_commit: RemoteUpload | None = None) -> tuple[Future, Future]:
-        raise NotImplementedError
+        """Start a save inside the training loop (it may stay in flight after ``save_checkpoint`` returns)."""
+        return self._write_now(path, checkpoint, step, after_commit)
+
+    def _write_now(self, path: str, checkpoint: dict[str, Any], step: int | None,
+                   after_commit: RemoteUpload | None = None) -> tuple[Future, Future]:
+        """Write and commit in this thread, after the saves already pending (no thread or process is left
+        running: a save after ``fit`` may be the process's last act)."""
+        self.ledger.wait(self.config.wait_timeout_secs)
+        if self._writer is None:
+            self._writer = make_sync_checkpointer(self.config, RankInfo(0, 1), self.commit_hook)
+        metadata = {"step": int(step)} if step is not None else None
+        self._writer.save(path, checkpoint, metadata=metadata, after_commit=after_commit)
+        return completed_future(None), completed_future(None, stats=self._writer.last_save_stats)
+
+    def _warm_up(self) -> None:
+        """Start what the first save would otherwise wait for (the async writer process)."""
 
     def _close(self, checkpointer: Any) -> None:
         try:
             checkpointer.close()
         except Exception as e:  # noqa: BLE001 - raised once from teardown through the ledger
-            self._ledger.record_error(e)
+            self.ledger.record_error(e)
+
+    def raise_pending_error(self) -> None:
+        """Raise the oldest failed save not raised yet, once (policy ``raise``; with several ranks only where the
+        callback agrees on it)."""
+        if not self._defer_errors:
+            error = self.ledger.take_error()
+            if error is not None:
+                raise error
 
     def _check_world(self) -> None:
         """Without the callback under several ranks, raising on rank 0 alone would hang the others."""
@@ -334,13 +340,6 @@ class LightningCkptIO(CheckpointIO):
                 stacklevel=3,
             )
 
-    def _staged_state(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
-        """With deferred staging, buffers (mutated by the next forward) are cloned now; the rest is copied later."""
-        if not (self.defer_staging and self._buffer_source is not None):
-            return checkpoint
-        pointers = {b.untyped_storage().data_ptr() for b in self._buffer_source() if b.numel()}
-        return clone_aliasing(checkpoint, pointers, self._buffer_clones) if pointers else checkpoint
-
 
 def _weights_fingerprint(checkpoint: Any) -> tuple | None:
     """Identity and version of every tensor in ``checkpoint["state_dict"]``: equal means unchanged weights."""
@@ -348,31 +347,3 @@ def _weights_fingerprint(checkpoint: Any) -> tuple | None:
     if not isinstance(state, dict) or not state:
         return None
     return tuple((k, v.data_ptr(), v._version) for k, v in state.items() if isinstance(v, torch.Tensor))
-
-
-def clone_aliasing(obj: Any, pointers: set[int], cache: dict[tuple, torch.Tensor] | None = None) -> Any:
-    """``obj`` with every tensor whose storage starts at one of ``pointers`` replaced by a detached clone.
-
-    ``cache`` reuses the clone of an unchanged tensor (same storage, view and version counter) across the saves of
-    one safe window, so that their staged copies can be shared.
-    """
-    if isinstance(obj, torch.Tensor):
-        if obj.untyped_storage().data_ptr() not in pointers:
-            return obj
-        if cache is None:
-            return obj.detach().clone()
-        key = (obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride(), obj._version)
-        clone = cache.get(key)
-        if clone is None:
-            clone = cache[key] = obj.detach().clone()
-        return clone
-    if isinstance(obj, dict):
-        out = copy.copy(obj) if type(obj) is not dict else {}  # keeps an OrderedDict's _metadata
-        for k, v in obj.items():
-            out[k] = clone_aliasing(v, pointers, cache)
-        return out
-    if isinstance(obj, list):
-        return [clone_aliasing(v, pointers, cache) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return type(obj)(clone_aliasing(v, pointers, cache) for v in obj)
-    return obj

@@ -17,11 +17,8 @@ from lightning_ckpt.errors import CheckpointWriteError
 from lightning_ckpt.lightning.base_io import LightningCkptIO
 from lightning_ckpt.lightning.ledger import CompletedSave
 from lightning_ckpt.lightning.resume import CKPT_SUFFIX, find_latest_checkpoint, matching_checkpoints
+from lightning_ckpt.lightning.binding import bypass_reason, find_plugin
 from lightning_ckpt.lightning.sync_io import SyncCheckpointIO
-from lightning_ckpt.lightning.trainer_glue import (
-    StrategyBarrier, bypass_reason, find_plugin, guard_loggers, guard_model_checkpoint,
-)
-from lightning_ckpt.types import RankInfo
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +45,14 @@ class AsyncCheckpointCallback(Callback):
     ``reduce_boolean_decision`` at each step while a save is in flight and at train end, so every rank raises
     together instead of the others hanging in the next collective.
 
-    Metrics: after each committed save, ``ckpt/stall_ms``, ``ckpt/write_secs``, ``ckpt/gb_per_s`` and ``ckpt/bytes``
-    are logged (logger ``lightning_ckpt.lightning`` and, from rank 0 on the training thread, the trainer's logger
-    at the save's step). ``saves`` keeps them.
+    Metrics: after each committed save (ours, ModelCheckpoint's, any through the plugin), ``ckpt/stall_ms``,
+    ``ckpt/write_secs``, ``ckpt/gb_per_s`` and ``ckpt/bytes`` are logged (logger ``lightning_ckpt.lightning`` and,
+    from rank 0 on the training thread, the trainer's logger at the save's step). ``saves`` keeps them.
 
     Args:
         dirpath: where its checkpoints go; default ``<default_root_dir>/checkpoints``.
-        filename: name pattern with ``{step}`` (and optionally ``{epoch}``); ``.ckpt`` is appended.
+        filename: name pattern with ``{step}`` (and optionally ``{epoch}``); ``.ckpt`` is appended unless it is
+            already there.
         every_n_train_steps: save when ``global_step`` is a multiple of it.
         every_n_seconds: save when this many seconds passed since the last save (rank 0 decides).
         save_on_train_end: save at the end of fit (unless this step was just saved).
@@ -66,7 +64,10 @@ class AsyncCheckpointCallback(Callback):
 
     Raises:
         ValueError: a field out of range (named).
+        NotADirectoryError: at setup, when ``dirpath`` is a file.
     """
+
+    flushes_plugin = True  # the plugin's binding leaves metrics and logger calls to this callback
 
     def __init__(self, dirpath: Optional[str] = None, filename: str = "step={step}",
                  every_n_train_steps: Optional[int] = None, every_n_seconds: Optional[float] = None,
@@ -83,14 +84,13 @@ class AsyncCheckpointCallback(Callback):
         if "{step}" not in filename:
             raise ValueError(f"AsyncCheckpointCallback.filename must contain '{{step}}', got {filename!r}")
         self.dirpath = dirpath
-        self.filename = filename
+        self.filename = _stem(filename)
         self.every_n_train_steps = every_n_train_steps
         self.every_n_seconds = every_n_seconds
         self.save_on_train_end = save_on_train_end
         self.keep_last_k = keep_last_k
         self.overlap_staging = overlap_staging
         self._overlap = bool(overlap_staging)
-        self.saves: list[CompletedSave] = []
         self._plugin: LightningCkptIO | None = None
         self._fallback: SyncCheckpointIO | None = None
         self._dirpath: str | None = None
@@ -106,12 +106,17 @@ class AsyncCheckpointCallback(Callback):
         """The newest complete checkpoint in ``dirpath`` (highest step whose checksum record reads; temp names never
         count), for ``trainer.fit(ckpt_path=...)``; None when there is none. ``verify`` also checks every tensor.
         ``dirpath`` may be a remote prefix (``s3://bucket/run``), listed and checked with ranged GETs."""
-        return find_latest_checkpoint(dirpath, filename, verify=verify, storage_options=storage_options)
+        return find_latest_checkpoint(dirpath, _stem(filename), verify=verify, storage_options=storage_options)
 
     @property
     def io(self) -> LightningCkptIO | None:
         """The plugin its saves go through (ours on the trainer, or its synchronous fallback)."""
         return self._plugin if self._plugin is not None else self._fallback
+
+    @property
+    def saves(self) -> list[CompletedSave]:
+        """Committed saves through its plugin, with step, stall and write statistics (rank 0)."""
+        return self.io.binding.saves if self.io is not None else []
 
     @property
     def total_stall_secs(self) -> float:
@@ -128,18 +133,14 @@ class AsyncCheckpointCallback(Callback):
                                "own checkpoints are written synchronously (add plugins=[AsyncCheckpointIO()])")
                 self._warned_absent = True
             self._fallback = self._fallback or SyncCheckpointIO()
-        self.io.attach(RankInfo(trainer.global_rank, trainer.world_size), StrategyBarrier(trainer.strategy),
-                       buffer_source=pl_module.buffers)
+        self.io.attach(trainer)
         reason = bypass_reason(trainer.strategy)
         if reason is not None:
             rank_zero_warn(f"{reason}: the CheckpointIO plugin is bypassed for saves, so they are neither async nor "
                            "checksummed by lightning_ckpt; AsyncCheckpointCallback only sets the cadence")
-        if self._plugin is not None:
-            for callback in trainer.checkpoint_callbacks:
-                if isinstance(callback, ModelCheckpoint):
-                    guard_model_checkpoint(callback, self._plugin)
-            guard_loggers(trainer.loggers, self._plugin)
         self._dirpath = paths.path_key(self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints"))
+        _refuse_file_dirpaths([self._dirpath] + [c.dirpath for c in trainer.checkpoint_callbacks
+                                                 if isinstance(c, ModelCheckpoint) and c.dirpath])
         # Overlap pays where the copy runs beside the compute (device-to-host on a side stream); on a CPU-only
         # machine the copy competes with training for the same cores and memory bandwidth (measured: slower).
         self._overlap = self.overlap_staging if self.overlap_staging is not None else pl_module.device.type != "cpu"
@@ -155,12 +156,12 @@ class AsyncCheckpointCallback(Callback):
 
     def _arm(self, on: bool) -> None:
         if self.io is not None:
-            self.io.set_safe_window(on, self._overlap)
+            self.io.window.open(self._overlap) if on else self.io.window.close()
 
     def _wait_staging(self) -> None:
         self._arm(False)
         if self.io is not None:
-            self.io.wait_for_staging()
+            self.io.ledger.wait_for_staging(self.io.config.wait_timeout_secs)
 
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -267,39 +268,40 @@ class AsyncCheckpointCallback(Callback):
         io = self.io
         if io is None:
             return
+        ledger = io.ledger
         if trainer.world_size <= 1:
-            io.raise_pending_error()
+            error = ledger.take_error()
+            if error is not None:
+                raise error
             return
         if not (always or self._maybe_pending):
             return
         zero = trainer.is_global_zero
-        pending = zero and io.has_pending_saves()  # asked before the error, so a failure after it is not missed
-        error = io.peek_error() if zero else None
+        pending = zero and bool(ledger.pending_paths())  # asked before the error, so a later failure is not missed
+        error = ledger.peek_error() if zero else None
         all_ok = trainer.strategy.reduce_boolean_decision(error is None, all=True)
         self._maybe_pending = trainer.strategy.reduce_boolean_decision(pending, all=False)
         if all_ok:
             return
+        error = ledger.take_error()
         if error is not None:
-            io.raise_error()
+            raise error
         raise CheckpointWriteError(
             f"a checkpoint save failed on global rank 0 (see its log); global rank {trainer.global_rank} stops too"
         )
 
     def _flush(self, trainer: Any) -> None:
-        """Deferred logger hooks and metrics of committed saves, on the training thread (rank 0 only)."""
-        io = self.io
-        if io is None or not trainer.is_global_zero:
-            return
-        io.run_main_thread_actions()
-        for done in io.pop_completed():
-            self.saves.append(done)
-            if trainer.logger is None:
-                continue
-            stats = done.stats
-            metrics = {
-                "ckpt/stall_ms": done.stall_secs * 1e3,
-                "ckpt/write_secs": stats.write_secs,
-                "ckpt/gb_per_s": stats.gb_per_sec if stats.write_secs > 0 else 0.0,
-                "ckpt/bytes": float(stats.nbytes),
-            }
-            trainer.logger.log_metrics(metrics, step=done.step if done.step is not None else trainer.global_step)
+        if self.io is not None:
+            self.io.binding.flush(trainer)
+
+
+def _stem(filename: str) -> str:
+    """``filename`` without a trailing ``.ckpt`` (it is appended to every name)."""
+    return filename[: -len(CKPT_SUFFIX)] if filename.endswith(CKPT_SUFFIX) else filename
+
+
+def _refuse_file_dirpaths(dirpaths: list) -> None:
+    for dirpath in dirpaths:
+        dirpath = os.fspath(dirpath)
+        if os.path.exists(dirpath) and not os.path.isdir(dirpath):
+            raise NotADirectoryError(f"checkpoint dirpath {dirpath} is a file, not a directory")

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -21,7 +22,29 @@ from lightning_ckpt.picklable import PicklableBeforeUse
 log = logging.getLogger(__name__)
 
 _OUTCOMES_KEPT = 256  # outcomes of finished saves remembered for removal decisions
-_COMPLETED_KEPT = 1024  # committed saves kept for metrics until popped (the plugin alone never pops them)
+_COMPLETED_KEPT = 1024  # committed saves kept for metrics until popped
+_LEDGERS: "weakref.WeakSet[SaveLedger]" = weakref.WeakSet()  # every ledger of the process (loads wait on all)
+
+
+def path_key(path: Any) -> str:
+    """What identifies a checkpoint path: a remote URL, or the local directory's real path plus the file's own
+    name (a symlinked spelling of the directory is followed, a ``last.ckpt`` link itself is not)."""
+    key = paths.path_key(path)
+    if "://" in key:
+        return key
+    parent, name = os.path.split(key)
+    return os.path.join(os.path.realpath(parent), name)
+
+
+def wait_in_process(path: Any, timeout_secs: float) -> None:
+    """Block until no ledger of this process has a save of ``path`` pending (any plugin instance).
+
+    Raises:
+        CheckpointTimeoutError: still pending after ``timeout_secs``.
+    """
+    for ledger in list(_LEDGERS):
+        # a link or copy to ``path`` (a remote last.ckpt) waits for earlier saves: so does the load
+        ledger.wait(timeout_secs, None if ledger.has_pending_action(path) else path)
 
 
 @dataclass
@@ -32,11 +55,21 @@ class CompletedSave:
     stats: SaveStats
     stall_secs: float
 
+    def metrics(self) -> dict[str, float]:
+        """What goes to the trainer's logger, at the save's step."""
+        stats = self.stats
+        return {
+            "ckpt/stall_ms": self.stall_secs * 1e3,
+            "ckpt/write_secs": stats.write_secs,
+            "ckpt/gb_per_s": stats.gb_per_sec if stats.write_secs > 0 else 0.0,
+            "ckpt/bytes": float(stats.nbytes),
+        }
+
 
 @dataclass
 class _Save:
     seq: int
-    path: str
+    path: str  # path_key(path)
     step: int | None
     stage_future: Future
     stall_secs: float = 0.0
@@ -49,7 +82,7 @@ class _Action:
     waits_for: set[int]  # saves pending at request time (and the newest save)
     path: str = ""
     target: str = ""
-    fn: Callable[[], Any] | None = None  # a call; or how to remove/link where it is not local (remote stores)
+    fn: Callable[..., Any] | None = None  # a call; or how to remove/link where it is not local (remote stores)
     order: int = 0  # request order across removals, links and calls
 
 
@@ -60,11 +93,13 @@ class SaveLedger(PicklableBeforeUse):
       one of those failed (the file may be the only complete checkpoint left) and dropped when the same path was
       saved again after the request (that save replaces the file atomically anyway);
     - a link (``last.ckpt`` -> target) is made atomically once the target is committed, and skipped (the old
-      link stays valid) when the target's save failed;
+      link stays valid) when the target's save failed; among actions ready together, a link goes before the
+      removal of its old target, so ``last.ckpt`` never dangles;
     - main-thread calls (logger hooks) wait the same way but only run from ``run_main_thread_actions``.
 
-    Errors of failed saves are kept in ``errors`` (an ``ErrorStore`` shared with the core checkpointer) until
-    ``take_error`` (each logged once, raised once); with ``keep_errors=False`` they are only logged.
+    Paths are matched by ``path_key`` (real directory). Errors of failed saves are kept in ``errors`` (an
+    ``ErrorStore`` shared with the core checkpointer, keyed by save) until ``take_error`` (each logged once,
+    raised once); with ``keep_errors=False`` they are only logged.
     """
 
     def __init__(self) -> None:
@@ -78,6 +113,11 @@ class SaveLedger(PicklableBeforeUse):
         self.errors = ErrorStore(logger=log)
         self._completed: deque[CompletedSave] = deque(maxlen=_COMPLETED_KEPT)
         self._orders = 0
+        _LEDGERS.add(self)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _LEDGERS.add(self)
 
     _RECREATED = {"_cond": threading.Condition}
 
@@ -94,19 +134,21 @@ class SaveLedger(PicklableBeforeUse):
 
     # ------------------------------------------------------------------ saves
 
-    def add_save(self, path: str, step: int | None, stage_future: Future, write_future: Future,
+    def add_save(self, path: Any, step: int | None, stage_future: Future, write_future: Future,
                  stall_secs: float) -> None:
         """Register a save; ``write_future`` (a ``TrackedFuture``) carries ``SaveStats`` in ``stats`` or fails."""
-        path = paths.path_key(path)
+        key = path_key(path)
         with self._cond:
             self._seq += 1
-            save = _Save(self._seq, path, step, stage_future, stall_secs)
+            save = _Save(self._seq, key, step, stage_future, stall_secs)
             self._pending[save.seq] = save
-            self._latest_by_path[path] = save.seq
+            self._latest_by_path[key] = save.seq
         write_future.add_done_callback(lambda f: self._complete(save, f))
 
     def _complete(self, save: _Save, future: Future) -> None:
         exc = peek_exception(future)  # the core recorded a failure in the shared store: it is raised from there
+        if exc is not None:
+            self.record_error(exc, getattr(future, "save_key", None))
         with self._cond:
             self._pending.pop(save.seq, None)
             self._outcomes[save.seq] = exc is None
@@ -119,37 +161,42 @@ class SaveLedger(PicklableBeforeUse):
             stats = future.stats
             log.info("checkpoint %s committed: %.1f MB, stall %.1f ms, write %.3f s (%.2f GB/s)", stats.path,
                      stats.nbytes / 1e6, save.stall_secs * 1e3, stats.write_secs, stats.gb_per_sec)
-        else:
-            self.record_error(exc, getattr(future, "save_key", None))
         self.process()
 
-    def record_error(self, exc: BaseException, save_key: str | None = None) -> None:
+    # ------------------------------------------------------------------ errors
+
+    def record_error(self, exc: BaseException, save_key: Any = None) -> None:
         """Keep ``exc`` (the failure of ``save_key``, if known) to be raised once by ``take_error``."""
         self.errors.record(exc, save_key)
 
     def peek_error(self) -> BaseException | None:
         return self.errors.peek()
 
-    def take_error(self) -> BaseException | None:
-        """The oldest failure not yet raised (later ones are named in its notes); forgets them all."""
-        return self.errors.take()
+    def take_error(self, all_: bool = False) -> BaseException | None:
+        """The oldest failure not yet raised; with ``all_`` (teardown) the later ones are named in its notes
+        and forgotten."""
+        return self.errors.take_all() if all_ else self.errors.take()
+
+    # ------------------------------------------------------------------ state
 
     def pending_paths(self) -> list[str]:
         with self._cond:
             return [s.path for s in sorted(self._pending.values(), key=lambda s: s.seq)]
 
     def is_pending(self, path: Any) -> bool:
-        path = paths.path_key(path)
+        """True while a save of ``path`` is in flight (ModelCheckpoint's version counter asks)."""
+        key = path_key(os.fspath(path))
         with self._cond:
-            return any(s.path == path for s in self._pending.values())
+            return any(s.path == key for s in self._pending.values())
 
     def has_pending_action(self, path: Any) -> bool:
         """True while a removal or link (a remote copy) of ``path`` waits for earlier saves."""
-        path = paths.path_key(path)
+        path = path_key(path)
         with self._cond:
             return any(a.path == path for a in self._actions)
 
     def pop_completed(self) -> list[CompletedSave]:
+        """Saves committed since the last call, with their step and stall (for metrics)."""
         with self._cond:
             done, self._completed = list(self._completed), deque(maxlen=_COMPLETED_KEPT)
         return done
@@ -168,17 +215,17 @@ class SaveLedger(PicklableBeforeUse):
                 save.stall_secs += time.perf_counter() - t0
         return time.perf_counter() - start
 
-    def wait(self, timeout_secs: float, path: str | None = None) -> None:
+    def wait(self, timeout_secs: float, path: Any = None) -> None:
         """Block until no save (of ``path``, when given) is pending; errors stay for ``take_error``.
 
         Raises:
             CheckpointTimeoutError: still pending after ``timeout_secs``.
         """
-        path = paths.path_key(path) if path is not None else None
+        key = path_key(path) if path is not None else None
         deadline = time.monotonic() + timeout_secs
 
         def busy() -> list[str]:
-            return [s.path for s in self._pending.values() if path is None or s.path == path]
+            return [s.path for s in self._pending.values() if key is None or s.path == key]
 
         with self._cond:
             while busy():
@@ -191,20 +238,23 @@ class SaveLedger(PicklableBeforeUse):
     # ------------------------------------------------------------------ ordered actions
 
     def request_removal(self, path: Any, remove: Callable[[], Any] | None = None) -> None:
-        """Remove ``path`` in order (``remove`` does it where it is not a local path)."""
-        self._request(_Action("remove", 0, set(), path=paths.path_key(path), fn=remove))
+        """Remove ``path`` once the saves issued before now are committed (``remove`` does it where it is not a
+        local path)."""
+        self._request(_Action("remove", 0, set(), path=path_key(path), fn=remove))
 
     def request_link(self, target: Any, linkpath: Any, make_link: Callable[[str, str], Any] | None = None) -> None:
-        """Point ``linkpath`` at ``target`` once it is committed (``make_link`` instead of a local link)."""
-        self._request(_Action("link", 0, set(), path=paths.path_key(linkpath), target=paths.path_key(target),
-                              fn=make_link))
+        """Point ``linkpath`` at ``target`` atomically once ``target`` is committed (never a dangling link;
+        ``make_link`` instead of a local link)."""
+        if make_link is None:
+            os.makedirs(os.path.dirname(path_key(linkpath)), exist_ok=True)
+        self._request(_Action("link", 0, set(), path=path_key(linkpath), target=path_key(target), fn=make_link))
 
-    def request_call(self, fn: Callable[[], Any]) -> None:
-        """Run ``fn`` from ``run_main_thread_actions`` once the saves pending now are done."""
+    def call_after_commit(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on the training thread once the saves pending now are done (``run_main_thread_actions``)."""
         with self._cond:
             self._orders += 1
-            action = _Action("call", self._seq, set(self._pending), fn=fn, order=self._orders)
-            self._calls.append(action)
+            self._calls.append(_Action("call", self._seq, set(self._pending), fn=fn, order=self._orders))
+        self.run_main_thread_actions()
 
     def _request(self, action: _Action) -> None:
         with self._cond:
@@ -230,8 +280,10 @@ class SaveLedger(PicklableBeforeUse):
     def process(self) -> None:
         """Run the ordered removals and links whose saves are done (any thread)."""
         with self._cond:
+            ready = []
             while self._actions and self._ready(self._actions[0]):
-                action = self._actions.popleft()
+                ready.append(self._actions.popleft())
+            for action in _links_first(ready):
                 try:
                     self._run(action)
                 except OSError as e:
@@ -267,6 +319,16 @@ class SaveLedger(PicklableBeforeUse):
                 action.fn()
             finally:
                 self.process()
+
+
+def _links_first(actions: list[_Action]) -> list[_Action]:
+    """Links before removals (a removal may be of the link's old target), except a removal of the link path
+    itself, which keeps its place before the link."""
+    linkpaths = {a.path for a in actions if a.kind == "link"}
+    early = [a for a in actions if a.kind == "remove" and a.path in linkpaths]
+    links = [a for a in actions if a.kind == "link"]
+    rest = [a for a in actions if a not in early and a.kind != "link"]
+    return early + links + rest
 
 
 def atomic_link(target: str, linkpath: str) -> None:

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Future
-from typing import Any
-
-from lightning_ckpt.builder import make_sync_checkpointer
-from lightning_ckpt.checkpointer import SyncCheckpointer
-from lightning_ckpt.futures import completed_future
 from lightning_ckpt.lightning.base_io import LightningCkptIO
-from lightning_ckpt.types import RankInfo
 
 
 class SyncCheckpointIO(LightningCkptIO):
@@ -21,15 +14,3 @@ class SyncCheckpointIO(LightningCkptIO):
 
     Args: see ``LightningCkptIO`` (``config``, ``error_policy``, ``commit_hook``).
     """
-
-    def _save(self, path: str, checkpoint: dict[str, Any], step: int | None,
-              after_commit: Any = None) -> tuple[Future, Future]:
-        checkpointer = self._ensure_checkpointer()
-        metadata = {"step": int(step)} if step is not None else None
-        checkpointer.save(path, checkpoint, metadata=metadata, after_commit=after_commit)
-        return completed_future(None), completed_future(None, stats=checkpointer.last_save_stats)
-
-    def _ensure_checkpointer(self) -> SyncCheckpointer:
-        if self._checkpointer is None:
-            self._checkpointer = make_sync_checkpointer(self.config, RankInfo(0, 1), self.commit_hook)
-        return self._checkpointer

@@ -156,7 +156,7 @@ def test_fsdp_sharded_resume_matches_stock_and_commits_meta(tmp_path):
 
 def test_our_strategies_are_not_reported_as_bypassing_the_plugin():
     from lightning_ckpt.lightning import FSDPStrategy, ModelParallelStrategy
-    from lightning_ckpt.lightning.trainer_glue import bypass_reason
+    from lightning_ckpt.lightning.binding import bypass_reason
 
     assert bypass_reason(FSDPStrategy(state_dict_type="sharded")) is None
     assert bypass_reason(ModelParallelStrategy()) is None

@@ -14,6 +14,7 @@ import torch
 from lightning_ckpt.errors import CheckpointWriteError
 from lightning_ckpt.lightning import AsyncCheckpointCallback, AsyncCheckpointIO
 from lightning_ckpt.lightning.resume import is_complete
+from lightning_ckpt.lightning.snapshot_window import SnapshotWindow
 from lightning_ckpt.staging import DefaultStager
 from tests.lightning import helpers
 from tests.lightning.helpers import FailCommitHook, TinyModel
@@ -54,7 +55,7 @@ def test_mutate_after_save_does_not_leak(sabotage, overlap, tmp_path, monkeypatc
     if sabotage == "no_wait":
         monkeypatch.setattr(AsyncCheckpointCallback, "on_before_optimizer_step", lambda *a: None)
     if sabotage == "no_buffer_clone":
-        monkeypatch.setattr(AsyncCheckpointIO, "_staged_state", lambda self, ckpt: ckpt)
+        monkeypatch.setattr(SnapshotWindow, "prepare", lambda self, ckpt: ckpt)
     model = TinyModel()
     model.record_snapshots = True
     cb = AsyncCheckpointCallback(dirpath=str(tmp_path / "ck"), every_n_train_steps=1, save_on_train_end=False,

@@ -54,4 +54,5 @@ def test_ddp_failure_on_rank0_fails_both_ranks_quickly(tmp_path):
     assert "OK at step" not in out
     assert elapsed < 100
     files = helpers.final_files(tmp_path / "own")
-    assert "step=1.ckpt" in files and "step=2.ckpt" not in files
+    # the failed step 2 never appears; step 1 stays unless step 3 was committed before the ranks stopped
+    assert "step=2.ckpt" not in files and ("step=1.ckpt" in files or "step=3.ckpt" in files), files

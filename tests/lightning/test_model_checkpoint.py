@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 
 import pytest
@@ -35,16 +36,21 @@ class _LastProbe(Callback):
             self.seen += 1
 
 
+def _own(tmp_path, with_callback):
+    """Our callback beside ModelCheckpoint, or nothing: the plugin alone must guard ModelCheckpoint itself."""
+    return [AsyncCheckpointCallback(dirpath=str(tmp_path / "own"), save_on_train_end=False)] if with_callback else []
+
+
+@pytest.mark.parametrize("with_callback", [True, False], ids=["callback", "plugin_alone"])
 @pytest.mark.parametrize("save_last", [True, "link"])
-def test_top_k_and_last_stay_consistent(save_last, tmp_path):
+def test_top_k_and_last_stay_consistent(save_last, with_callback, tmp_path):
     """save_top_k=1 leaves exactly one top-k file (no orphans); last.ckpt is valid whenever it exists, from a
     fresh directory on; every file loads with load_from_checkpoint."""
     ck = tmp_path / "ck"
     mc = ModelCheckpoint(dirpath=ck, every_n_train_steps=1, save_top_k=1, save_last=save_last)
     probe = _LastProbe(ck / "last.ckpt")
-    cb = AsyncCheckpointCallback(dirpath=str(tmp_path / "own"), save_on_train_end=False)
-    trainer = helpers.trainer(tmp_path, max_steps=5, plugins=[_plugin()], callbacks=[probe, cb, mc],
-                              enable_checkpointing=True)
+    trainer = helpers.trainer(tmp_path, max_steps=5, plugins=[_plugin()],
+                              callbacks=[probe, *_own(tmp_path, with_callback), mc], enable_checkpointing=True)
     trainer.fit(TinyModel(), helpers.loader())
     assert helpers.final_files(ck) == ["epoch=0-step=5.ckpt", "last.ckpt"]
     assert probe.seen >= 1
@@ -65,15 +71,15 @@ def test_plugin_alone_top_k_has_no_orphans(tmp_path):
     assert helpers.final_files(ck) == ["epoch=0-step=4.ckpt"]
 
 
+@pytest.mark.parametrize("with_callback", [True, False], ids=["callback", "plugin_alone"])
 @pytest.mark.parametrize("plugin", ["async", "sync"])
-def test_version_counter_sees_pending_files(plugin, tmp_path):
+def test_version_counter_sees_pending_files(plugin, with_callback, tmp_path):
     """A fixed filename gives fixed, fixed-v1, fixed-v2 as with a synchronous writer: no two saves share a name."""
     ck = tmp_path / "ck"
     mc = ModelCheckpoint(dirpath=ck, filename="fixed", monitor="train_loss", every_n_train_steps=1, save_top_k=-1)
-    cb = AsyncCheckpointCallback(dirpath=str(tmp_path / "own"), save_on_train_end=False)
     io = _plugin() if plugin == "async" else SyncCheckpointIO()
-    helpers.trainer(tmp_path, max_steps=3, plugins=[io], callbacks=[cb, mc], enable_checkpointing=True).fit(
-        TinyModel(), helpers.loader())
+    helpers.trainer(tmp_path, max_steps=3, plugins=[io], callbacks=[*_own(tmp_path, with_callback), mc],
+                    enable_checkpointing=True).fit(TinyModel(), helpers.loader())
     assert helpers.final_files(ck) == ["fixed-v1.ckpt", "fixed-v2.ckpt", "fixed.ckpt"]
     steps = {n: torch.load(ck / n, weights_only=False)["global_step"] for n in helpers.final_files(ck)}
     assert steps == {"fixed.ckpt": 1, "fixed-v1.ckpt": 2, "fixed-v2.ckpt": 3}
@@ -113,14 +119,17 @@ class _ReadingLogger(CSVLogger):
         self.read += 1
 
 
-def test_logger_after_save_checkpoint_sees_committed_files(tmp_path):
+@pytest.mark.parametrize("with_callback", [True, False], ids=["callback", "plugin_alone"])
+def test_logger_after_save_checkpoint_sees_committed_files(with_callback, tmp_path):
     ck = tmp_path / "ck"
     logger = _ReadingLogger(str(tmp_path / "logs"))
     mc = ModelCheckpoint(dirpath=ck, every_n_train_steps=1, save_top_k=1)
-    cb = AsyncCheckpointCallback(dirpath=str(tmp_path / "own"), save_on_train_end=False)
-    helpers.trainer(tmp_path, max_steps=3, plugins=[_plugin()], callbacks=[cb, mc], logger=logger,
-                    enable_checkpointing=True).fit(TinyModel(), helpers.loader())
+    trainer = helpers.trainer(tmp_path, max_steps=3, plugins=[_plugin()], callbacks=[*_own(tmp_path, with_callback), mc],
+                              logger=logger, enable_checkpointing=True)
+    trainer.fit(TinyModel(), helpers.loader())
     assert logger.read == 3
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:  # per-save metrics, logged by the plugin alone too
+        assert sum(1 for row in csv.DictReader(f) if row.get("ckpt/stall_ms")) == 3
 
 
 def test_last_ckpt_shares_the_staged_copy_of_the_top_k_save(tmp_path):
@@ -150,3 +159,39 @@ def test_last_ckpt_shares_the_staged_copy_of_the_top_k_save(tmp_path):
     assert last["global_step"] == 4
     helpers.assert_trees_equal(last["state_dict"], model.snapshots[4]["state_dict"])
     helpers.assert_trees_equal(last["optimizer_states"], model.snapshots[4]["optimizer_states"])
+
+
+@pytest.mark.parametrize("with_callback", [True, False], ids=["callback", "plugin_alone"])
+def test_saves_of_one_step_share_one_staged_copy_with_a_monitored_model_checkpoint(with_callback, tmp_path,
+                                                                                   monkeypatch):
+    """A monitored ModelCheckpoint (its best score changes between the saves of a step) with save_last=True, and
+    our callback at the same steps: one copy of the state per step, one buffer, and each file holds its own
+    scores and that step's weights."""
+    from lightning_ckpt.staging import DefaultStager
+
+    copies = []
+    original_copy = DefaultStager._copy
+
+    def counting_copy(self, *args, **kwargs):
+        copies.append(1)
+        return original_copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(DefaultStager, "_copy", counting_copy)
+    ck = tmp_path / "ck"
+    mc = ModelCheckpoint(dirpath=ck, monitor="train_loss", every_n_train_steps=2, save_top_k=2, save_last=True)
+    own = ([AsyncCheckpointCallback(dirpath=str(tmp_path / "own"), every_n_train_steps=2, save_on_train_end=False)]
+           if with_callback else [])
+    plugin = AsyncCheckpointIO()
+    model = TinyModel()
+    model.record_snapshots = True
+    trainer = helpers.trainer(tmp_path, max_steps=4, plugins=[plugin], callbacks=[*own, mc], enable_checkpointing=True)
+    trainer.fit(model, helpers.loader())
+    assert len(copies) == 2  # steps 2 and 4, whatever the number of saves per step (2 or 3)
+    saves_per_step = 3 if with_callback else 2
+    assert len(plugin.binding.saves) == 2 * saves_per_step
+    for name in helpers.final_files(ck):
+        saved = torch.load(ck / name, weights_only=False)
+        state = saved["callbacks"][mc.state_key]
+        helpers.assert_trees_equal(saved["state_dict"], model.snapshots[saved["global_step"]]["state_dict"])
+        if name != "last.ckpt":
+            assert state["best_k_models"][str(ck / name)] == state["current_score"]  # its own score, not shared

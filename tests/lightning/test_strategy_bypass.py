@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
-from lightning_ckpt.lightning.trainer_glue import bypass_reason
+from lightning_ckpt.lightning.binding import bypass_reason
 
 pytestmark = [pytest.mark.lightning]
 
