@@ -36,6 +36,8 @@ def test_round_trip_with_the_plugin_alone_lands_in_the_bucket(plugin_cls, s3, em
     plugin.save_checkpoint(ckpt, url)
     loaded = plugin.load_checkpoint(url)
     plugin.teardown()
+    (done,) = plugin.pop_completed()
+    assert done.stats.path == url  # metrics and logs name the object, not the local cache copy
 
     assert s3.keys() == ["run1/model.ckpt"]
     assert torch.equal(loaded["state_dict"]["w"], ckpt["state_dict"]["w"])
@@ -45,6 +47,8 @@ def test_round_trip_with_the_plugin_alone_lands_in_the_bucket(plugin_cls, s3, em
     assert len(parts) == 3 and not s3.server.ops("PutObject")  # 12 MiB in 5 MiB parts, one multipart upload
     assert os.listdir(empty_cwd) == []
     assert all_files(tmp_path / "cache") == []  # committed locally, uploaded, then the local copy freed
+    with pytest.raises(FileNotFoundError, match="run1/missing.ckpt"):
+        plugin.load_checkpoint(f"{s3.url}/run1/missing.ckpt")
 
 
 def test_per_call_storage_options_reach_the_store(s3, empty_cwd, monkeypatch):
