@@ -111,3 +111,28 @@ def test_paths_resolve_in_one_place(tmp_path):
                                                                  {"endpoint_url": "http://127.0.0.1:1"})
     assert paths.path_key(remote) == paths.path_key("s3://bkt/run//x.ckpt") == remote.url
     assert not isinstance(remote, os.PathLike)  # cannot be turned into a local path by accident
+
+
+LAZY_IMPORT_SCRIPT = """
+import sys, torch
+from lightning_ckpt.lightning import AsyncCheckpointIO, SyncCheckpointIO
+SyncCheckpointIO().save_checkpoint({"w": torch.zeros(2)}, sys.argv[1] + "/local.ckpt")
+assert "aiobotocore" not in sys.modules and "botocore" not in sys.modules, "imported for a local save"
+plugin = AsyncCheckpointIO()
+plugin.save_checkpoint({"w": torch.zeros(2)}, sys.argv[2])
+plugin.teardown()
+assert "aiobotocore" not in sys.modules, "the training process imported the S3 client for an async upload"
+assert plugin.load_checkpoint(sys.argv[2])["w"].shape == (2,)
+assert "aiobotocore" in sys.modules
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_s3_client_is_imported_only_by_the_process_that_calls_the_store(s3, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", LAZY_IMPORT_SCRIPT, str(tmp_path), f"{s3.url}/lazy/x.ckpt"],
+                            capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert s3.keys() == ["lazy/x.ckpt"]
