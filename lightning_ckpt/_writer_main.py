@@ -63,7 +63,8 @@ def _write(writer: Any, msg: Any, buffers: dict) -> Any:
     try:
         buffer = memoryview(buffers[msg.buffer_id]) if msg.buffer_id is not None else None
         try:
-            stats = writer.write_prepared(msg.path, msg.prepared, buffer, save_key=msg.save_key, defer_cleanup=True)
+            stats = writer.write_prepared(msg.path, msg.prepared, buffer, save_key=msg.save_key, defer_cleanup=True,
+                                          after_commit=msg.after_commit)
         finally:
             if buffer is not None:
                 _release(buffer)

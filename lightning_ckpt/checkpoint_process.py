@@ -93,6 +93,7 @@ class WriteRequest:
     prepared: PreparedCheckpoint
     buffer_id: int | None
     save_key: str | None
+    after_commit: Any = None  # run by the writer once committed (``CheckpointWriter.write_prepared``)
 
 
 @dataclass
@@ -185,8 +186,11 @@ class CheckpointProcess(PicklableBeforeUse):
             self._ensure_started()
 
     def write(self, path: str, prepared: PreparedCheckpoint, buffer: "StagingBuffer | None",
-              save_key: str | None = None) -> Future:
-        """Send one write; the future resolves to ``WriteStats`` or fails with the writer's error text."""
+              save_key: str | None = None, after_commit: Any = None) -> Future:
+        """Send one write; the future resolves to ``WriteStats`` or fails with the writer's error text.
+
+        ``after_commit`` (picklable, importable by module path) runs in the writer once the file is committed.
+        """
         future: Future = Future()
         with self._lock:
             if self._closed:
@@ -200,7 +204,8 @@ class CheckpointProcess(PicklableBeforeUse):
             with self._plock:
                 self._pending[request_id] = _Pending(future, path)
             try:
-                self._send(WriteRequest(request_id, path, prepared, buffer.id if buffer else None, save_key))
+                self._send(WriteRequest(request_id, path, prepared, buffer.id if buffer else None, save_key,
+                                        after_commit))
             except BaseException:
                 with self._plock:
                     self._pending.pop(request_id, None)

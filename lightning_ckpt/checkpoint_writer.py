@@ -7,9 +7,9 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from lightning_ckpt import layout
+from lightning_ckpt import layout, paths
 from lightning_ckpt.barriers import Barrier, barrier_report_error, barrier_wait
 from lightning_ckpt.errors import IncompleteCheckpointError
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint, read_checksum_record, write_file
@@ -96,26 +96,34 @@ class CheckpointWriter:
         from lightning_ckpt.serialization import prepare, resolve_storages  # torch: not in the writer process
 
         prepared = resolve_storages(prepare(state_dict, metadata=kwargs.get("metadata")))
-        return self.write_prepared(path, prepared, save_key=kwargs.get("save_key"))
+        return self.write_prepared(path, prepared, save_key=kwargs.get("save_key"),
+                                   after_commit=kwargs.get("after_commit"))
 
     def write_prepared(self, path: str | os.PathLike, prepared: PreparedCheckpoint, buffer: memoryview | None = None,
-                       save_key: str | None = None, defer_cleanup: bool = False) -> WriteStats:
+                       save_key: str | None = None, defer_cleanup: bool = False,
+                       after_commit: Callable[[str], dict | None] | None = None) -> WriteStats:
         """Write an already pickled checkpoint whose records live in ``buffer`` or in storages, and commit it.
 
         Args:
             defer_cleanup: leave freeing a replaced file to ``remove_replaced`` (the writer process calls it after
                 reporting the commit, so the caller does not wait for it).
+            after_commit: called with the committed path (e.g. ``remote.RemoteUpload``); what it returns goes into
+                ``WriteStats.extra``, and when it raises the write fails.
         """
-        path = os.path.abspath(os.fspath(path))
+        path = paths.local_path(path)
         self._seq += 1
         key = save_key or f"{os.path.basename(path)}-{self._seq}"
         try:
             if self.rank_info.global_world_size == 1:
-                return self._write_single(path, prepared, buffer)
-            return self._write_ranked(path, prepared, buffer, key)
+                stats = self._write_single(path, prepared, buffer)
+            else:
+                stats = self._write_ranked(path, prepared, buffer, key)
         finally:
             if not defer_cleanup:
                 self.remove_replaced()
+        if after_commit is not None:
+            stats.extra.update(after_commit(stats.path) or {})
+        return stats
 
     def _prepare_dir(self, directory: str, in_use: str | None = None) -> None:
         os.makedirs(directory, exist_ok=True)

@@ -12,6 +12,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_ckpt import paths
 from lightning_ckpt.barriers import create_barrier_from_config, host_barrier_store
 from lightning_ckpt.checkpoint_process import CheckpointProcess
 from lightning_ckpt.checkpoint_reader import CheckpointReader
@@ -182,7 +183,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             state_dict: what to save.
             **kwargs: ``metadata`` (json-able facts kept with the checksums); ``snapshot_token`` (a value such as
                 the training step: a save with the same token as the previous one, of the same unchanged tensors,
-                shares its staged copy).
+                shares its staged copy); ``after_commit`` (run by the writer once committed, e.g. an upload).
 
         Returns:
             ``(stage_future, write_future)``; ``write_future`` resolves to ``SaveStats``.
@@ -201,14 +202,15 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             self._wait_for_slot()
         self._seq += 1
         save_key = new_save_key()
-        path = os.path.abspath(os.fspath(path))
+        path = paths.local_path(path)
+        after_commit = kwargs.get("after_commit")
         start = time.perf_counter()
         self._host_store()
         try:
             staged = self.stager.stage(state_dict, metadata=kwargs.get("metadata"),
                                        snapshot_token=kwargs.get("snapshot_token"))
         except StagingBufferTooLarge as e:
-            return self._save_fallback(path, state_dict, save_key, start, e)
+            return self._save_fallback(path, state_dict, save_key, start, e, after_commit)
         stall = time.perf_counter() - start
         stage_future = staged if isinstance(staged, Future) else completed_future(staged)
         write_future = TrackedFuture(save_key, lambda: self.errors.mark_seen(save_key))
@@ -216,18 +218,19 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             while self._inflight and self._inflight[0].write_future.done():
                 self._inflight.popleft()  # finished saves are forgotten (their errors are kept in self.errors)
             self._inflight.append(_InFlight(path, stage_future, write_future))
-        stage_future.add_done_callback(lambda f: self._dispatch(f, path, write_future, save_key, start, stall))
+        stage_future.add_done_callback(
+            lambda f: self._dispatch(f, path, write_future, save_key, start, stall, after_commit))
         return stage_future, write_future
 
     def _dispatch(self, stage_future: Future, path: str, write_future: TrackedFuture, save_key: str,
-                  start: float, stall: float) -> None:
+                  start: float, stall: float, after_commit: Any = None) -> None:
         """Runs when staging is done: hand the staged checkpoint to the writer process."""
         if stage_future.exception() is not None:
             self._fail(write_future, stage_future.exception())
             return
         staged: StagedCheckpoint = stage_future.result()
         try:
-            inner = self.process.write(path, staged.prepared, staged.buffer, save_key)
+            inner = self.process.write(path, staged.prepared, staged.buffer, save_key, after_commit)
         except BaseException as e:  # noqa: BLE001 - delivered through the future and raised once later
             self.stager.release(staged)
             self._fail(write_future, e)
@@ -252,7 +255,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         write_future.set_exception(exc)
 
     def _save_fallback(self, path: str, state_dict: STATE_DICT, save_key: str, start: float,
-                       reason: Exception) -> tuple[Future, Future]:
+                       reason: Exception, after_commit: Any = None) -> tuple[Future, Future]:
         """The state exceeds the staging budget: wait for pending saves, then write from the live tensors here."""
         log.warning("%s; writing %s synchronously from the live tensors (slower path)", reason, path)
         self.wait()
@@ -260,7 +263,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             proc = self.process
             barrier = create_barrier_from_config(proc.barrier_config, proc.rank_info)
             self._fallback = CheckpointWriter(proc.writer_config, proc.rank_info, barrier, proc.commit_hook)
-        stats = self._fallback.write(path, state_dict, save_key=save_key)
+        stats = self._fallback.write(path, state_dict, save_key=save_key, after_commit=after_commit)
         elapsed = time.perf_counter() - start
         result = SaveStats(stats.path, stats.nbytes, elapsed, elapsed, stats.write_secs, elapsed, fallback=True)
         return completed_future(None), completed_future(result)

@@ -165,18 +165,34 @@ def read_record(path: str, name: str) -> bytes | None:
     Raises:
         zipfile.BadZipFile, OSError: not a readable zip.
     """
-    with open(path, "rb") as f, zipfile.ZipFile(f) as z:
-        info = next((i for i in z.infolist() if i.filename.split("/", 1)[-1] == name), None)
-        if info is None:
+    with open(path, "rb") as f:
+        span = record_spans(f, path).get(name)
+        if span is None:
             return None
-        # Read the stored bytes directly: zipfile would check the CRC fields, which torch leaves at 0.
+        f.seek(span[0])
+        data = f.read(span[1])
+        if len(data) != span[1]:
+            raise zipfile.BadZipFile(f"record {name} of {path} is truncated")
+        return data
+
+
+def record_spans(f: BinaryIO, path: str) -> dict[str, tuple[int, int]]:
+    """Maps each record name of the torch zip open as ``f`` (its folder stripped) to ``(data offset, size)``.
+
+    The stored bytes are located from each local header, not read through zipfile, which would check the CRC
+    fields that torch leaves at 0. ``path`` only names the file in errors.
+
+    Raises:
+        zipfile.BadZipFile, OSError: not a readable zip.
+    """
+    spans = {}
+    with zipfile.ZipFile(f) as z:
+        infos = z.infolist()
+    for info in infos:
         f.seek(info.header_offset)
         header = f.read(30)
         if header[:4] != b"PK\x03\x04":
             raise zipfile.BadZipFile(f"bad local header for {info.filename} in {path}")
         name_len, extra_len = struct.unpack("<HH", header[26:30])
-        f.seek(info.header_offset + 30 + name_len + extra_len)
-        data = f.read(info.file_size)
-        if len(data) != info.file_size:
-            raise zipfile.BadZipFile(f"record {info.filename} of {path} is truncated")
-        return data
+        spans[info.filename.split("/", 1)[-1]] = (info.header_offset + 30 + name_len + extra_len, info.file_size)
+    return spans

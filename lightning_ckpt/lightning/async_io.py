@@ -37,12 +37,14 @@ class AsyncCheckpointIO(LightningCkptIO):
     Args: see ``LightningCkptIO`` (``config``, ``error_policy``, ``commit_hook``).
     """
 
-    def _save(self, path: str, checkpoint: dict[str, Any], step: int | None) -> tuple[Future, Future]:
+    def _save(self, path: str, checkpoint: dict[str, Any], step: int | None,
+              after_commit: Any = None) -> tuple[Future, Future]:
         checkpointer = self._ensure_checkpointer()
         state = self._staged_state(checkpoint)
         metadata = {"step": int(step)} if step is not None else None
         stage_future, write_future = checkpointer.save(path, state, metadata=metadata,
-                                                       snapshot_token=self.snapshot_token(step))
+                                                       snapshot_token=self.snapshot_token(step),
+                                                       after_commit=after_commit)
         if not self.defer_staging:
             _wait(stage_future, self.config.wait_timeout_secs, f"staging of {path}")
         return stage_future, write_future

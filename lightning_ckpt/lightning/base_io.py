@@ -14,11 +14,16 @@ import torch
 from lightning.fabric.plugins.io import CheckpointIO
 from typing_extensions import override
 
+from lightning_ckpt import layout, paths
 from lightning_ckpt.barriers import Barrier
 from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpoint_writer import WriterHook
 from lightning_ckpt.config import CheckpointerConfig
 from lightning_ckpt.lightning.ledger import CompletedSave, SaveLedger
+from lightning_ckpt.paths import RemotePath
+from lightning_ckpt import remote_files
+from lightning_ckpt.errors import CheckpointWriteError
+from lightning_ckpt.remote import RemoteConfig, RemoteUpload
 from lightning_ckpt.types import RankInfo
 
 log = logging.getLogger(__name__)
@@ -34,15 +39,28 @@ class LightningCkptIO(CheckpointIO):
         error_policy: ``"raise"``: a failed save fails training at the next save, callback hook or teardown;
             ``"warn"``: it is logged (logger ``lightning_ckpt.lightning``) and training continues.
         commit_hook: a ``WriterHook`` called around each commit (importable by module path).
+        storage_options: fsspec options for remote paths (``s3://``): ``endpoint_url``, ``key``, ``secret``,
+            ``client_kwargs``, ``config_kwargs``; Lightning's per-call ``storage_options`` are merged over them.
+        remote_config: part size, concurrency and retries of remote uploads and downloads.
+
+    Remote paths (``s3://bucket/run/x.ckpt``): the checkpoint is committed in the local cache
+    (``$LIGHTNING_CKPT_CACHE_DIR``, default ``~/.cache/lightning_ckpt``), then the writer uploads it with a multipart
+    upload whose completion is the commit; the save counts as done (removals, ``last.ckpt``, ``load``) only then.
+    A remote save of the same step and unchanged weights as the previous remote save (ModelCheckpoint's
+    ``save_last=True``) becomes a server-side copy of that object once it is complete, never a second upload.
     """
 
     def __init__(self, config: Optional[CheckpointerConfig] = None, error_policy: ErrorPolicy = "raise",
-                 commit_hook: Optional[WriterHook] = None) -> None:
+                 commit_hook: Optional[WriterHook] = None, storage_options: Optional[dict[str, Any]] = None,
+                 remote_config: Optional[RemoteConfig] = None) -> None:
         if error_policy not in ("raise", "warn"):
             raise ValueError(f"{type(self).__name__}.error_policy must be 'raise' or 'warn', got {error_policy!r}")
         self.config = config if config is not None else CheckpointerConfig()
         self.error_policy = error_policy
         self.commit_hook = commit_hook
+        self.storage_options = dict(storage_options or {})
+        self.remote_config = remote_config if remote_config is not None else RemoteConfig()
+        self._last_remote: tuple | None = None  # (step, weights fingerprint, RemotePath) of the last upload
         self.rank_info = RankInfo(0, 1)
         self.barrier: Barrier | None = None
         self.defer_staging = False  # set by AsyncCheckpointCallback inside its safe window (with overlap)
@@ -85,29 +103,32 @@ class LightningCkptIO(CheckpointIO):
         """Save ``checkpoint`` at ``path`` (the directory is created now, the file appears atomically).
 
         Raises:
-            TypeError: ``storage_options`` is not None (like ``TorchCheckpointIO``).
+            TypeError: ``storage_options`` for a local path (like ``TorchCheckpointIO``).
+            ValueError: a path we cannot write (``memory://``, an unknown protocol).
             CheckpointError: an earlier save failed (``error_policy="raise"``, single process).
         """
-        if storage_options is not None:
-            raise TypeError(
-                f"`Trainer.save_checkpoint(..., storage_options=...)` with `storage_options` arg is not supported for "
-                f"`{type(self).__name__}`. Please implement your custom `CheckpointIO` to define how you'd like to "
-                f"use `storage_options`."
-            )
+        location = self._locate(path, storage_options)
         self._check_world()
         self.raise_pending_error()
-        path = os.path.abspath(os.fspath(path))
-        os.makedirs(os.path.dirname(path), exist_ok=True)  # a save_last="link" symlink needs the directory now
         step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+        local, after_commit = location, None
+        if isinstance(location, RemotePath):
+            if self._copy_instead(location, checkpoint, step):
+                return
+            local, after_commit = location.cache_path(), RemoteUpload(location, self.remote_config,
+                                                                      self._remote_timeout())
+        os.makedirs(os.path.dirname(local), exist_ok=True)  # a save_last="link" symlink needs the directory now
         start = time.perf_counter()
         try:
-            stage_future, write_future = self._save(path, checkpoint, step)
+            stage_future, write_future = self._save(local, checkpoint, step, after_commit=after_commit)
         except Exception as e:
             if self.error_policy == "raise" and not self._defer_errors:
                 raise
             self._ledger.record_error(e)
             return
-        self._ledger.add_save(path, step, stage_future, write_future, time.perf_counter() - start)
+        if isinstance(location, RemotePath):
+            write_future.add_done_callback(lambda _: remote_files.forget_listings(location))
+        self._ledger.add_save(location, step, stage_future, write_future, time.perf_counter() - start)
 
     @override
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None,
@@ -123,13 +144,21 @@ class LightningCkptIO(CheckpointIO):
             FileNotFoundError: nothing at ``path``.
             CorruptCheckpointError: the checksums do not match.
         """
-        path = os.fspath(path)
-        self._ledger.wait(self.config.wait_timeout_secs, path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        reader = CheckpointReader(RankInfo(0, 1), verify=self.config.verify_on_load)
-        loaded, _ = reader.read(path, map_location="cpu" if map_location is None else map_location,
-                                weights_only=weights_only)
+        location = self._locate(path, None)
+        self._ledger.wait(self.config.wait_timeout_secs, location)
+        local = location
+        if isinstance(location, RemotePath):
+            local = remote_files.download(location, location.cache_path("download"), self.remote_config,
+                                          self._remote_timeout())
+        try:
+            if not os.path.exists(local):
+                raise FileNotFoundError(f"Checkpoint file not found: {local}")
+            reader = CheckpointReader(RankInfo(0, 1), verify=self.config.verify_on_load)
+            loaded, _ = reader.read(local, map_location="cpu" if map_location is None else map_location,
+                                    weights_only=weights_only)
+        finally:
+            if local is not location:
+                layout.remove_tree(local)  # a download of a remote object is read once
         return loaded
 
     @override
@@ -139,7 +168,12 @@ class LightningCkptIO(CheckpointIO):
         It is never removed while its own save or a newer save is in flight, and kept when one of them failed (it
         may be the newest complete checkpoint). A missing path is not an error.
         """
-        self._ledger.request_removal(os.fspath(path))
+        location = self._locate(path, None)
+        if isinstance(location, RemotePath):
+            self._ledger.request_removal(location, remove=lambda: remote_files.delete(
+                location, self.remote_config, self._remote_timeout()))
+        else:
+            self._ledger.request_removal(location)
 
     @override
     def teardown(self) -> None:
@@ -191,7 +225,7 @@ class LightningCkptIO(CheckpointIO):
 
     def is_pending(self, path: Any) -> bool:
         """True while a save of ``path`` is in flight (ModelCheckpoint's version counter asks)."""
-        return self._ledger.is_pending(os.fspath(path))
+        return self._ledger.is_pending(path)
 
     def peek_error(self) -> BaseException | None:
         """The failed save that will be raised next, without clearing it."""
@@ -212,9 +246,14 @@ class LightningCkptIO(CheckpointIO):
         return self._ledger.pop_completed()
 
     def link_after_commit(self, target: str, linkpath: str) -> None:
-        """Point ``linkpath`` at ``target`` atomically once ``target`` is committed (never a dangling link)."""
-        os.makedirs(os.path.dirname(os.path.abspath(linkpath)), exist_ok=True)
-        self._ledger.request_link(target, linkpath)
+        """Point ``linkpath`` at ``target`` atomically once ``target`` is committed (never a dangling link; on a
+        remote store: a server-side copy)."""
+        link, source = self._locate(linkpath, None), self._locate(target, None)
+        if isinstance(link, RemotePath) or isinstance(source, RemotePath):
+            self._request_copy(source, link)
+            return
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        self._ledger.request_link(source, link)
 
     def call_after_commit(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on the training thread once the saves pending now are committed (``run_main_thread_actions``)."""
@@ -224,9 +263,51 @@ class LightningCkptIO(CheckpointIO):
     def run_main_thread_actions(self) -> None:
         self._ledger.run_main_thread_actions()
 
+    # ------------------------------------------------------------------ paths (local or remote)
+
+    def _locate(self, path: Any, storage_options: Optional[dict]) -> paths.Location:
+        if storage_options is not None and not paths.is_remote(path):
+            raise TypeError(
+                f"`Trainer.save_checkpoint(..., storage_options=...)` with `storage_options` arg is not supported for "
+                f"`{type(self).__name__}` with the local path {os.fspath(path)!r}; it is for remote paths (s3://)."
+            )
+        return paths.resolve(path, {**self.storage_options, **(storage_options or {})})
+
+    def _remote_timeout(self) -> float:
+        """A remote call's deadline: before the writer is killed at ``write_timeout_secs``, so that a stuck
+        upload is aborted by its own writer rather than left dangling."""
+        return 0.8 * self.config.process_config.write_timeout_secs
+
+    def _copy_instead(self, location: RemotePath, checkpoint: dict[str, Any], step: int | None) -> bool:
+        """A save of the same step and weights as the last upload becomes a server-side copy of it."""
+        fingerprint = _weights_fingerprint(checkpoint)
+        last = self._last_remote
+        if (last is not None and step is not None and fingerprint is not None and last[:2] == (step, fingerprint)
+                and last[2] != location and last[2].bucket == location.bucket
+                and last[2].storage_options == location.storage_options):
+            self._request_copy(last[2], location)
+            return True
+        self._last_remote = (step, fingerprint, location)
+        return False
+
+    def _request_copy(self, source: paths.Location, dest: paths.Location) -> None:
+        if not (isinstance(source, RemotePath) and isinstance(dest, RemotePath)):
+            raise ValueError(f"cannot link {dest} to {source}: both must be in one remote store, or both local")
+
+        def copy(*_: Any) -> None:
+            try:
+                remote_files.copy(source, dest, self.remote_config, self._remote_timeout())
+            except Exception as e:  # noqa: BLE001 - raised at the next step like a failed save
+                error = CheckpointWriteError(f"server-side copy of {source} to {dest} failed: {e}")
+                error.__cause__ = e
+                self._ledger.record_error(error)
+
+        self._ledger.request_link(source, dest, make_link=copy)
+
     # ------------------------------------------------------------------ for subclasses
 
-    def _save(self, path: str, checkpoint: dict[str, Any], step: int | None) -> tuple[Future, Future]:
+    def _save(self, path: str, checkpoint: dict[str, Any], step: int | None,
+              after_commit: RemoteUpload | None = None) -> tuple[Future, Future]:
         raise NotImplementedError
 
     def _close(self, checkpointer: Any) -> None:
@@ -254,6 +335,14 @@ class LightningCkptIO(CheckpointIO):
             return checkpoint
         pointers = {b.untyped_storage().data_ptr() for b in self._buffer_source() if b.numel()}
         return clone_aliasing(checkpoint, pointers, self._buffer_clones) if pointers else checkpoint
+
+
+def _weights_fingerprint(checkpoint: Any) -> tuple | None:
+    """Identity and version of every tensor in ``checkpoint["state_dict"]``: equal means unchanged weights."""
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not state:
+        return None
+    return tuple((k, v.data_ptr(), v._version) for k, v in state.items() if isinstance(v, torch.Tensor))
 
 
 def clone_aliasing(obj: Any, pointers: set[int], cache: dict[tuple, torch.Tensor] | None = None) -> Any:

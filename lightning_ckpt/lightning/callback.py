@@ -12,6 +12,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_ckpt import paths
 from lightning_ckpt.errors import CheckpointWriteError
 from lightning_ckpt.lightning.base_io import LightningCkptIO
 from lightning_ckpt.lightning.ledger import CompletedSave
@@ -136,7 +137,7 @@ class AsyncCheckpointCallback(Callback):
                 if isinstance(callback, ModelCheckpoint):
                     guard_model_checkpoint(callback, self._plugin)
             guard_loggers(trainer.loggers, self._plugin)
-        self._dirpath = os.path.abspath(self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints"))
+        self._dirpath = paths.path_key(self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints"))
         # Overlap pays where the copy runs beside the compute (device-to-host on a side stream); on a CPU-only
         # machine the copy competes with training for the same cores and memory bandwidth (measured: slower).
         self._overlap = self.overlap_staging if self.overlap_staging is not None else pl_module.device.type != "cpu"

@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lightning_ckpt import layout
+from lightning_ckpt import layout, paths
 from lightning_ckpt.checkpointer import SaveStats
 from lightning_ckpt.error_store import ErrorStore
 from lightning_ckpt.errors import CheckpointTimeoutError
@@ -50,7 +50,7 @@ class _Action:
     waits_for: set[int]  # saves pending at request time (and the newest save)
     path: str = ""
     target: str = ""
-    fn: Callable[[], Any] | None = None
+    fn: Callable[[], Any] | None = None  # a call; or how to remove/link where it is not local (remote stores)
     order: int = 0  # request order across removals, links and calls
 
 
@@ -98,7 +98,7 @@ class SaveLedger(PicklableBeforeUse):
     def add_save(self, path: str, step: int | None, stage_future: Future, write_future: Future,
                  stall_secs: float) -> None:
         """Register a save; ``write_future`` resolves to ``SaveStats`` or fails."""
-        path = os.path.abspath(path)
+        path = paths.path_key(path)
         with self._cond:
             self._seq += 1
             save = _Save(self._seq, path, step, stage_future, stall_secs)
@@ -139,8 +139,8 @@ class SaveLedger(PicklableBeforeUse):
         with self._cond:
             return [s.path for s in sorted(self._pending.values(), key=lambda s: s.seq)]
 
-    def is_pending(self, path: str) -> bool:
-        path = os.path.abspath(path)
+    def is_pending(self, path: Any) -> bool:
+        path = paths.path_key(path)
         with self._cond:
             return any(s.path == path for s in self._pending.values())
 
@@ -169,7 +169,7 @@ class SaveLedger(PicklableBeforeUse):
         Raises:
             CheckpointTimeoutError: still pending after ``timeout_secs``.
         """
-        path = os.path.abspath(path) if path is not None else None
+        path = paths.path_key(path) if path is not None else None
         deadline = time.monotonic() + timeout_secs
 
         def busy() -> list[str]:
@@ -185,11 +185,14 @@ class SaveLedger(PicklableBeforeUse):
 
     # ------------------------------------------------------------------ ordered actions
 
-    def request_removal(self, path: str) -> None:
-        self._request(_Action("remove", 0, set(), path=os.path.abspath(path)))
+    def request_removal(self, path: Any, remove: Callable[[], Any] | None = None) -> None:
+        """Remove ``path`` in order (``remove`` does it where it is not a local path)."""
+        self._request(_Action("remove", 0, set(), path=paths.path_key(path), fn=remove))
 
-    def request_link(self, target: str, linkpath: str) -> None:
-        self._request(_Action("link", 0, set(), path=os.path.abspath(linkpath), target=os.path.abspath(target)))
+    def request_link(self, target: Any, linkpath: Any, make_link: Callable[[str, str], Any] | None = None) -> None:
+        """Point ``linkpath`` at ``target`` once it is committed (``make_link`` instead of a local link)."""
+        self._request(_Action("link", 0, set(), path=paths.path_key(linkpath), target=paths.path_key(target),
+                              fn=make_link))
 
     def request_call(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` from ``run_main_thread_actions`` once the saves pending now are done."""
@@ -240,13 +243,13 @@ class SaveLedger(PicklableBeforeUse):
                 log.warning("kept %s: a save issued before its removal failed, so it may be the newest complete "
                             "checkpoint", action.path)
             else:
-                layout.remove_tree(action.path)
+                action.fn() if action.fn is not None else layout.remove_tree(action.path)
             return
         target_seq = self._latest_by_path.get(action.target)
         if target_seq is not None and target_seq <= action.after_seq and self._failed({target_seq}):
             log.warning("kept the link %s: its new target %s failed to save", action.path, action.target)
             return
-        atomic_link(action.target, action.path)
+        (action.fn or atomic_link)(action.target, action.path)
 
     def run_main_thread_actions(self) -> None:
         """Run deferred main-thread calls whose saves are done (call from the training thread only)."""

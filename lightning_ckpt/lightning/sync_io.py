@@ -22,10 +22,11 @@ class SyncCheckpointIO(LightningCkptIO):
     Args: see ``LightningCkptIO`` (``config``, ``error_policy``, ``commit_hook``).
     """
 
-    def _save(self, path: str, checkpoint: dict[str, Any], step: int | None) -> tuple[Future, Future]:
+    def _save(self, path: str, checkpoint: dict[str, Any], step: int | None,
+              after_commit: Any = None) -> tuple[Future, Future]:
         checkpointer = self._ensure_checkpointer()
         metadata = {"step": int(step)} if step is not None else None
-        stats = checkpointer.save(path, checkpoint, metadata=metadata)
+        stats = checkpointer.save(path, checkpoint, metadata=metadata, after_commit=after_commit)
         return completed_future(None), completed_future(stats)
 
     def _ensure_checkpointer(self) -> SyncCheckpointer:

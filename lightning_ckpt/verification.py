@@ -1,0 +1,285 @@
+"""One checkpoint file opened once, its checksum record validated, and its bytes checked against it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import stat
+import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from lightning_ckpt import layout
+from lightning_ckpt.errors import CorruptCheckpointError
+from lightning_ckpt.serialization import checksum, iter_leaves, json_key, path_str
+from lightning_ckpt.torch_zip import record_spans
+
+log = logging.getLogger(__name__)
+
+
+class OpenedFile:
+    """A checkpoint file opened once: every later read (zip directory, records, ``torch.load``) goes to this file.
+
+    A writer that replaces the path meanwhile (a rename, as every commit is) does not change what is read: the
+    descriptor keeps the file it opened. ``source`` names that same file for APIs that want a path
+    (``/proc/self/fd/<fd>`` on Linux; elsewhere the path itself, without that guarantee).
+
+    Args:
+        path: the file, as given (used in messages).
+        dir_fd: a directory descriptor that ``name`` is relative to (a checkpoint directory opened once).
+        name: the file's name inside ``dir_fd``.
+    """
+
+    def __init__(self, path: str, dir_fd: int | None = None, name: str | None = None) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(name if dir_fd is not None else path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"checkpoint file not found: {path}") from e
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self.fd)
+            raise IsADirectoryError(f"not a checkpoint file: {path}")
+        self.size = st.st_size
+        self._spans: dict[str, tuple[int, int]] | None = None
+        proc = f"/proc/self/fd/{self.fd}"
+        self.source = proc if os.path.exists(proc) else path
+
+    def advise_sequential(self) -> None:
+        """Ask the kernel to read the whole file ahead, in order (best effort)."""
+        try:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except (AttributeError, OSError):
+            pass
+
+    def spans(self) -> dict[str, tuple[int, int]]:
+        """``{record name: (offset, size)}`` of the torch zip; CorruptCheckpointError when it is not one."""
+        if self._spans is not None:
+            return self._spans
+        try:
+            with os.fdopen(os.dup(self.fd), "rb") as f:
+                spans = record_spans(f, self.path)
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise CorruptCheckpointError(f"corrupt checkpoint {self.path}: unreadable zip ({e})", path=self.path) from e
+        for name, (offset, size) in spans.items():
+            if offset + size > self.size:
+                raise CorruptCheckpointError(f"corrupt checkpoint {self.path}: record {name} is truncated",
+                                             path=self.path, key=name)
+        self._spans = spans
+        return spans
+
+    def read_span(self, span: tuple[int, int]) -> bytes:
+        return os.pread(self.fd, span[1], span[0])
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> OpenedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class ChecksumRecord:
+    """The validated checksum record of one of our files: every field verification reads has its type."""
+
+    data_pkl_xxh3: str
+    records: dict[str, dict]  # storage key -> {"nbytes": int, "xxh3": str}
+    by_key_path: dict[tuple, str]  # tensor key path -> storage key
+    metadata: dict
+
+    @classmethod
+    def from_json(cls, raw: Any, path: str) -> ChecksumRecord:
+        """Validates ``raw`` (the parsed JSON); CorruptCheckpointError naming ``path`` and the bad key otherwise."""
+        where = layout.CHECKSUM_RECORD
+
+        def bad(key: str, why: str) -> CorruptCheckpointError:
+            return CorruptCheckpointError(f"corrupt checkpoint {path}: {where} {key} {why}", path=path, key=key)
+
+        if not isinstance(raw, dict):
+            raise bad("", "is not an object")
+        if not isinstance(raw.get("data_pkl_xxh3"), str):
+            raise bad("data_pkl_xxh3", "is missing or not a string")
+        records = raw.get("records")
+        if not isinstance(records, dict):
+            raise bad("records", "is missing or not an object")
+        for key, entry in records.items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("xxh3"), str)):
+                raise bad(f"records[{key!r}]", "has no xxh3 string")
+        key_paths = raw.get("key_paths")
+        if not isinstance(key_paths, list):
+            raise bad("key_paths", "is missing or not a list")
+        by_key_path = {}
+        for i, entry in enumerate(key_paths):
+            if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], list)
+                    and all(isinstance(p, (str, int)) and not isinstance(p, bool) for p in entry[0])):
+                raise bad(f"key_paths[{i}]", f"is malformed: {entry!r:.200}")
+            if not isinstance(entry[1], str) or entry[1] not in records:
+                raise bad(f"key_paths[{i}]", f"names a storage without a checksum: {entry[1]!r:.100}")
+            by_key_path[tuple(entry[0])] = entry[1]
+        metadata = raw.get("metadata", {})
+        return cls(raw["data_pkl_xxh3"], records, by_key_path, metadata if isinstance(metadata, dict) else {})
+
+
+def read_checksum_record(opened: OpenedFile) -> ChecksumRecord | None:
+    """Reads and validates the checksum record and checks the pickle against it; None for a plain torch file.
+
+    Every storage of the file must have a checksum: one that has none is refused, never loaded unverified.
+
+    Raises:
+        CorruptCheckpointError: unreadable zip, malformed record, a storage without a checksum, or a pickle mismatch.
+    """
+    spans = opened.spans()
+    if layout.CHECKSUM_RECORD not in spans:
+        return None
+    try:
+        raw = json.loads(opened.read_span(spans[layout.CHECKSUM_RECORD]))
+    except ValueError as e:
+        raise CorruptCheckpointError(f"corrupt checkpoint {opened.path}: unreadable {layout.CHECKSUM_RECORD} ({e})",
+                                     path=opened.path, key=layout.CHECKSUM_RECORD) from e
+    record = ChecksumRecord.from_json(raw, opened.path)
+    unrecorded = sorted(n for n in spans if n.startswith("data/") and n[len("data/"):] not in record.records)
+    if unrecorded:
+        raise CorruptCheckpointError(
+            f"corrupt checkpoint {opened.path}: storage {unrecorded[0]} has no checksum in {layout.CHECKSUM_RECORD}"
+            f" ({len(unrecorded)} such)", path=opened.path, key=unrecorded[0])
+    missing = sorted(k for k in record.records if f"data/{k}" not in spans)
+    if missing:
+        raise CorruptCheckpointError(f"corrupt checkpoint {opened.path}: record data/{missing[0]} is missing",
+                                     path=opened.path, key=f"data/{missing[0]}")
+    if "data.pkl" not in spans:
+        raise CorruptCheckpointError(f"corrupt checkpoint {opened.path}: no data.pkl", path=opened.path, key="data.pkl")
+    _compare(opened.path, "data.pkl", record.data_pkl_xxh3, checksum(opened.read_span(spans["data.pkl"])))
+    return record
+
+
+def verify_records(opened: OpenedFile, record: ChecksumRecord, keys: list[str] | None = None) -> int:
+    """Checks storages straight from the file's bytes, nothing unpickled; returns the bytes hashed.
+
+    Args:
+        opened: the file.
+        record: its validated checksum record (``read_checksum_record``).
+        keys: the storage keys to check (default: all).
+    """
+    spans = opened.spans()
+    keys = list(record.records) if keys is None else keys
+    if not keys or opened.size == 0:
+        return 0
+    hashed = 0
+    with mmap.mmap(opened.fd, 0, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            for key in keys:
+                offset, size = spans[f"data/{key}"]
+                chunk = view[offset:offset + size]
+                try:
+                    _compare(opened.path, f"data/{key}", record.records[key]["xxh3"], checksum(chunk),
+                             f"record data/{key}")
+                finally:
+                    chunk.release()
+                hashed += size
+        finally:
+            view.release()
+    return hashed
+
+
+def _compare(path: str, key: str, expected: str, actual: str, label: str | None = None) -> None:
+    if actual != expected:
+        raise CorruptCheckpointError(
+            f"corrupt checkpoint {path}: {label or key} checksum mismatch (expected {expected}, got {actual})",
+            path=path, key=key, expected=expected, actual=actual,
+        )
+
+
+def storage_checksum(tensor: torch.Tensor) -> str:
+    storage = tensor.untyped_storage()
+    if storage.device.type != "cpu":
+        storage = storage.cpu()
+    return checksum(storage)
+
+
+def verify_tensor(path: str, key_path: tuple, tensor: torch.Tensor, record: ChecksumRecord, key: str) -> None:
+    """Checks one loaded tensor's storage against its checksum."""
+    name = path_str(key_path)
+    _compare(path, name, record.records[key]["xxh3"], storage_checksum(tensor), f"tensor '{name}'")
+
+
+def verify_tree(opened: OpenedFile, loaded: Any, record: ChecksumRecord) -> None:
+    """Checks every reachable tensor's storage (each once), and the storages no key path reaches from the file."""
+    done: set[str] = set()
+    for key_path, leaf in iter_leaves(loaded):
+        key = record.by_key_path.get(key_path)
+        if isinstance(leaf, torch.Tensor) and key is not None and key not in done:
+            verify_tensor(opened.path, key_path, leaf, record, key)
+            done.add(key)
+    verify_records(opened, record, [k for k in record.records if k not in done])
+
+
+def copy_and_verify(opened: OpenedFile, mapped: Any, record: ChecksumRecord | None) -> Any:
+    """``copy_out_of_mapping`` with each copied storage hashed on a worker thread (xxhash releases the GIL)."""
+    if record is None:
+        return copy_out_of_mapping(mapped)
+    hashes: dict[str, tuple[tuple, Future]] = {}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-verify") as pool:
+
+        def on_copy(key_path: tuple, tensor: torch.Tensor) -> None:
+            key = record.by_key_path.get(key_path)
+            if key is not None and key not in hashes:
+                hashes[key] = (key_path, pool.submit(storage_checksum, tensor))
+
+        loaded = copy_out_of_mapping(mapped, on_copy)
+        for key, (key_path, future) in hashes.items():
+            name = path_str(key_path)
+            _compare(opened.path, name, record.records[key]["xxh3"], future.result(), f"tensor '{name}'")
+    verify_records(opened, record, [k for k in record.records if k not in hashes])
+    return loaded
+
+
+def copy_out_of_mapping(obj: Any, on_copy: Callable[[tuple, torch.Tensor], None] | None = None) -> Any:
+    """Replace the file-mapped tensors of a ``torch.load(mmap=True)`` result with in-memory copies.
+
+    Each storage is copied once, so tensors that shared a storage (views, tied weights) still share it.
+    ``on_copy(key_path, tensor)`` is told of every copied tensor reachable through dicts, lists and tuples.
+    """
+    copies: dict[tuple[int, int], torch.UntypedStorage] = {}
+
+    def copy_tensor(t: torch.Tensor) -> torch.Tensor:
+        if t.layout != torch.strided or t.device.type != "cpu":
+            return t
+        src = t.untyped_storage()
+        key = (src.data_ptr(), src.nbytes())
+        dst = copies.get(key)
+        if dst is None:
+            flat = torch.empty(0, dtype=torch.uint8).set_(src)
+            dst = copies[key] = flat.clone().untyped_storage()
+        out = torch.empty(0, dtype=t.dtype).set_(dst, t.storage_offset(), t.size(), t.stride())
+        return torch.nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else out
+
+    def visit(o: Any, key_path: tuple) -> Any:
+        if isinstance(o, torch.Tensor):
+            out = copy_tensor(o)
+            if on_copy is not None and out is not o:
+                on_copy(key_path, out)
+            return out
+        if isinstance(o, dict):
+            for k in list(o):
+                o[k] = visit(o[k], key_path + (json_key(k),))
+            return o
+        if isinstance(o, list):
+            o[:] = [visit(v, key_path + (i,)) for i, v in enumerate(o)]
+            return o
+        if isinstance(o, tuple) and not hasattr(o, "_fields"):
+            return type(o)(visit(v, key_path + (i,)) for i, v in enumerate(o))
+        return o
+
+    return visit(obj, ())

@@ -1,0 +1,151 @@
+"""Fixtures for the remote-storage tests: one S3 server on 127.0.0.1 per session, a fresh bucket per test."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import select
+import subprocess
+import sys
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+for _module in ("moto", "werkzeug", "boto3", "aiobotocore", "s3fs"):
+    if importlib.util.find_spec(_module) is None:  # checked without importing (moto takes seconds)
+        pytest.skip(f"the remote tests need {_module} (pip install -e '.[test]')", allow_module_level=True)
+
+SERVER_SCRIPT = Path(__file__).with_name("s3_server.py")
+STARTUP_TIMEOUT_SECS = 60.0
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@dataclass
+class S3Server:
+    """A running test server: its endpoint and its fault-injection controls."""
+
+    proc: subprocess.Popen
+    endpoint: str
+
+    def set_faults(self, *rules: dict) -> None:
+        self._request("POST", "/__faults__", {"rules": list(rules)})
+
+    def ops(self, op: str | None = None, key: str = "") -> list[dict]:
+        """Operations the server saw since the last ``clear_log`` (optionally of one kind and key substring)."""
+        seen = json.loads(self._request("GET", "/__log__"))
+        return [o for o in seen if (op is None or o["op"] == op) and key in o["key"]]
+
+    def clear_log(self) -> None:
+        self._request("DELETE", "/__log__")
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> bytes:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.endpoint + path, data=data, method=method)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.read()
+
+
+def start_server(env: dict | None = None) -> S3Server:
+    """Start the server script and wait (bounded) for the port it prints."""
+    proc = subprocess.Popen([sys.executable, str(SERVER_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    ready, _, _ = select.select([proc.stdout], [], [], STARTUP_TIMEOUT_SECS)
+    line = proc.stdout.readline().decode() if ready else ""
+    if not line.startswith("PORT "):
+        stop_server(proc)
+        raise RuntimeError(f"the S3 test server did not start within {STARTUP_TIMEOUT_SECS}s (got {line!r})")
+    return S3Server(proc, f"http://127.0.0.1:{int(line.split()[1])}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = start_server()
+    yield server
+    stop_server(server.proc)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fsspec_loop():
+    """Lightning's own fsspec calls (ModelCheckpoint, ckpt_path="last") start fsspec's IO thread and its loop's
+    executor thread (DNS lookups) once per process; starting both, one executor thread only, before the first test
+    keeps the per-test thread-leak check meaningful."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fsspec.asyn
+
+    loop = fsspec.asyn.get_loop()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsspec-executor")
+
+    async def start() -> None:
+        loop.set_default_executor(executor)
+        await loop.run_in_executor(None, lambda: None)
+
+    fsspec.asyn.sync(loop, start)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path):
+    """A fresh bucket on the session's server; credentials and endpoint in the environment (for Lightning's
+    fsspec calls and the writer process), the local cache under ``tmp_path``; faults and log reset."""
+    import boto3
+
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    monkeypatch.setenv("LIGHTNING_CKPT_CACHE_DIR", str(tmp_path / "cache"))
+    s3_server.set_faults()
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    s3_server.clear_log()
+    yield Bucket(s3_server, client, bucket)
+    s3_server.set_faults()
+    client.close()
+
+
+@dataclass
+class Bucket:
+    server: S3Server
+    client: object
+    name: str
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.name}"
+
+    @property
+    def options(self) -> dict:
+        return {"endpoint_url": self.server.endpoint}
+
+    def keys(self) -> list[str]:
+        return sorted(o["Key"] for o in self.client.list_objects_v2(Bucket=self.name).get("Contents", []))
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
+
+    def uploads(self) -> list[dict]:
+        return self.client.list_multipart_uploads(Bucket=self.name).get("Uploads", [])
+
+
+@pytest.fixture
+def empty_cwd(tmp_path, monkeypatch):
+    """Run in an empty working directory and return it (a remote save must never create ``./s3:``)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd

@@ -1,0 +1,59 @@
+"""Lightning Trainer runs with an s3:// dirpath: ModelCheckpoint top-k and last.ckpt, and resuming from the store."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_ckpt.lightning import AsyncCheckpointIO
+from tests.lightning.helpers import TinyModel, loader, trainer
+
+pytestmark = [pytest.mark.lightning, pytest.mark.remote]
+
+
+@pytest.mark.timeout(180)
+def test_model_checkpoint_top2_and_last_leave_exactly_three_objects_and_last_is_a_server_side_copy(
+        s3, empty_cwd, tmp_path):
+    mc = ModelCheckpoint(dirpath=f"{s3.url}/run", monitor="step", mode="max", save_top_k=2, save_last=True,
+                         every_n_train_steps=1)
+    plugin = AsyncCheckpointIO()
+    fit = trainer(tmp_path / "root", max_steps=6, callbacks=[mc], plugins=[plugin], enable_checkpointing=True)
+    fit.fit(TinyModel(), loader())
+
+    keys = s3.keys()
+    assert len(keys) == 3 and "run/last.ckpt" in keys, keys
+    assert set(keys) - {"run/last.ckpt"} == {os.path.relpath(p, s3.url) for p in mc.best_k_models}
+    copies = s3.server.ops("CopyObject", "run/last.ckpt")
+    assert len(copies) == 6  # one server-side copy per step ...
+    assert not s3.server.ops("UploadPart", "last.ckpt") and not s3.server.ops("CreateMultipartUpload", "last")
+    assert len(s3.server.ops("CompleteMultipartUpload")) == 6  # ... and one upload per step, no second one
+    last = plugin.load_checkpoint(f"{s3.url}/run/last.ckpt")
+    assert last["global_step"] == 6
+    assert s3.uploads() == []
+    assert os.listdir(empty_cwd) == []
+
+
+@pytest.mark.timeout(180)
+def test_resume_from_a_remote_last_ckpt_restores_the_weights(s3, empty_cwd, tmp_path):
+    dirpath = f"{s3.url}/run"
+    first = TinyModel()
+    fit = trainer(tmp_path / "a", max_steps=3, plugins=[AsyncCheckpointIO()], enable_checkpointing=True,
+                  callbacks=[ModelCheckpoint(dirpath=dirpath, save_last=True, every_n_train_steps=1)])
+    fit.fit(first, loader())
+
+    resumed = TinyModel()
+    plugin = AsyncCheckpointIO()
+    loads = []
+    real_load = plugin.load_checkpoint
+    plugin.load_checkpoint = lambda path, *a, **k: loads.append(path) or real_load(path, *a, **k)
+    again = trainer(tmp_path / "b", max_steps=3, plugins=[plugin], enable_checkpointing=True,
+                    callbacks=[ModelCheckpoint(dirpath=dirpath, save_last=True, every_n_train_steps=1)])
+    # Lightning's ckpt_path="last" cannot find remote files (its listing drops the s3:// prefix): name the object
+    again.fit(resumed, loader(), ckpt_path=f"{dirpath}/last.ckpt")
+    assert loads == [f"{dirpath}/last.ckpt"] and again.global_step == 3
+    for name, value in first.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    assert os.listdir(empty_cwd) == []

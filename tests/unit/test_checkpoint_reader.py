@@ -1,0 +1,176 @@
+"""The reader never lies: one descriptor per read, validated checksum records, and PyTorch's own directories."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+
+import lightning_ckpt as lc
+from lightning_ckpt import checkpoint_reader, layout
+from lightning_ckpt.torch_zip import TorchZipWriter, record_spans
+from tests._helpers import assert_equal_state
+
+torch_experimental = pytest.importorskip("torch.distributed.checkpoint._experimental.checkpoint_writer")
+
+
+def _state(value: float) -> dict:
+    return {"model": {"w": torch.full((64,), value), "b": torch.arange(8) + int(value)}, "step": int(value)}
+
+
+def _write_ours(path, state) -> str:
+    lc.CheckpointWriter(rank_info=lc.RankInfo(0, 1)).write(str(path), state)
+    return str(path)
+
+
+def _write_torchs(path, state, rank: int = 0) -> str:
+    from torch.distributed.checkpoint._experimental.checkpoint_writer import CheckpointWriter, CheckpointWriterConfig
+    from torch.distributed.checkpoint._experimental.types import RankInfo
+
+    CheckpointWriter(CheckpointWriterConfig(), RankInfo(global_rank=rank, global_world_size=1)).write(str(path), state)
+    return str(path)
+
+
+def _rewrite_checksum_record(path: str, mutate) -> None:
+    """Rewrites the file at ``path`` with its checksum record replaced by ``mutate(record)`` (all else unchanged)."""
+    with open(path, "rb") as f:
+        spans = record_spans(f, path)
+        records = {}
+        for name, (offset, size) in spans.items():
+            f.seek(offset)
+            records[name] = f.read(size)
+    records[layout.CHECKSUM_RECORD] = json.dumps(mutate(json.loads(records[layout.CHECKSUM_RECORD]))).encode()
+    tmp = path + ".rewrite"
+    writer = TorchZipWriter(tmp)
+    for name, data in records.items():
+        writer.write_record(name, data)
+    writer.close()
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- U1: one descriptor per read
+
+
+def test_reader_racing_an_overwrite_never_reports_corruption(tmp_path, monkeypatch):
+    """The path is replaced (as every commit does, by rename) after the reader opened it: it reads the old one."""
+    path, newer = str(tmp_path / "a.ckpt"), str(tmp_path / "newer.ckpt")
+    real_load = torch.load
+
+    def load_after_overwrite(*args, **kwargs):
+        os.replace(newer, path)  # the overwrite lands between opening the file and loading it
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_reader.torch, "load", load_after_overwrite)
+    for map_location in (None, "cpu", {"cpu": "cpu"}):
+        _write_ours(path, _state(1.0))
+        _write_ours(newer, _state(2.0))
+        loaded, _ = lc.CheckpointReader().read(path, map_location=map_location)
+        assert_equal_state(loaded, _state(1.0))
+    monkeypatch.undo()
+    assert_equal_state(lc.CheckpointReader().read(path)[0], _state(2.0))
+
+
+def test_reader_racing_a_directory_replacement_reads_a_complete_checkpoint(tmp_path, monkeypatch):
+    """The directory is swapped (old one removed) between listing it and opening the rank file: read again."""
+    path = str(tmp_path / "ckpt")
+    _write_torchs(path, _state(1.0))
+    _write_torchs(tmp_path / "next", _state(2.0))
+    real_open = checkpoint_reader._open_unmanifested
+    swapped = []
+
+    def open_after_swap(*args, **kwargs):
+        if not swapped:
+            swapped.append(True)
+            shutil.rmtree(path)
+            os.rename(tmp_path / "next", path)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_reader, "_open_unmanifested", open_after_swap)
+    loaded, _ = lc.CheckpointReader().read(path)
+    assert swapped and loaded["step"] == 2
+    assert_equal_state(loaded, _state(2.0))
+
+
+# ---------------------------------------------------------------- U2: checksum records are validated
+
+
+@pytest.mark.parametrize("bad_key_paths", [
+    [[[["nested"]], "0"]],  # a key path element that is a list (unhashable)
+    [[{"a": 1}, "0"]],
+    [["model.w", "0"]],
+    [[["model", "w"]]],
+    "not a list",
+])
+def test_malformed_key_paths_are_a_corrupt_checkpoint_naming_path_and_key(tmp_path, bad_key_paths):
+    path = _write_ours(tmp_path / "a.ckpt", _state(1.0))
+    _rewrite_checksum_record(path, lambda r: {**r, "key_paths": bad_key_paths})
+    with pytest.raises(lc.CorruptCheckpointError, match="key_paths") as info:
+        lc.CheckpointReader().read(path)
+    assert info.value.path == path and path in str(info.value) and info.value.key.startswith("key_paths")
+
+
+def test_a_storage_absent_from_the_checksum_record_is_refused_not_loaded_unverified(tmp_path):
+    path = _write_ours(tmp_path / "a.ckpt", _state(1.0))
+
+    def drop_first_storage(record):
+        first = sorted(record["records"])[0]
+        record["records"].pop(first)
+        record["key_paths"] = [kp for kp in record["key_paths"] if kp[1] != first]
+        return record
+
+    _rewrite_checksum_record(path, drop_first_storage)
+    with pytest.raises(lc.CorruptCheckpointError, match="has no checksum") as info:
+        lc.CheckpointReader().read(path)
+    assert info.value.path == path and info.value.key.startswith("data/")
+
+
+# ---------------------------------------------------------------- interop with torch's _experimental package
+
+
+def test_reads_a_directory_written_by_torchs_experimental_writer(tmp_path, caplog):
+    path = _write_torchs(tmp_path / "ckpt", _state(3.0))
+    assert os.listdir(path) == ["checkpoint_0.pt"]
+    with caplog.at_level(logging.WARNING, logger="lightning_ckpt.checkpoint_reader"):
+        for _ in range(2):
+            loaded, missing = lc.CheckpointReader().read(path)
+            assert missing == [] and loaded["step"] == 3
+            assert_equal_state(loaded, _state(3.0))
+    no_checksums = [r for r in caplog.records if "no checksums" in r.getMessage()]
+    assert len(no_checksums) == 1 and path in no_checksums[0].getMessage()
+    partial, _ = lc.CheckpointReader().read(path, {"model": {"w": torch.zeros(64)}})
+    assert torch.equal(partial["model"]["w"], torch.full((64,), 3.0))
+
+
+def test_a_torch_directory_holding_a_temp_of_ours_is_refused(tmp_path):
+    path = _write_torchs(tmp_path / "ckpt", _state(1.0))
+    os.mkdir(os.path.join(path, ".lckpt-0123456789abcdef.tmp"))
+    with pytest.raises(lc.IncompleteCheckpointError, match="temps"):
+        lc.CheckpointReader().read(path)
+
+
+def test_a_torn_file_in_a_torch_directory_is_corrupt(tmp_path):
+    path = _write_torchs(tmp_path / "ckpt", _state(1.0))
+    rank_file = os.path.join(path, "checkpoint_0.pt")
+    os.truncate(rank_file, os.path.getsize(rank_file) // 2)
+    with pytest.raises(lc.CorruptCheckpointError) as info:
+        lc.CheckpointReader().read(path)
+    assert info.value.path == rank_file
+
+
+def test_a_directory_with_our_rank_file_but_no_manifest_never_committed(tmp_path):
+    ours = _write_ours(tmp_path / "a.ckpt", _state(1.0))
+    os.mkdir(tmp_path / "ckpt")
+    shutil.copy(ours, tmp_path / "ckpt" / "checkpoint_0.pt")
+    with pytest.raises(lc.IncompleteCheckpointError, match="never committed"):
+        lc.CheckpointReader().read(tmp_path / "ckpt")
+
+
+def test_read_accepts_pytorchs_keyword_arguments(tmp_path, caplog):
+    path = _write_ours(tmp_path / "a.ckpt", _state(1.0))
+    with caplog.at_level(logging.WARNING, logger="lightning_ckpt.checkpoint_reader"):
+        loaded, _ = lc.CheckpointReader().read(path, None, map_location="cpu", extra_for_test="value")
+    assert loaded["step"] == 1 and "extra_for_test" in caplog.text
