@@ -19,7 +19,6 @@ from lightning_ckpt.errors import CheckpointWriteError, CorruptCheckpointError, 
 from lightning_ckpt.commit import is_temp_name
 from lightning_ckpt.layout import MANIFEST_NAME
 from tests.distributed._dcp_states import fsdp2_model, full_tensors, sharded_state, tree_digest
-from tests.distributed.launcher import RankPool
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(240)]
 
@@ -219,6 +218,8 @@ def test_fsdp2_save_commits_manifest_and_reshards_2_to_1_and_2_to_3(ranks2, tmp_
         warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
         dcp.load(one, checkpoint_id=path, no_dist=True)
     # 2 -> 3 with our verifying reader, resharded by DCP's planner.
+    from tests.distributed.launcher import RankPool
+
     with RankPool(3) as ranks3:
         three = ranks3.run(_load_fsdp2, path)
     for loaded in [one["model"]] + [full for full, _ in three]:
@@ -295,6 +296,8 @@ def test_another_coordinator_rank_commits_and_loads(ranks2, tmp_path):
 
 @pytest.mark.slow
 def test_four_ranks_fail_mid_overwrite_and_reshard_4_to_2(ranks2, tmp_path):
+    from tests.distributed.launcher import RankPool
+
     path, failing = str(tmp_path / "model"), str(tmp_path / "overwrite")
     with RankPool(4) as ranks4:
         saved = ranks4.run(_save_fsdp2, path)[0]

@@ -8,8 +8,6 @@ import os
 import pytest
 import torch
 
-from tests.distributed.launcher import run_ranks
-
 pytestmark = [pytest.mark.multiprocess, pytest.mark.lightning, pytest.mark.timeout(300)]
 
 
@@ -155,11 +153,15 @@ def _check_same_training(results: list[dict], root: str) -> None:
 
 
 def test_model_parallel_resume_matches_stock_and_commits_meta(tmp_path):
+    from tests.distributed.launcher import run_ranks
+
     _check_same_training(run_ranks(_fit_save_resume, 2, str(tmp_path), "model_parallel",
                                    init_process_group=False, timeout_secs=240), str(tmp_path))
 
 
 def test_fsdp_sharded_resume_matches_stock_and_commits_meta(tmp_path):
+    from tests.distributed.launcher import run_ranks
+
     _check_same_training(run_ranks(_fit_save_resume, 2, str(tmp_path), "fsdp",
                                    init_process_group=False, timeout_secs=240), str(tmp_path))
 
