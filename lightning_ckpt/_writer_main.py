@@ -1,76 +1,239 @@
-"""Entry point of the writer subprocess: ``python -m lightning_ckpt._writer_main <socket fd>``."""
+"""Entry point of the writer process: ``python -m lightning_ckpt._writer_main <socket fd>``."""
 
 from __future__ import annotations
 
+import array
+import errno
 import logging
 import mmap
 import os
+import resource
 import signal
+import socket
 import sys
 import traceback
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import recv_handle
-from typing import Any
+from typing import Any, Callable
+
+from lightning_ckpt.worker_protocol import (
+    ANSWERED,
+    RequestType,
+    WorkerRequest,
+    WorkerResponse,
+    decode_request,
+    frame_request_id,
+)
+
+log = logging.getLogger("lightning_ckpt.writer")
 
 
-def _serve(conn: Connection) -> None:
+class StagingBufferMapError(OSError):
+    """Receiving or mapping a staging buffer failed; the trainer sends it again with its next write."""
+
+
+def make_default_writer(config: Any, rank_info: Any, barrier_config: Any = None, commit_hook: Any = None,
+                        report_phase: Callable[[str], None] | None = None) -> Any:
+    """The writer a ``CheckpointProcess`` builds when no ``checkpoint_writer_init_fn`` is given (torch-free).
+
+    ``report_phase`` is told when the writer waits at the barrier, so the trainer does not take a wait for the
+    other ranks for a stalled writer (the barrier bounds that wait itself).
+    """
     from lightning_ckpt.barriers import create_barrier_from_config
-    from lightning_ckpt.checkpoint_process import (
-        AddBufferRequest, DropBufferRequest, InitRequest, Response, ShutdownRequest, WriteRequest,
-    )
     from lightning_ckpt.checkpoint_writer import CheckpointWriter
 
-    init = conn.recv()
-    assert isinstance(init, InitRequest), f"expected InitRequest, got {type(init).__name__}"
-    logging.basicConfig(level=init.log_level, format="[lightning_ckpt writer %(process)d] %(levelname)s %(message)s")
-    if init.niceness:
-        os.nice(init.niceness)
-    try:
-        barrier = create_barrier_from_config(init.barrier_config, init.rank_info)
-        writer = CheckpointWriter(init.writer_config, init.rank_info, barrier, init.commit_hook)
-    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(Response(-1, False, error_type=type(e).__name__, error_text=traceback.format_exc()))
-        return
-    conn.send(Response(-1, True))
-    buffers: dict[int, mmap.mmap] = {}
-    while True:
+    barrier = create_barrier_from_config(barrier_config, rank_info)
+    if barrier is not None and report_phase is not None:
+        barrier = _PhaseReportingBarrier(barrier, report_phase)
+    return CheckpointWriter(config, rank_info, barrier, commit_hook)
+
+
+class _PhaseReportingBarrier:
+    def __init__(self, inner: Any, report_phase: Callable[[str], None]) -> None:
+        self._inner = inner
+        self._report_phase = report_phase
+
+    def execute_barrier(self) -> None:
+        self._report_phase("barrier")
         try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            break  # the training process is gone: nothing more will come
-        if isinstance(msg, ShutdownRequest):
-            break
-        if isinstance(msg, AddBufferRequest):
-            fd = recv_handle(conn)
+            self._inner.execute_barrier()
+        finally:
+            self._report_phase("writing")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _Server:
+    """Serves requests in order until ``TERMINATE_PROCESS`` or the trainer's end of the socket closes."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.writer: Any = None
+        self.buffers: dict[int, mmap.mmap] = {}
+        self.unmapped: dict[int, str] = {}  # buffer id -> why receiving or mapping it failed
+        self.orphaned = False  # the trainer is gone: keep committing what it fully sent, answer nobody
+        self._current: WorkerRequest | None = None
+        self._handlers: dict[RequestType, Callable[[WorkerRequest], Any]] = {
+            RequestType.INIT: self._init, RequestType.PING: lambda r: None,
+            RequestType.WRITE_CHECKPOINT: self._write_checkpoint, RequestType.WRITE_PREPARED: self._write_prepared,
+            RequestType.ADD_BUFFER: self._add_buffer, RequestType.DROP_BUFFER: self._drop_buffer,
+            RequestType.TERMINATE_PROCESS: lambda r: None,
+        }
+
+    def serve(self) -> None:
+        try:
+            while True:
+                try:
+                    frame = self.conn.recv_bytes()
+                except EOFError:
+                    return  # every request the trainer sent whole has been served
+                if not self._serve_frame(frame):
+                    return
+        finally:
+            for mapping in self.buffers.values():
+                mapping.close()
+
+    def _serve_frame(self, frame: bytes) -> bool:
+        try:
+            request_id = frame_request_id(frame)
+        except ValueError as e:
+            log.error("%s: ignored", e)
+            return True
+        try:
+            request = decode_request(frame)
+        except Exception as e:  # noqa: BLE001 - e.g. an init function whose module the writer cannot import
+            self._respond(WorkerResponse(RequestType.PING, False, _error_text(e, "could not decode the request"),
+                                         request_id=request_id, error_type=type(e).__name__))
+            return True
+        handler = self._handlers.get(getattr(request, "request_type", None))
+        if not isinstance(request, WorkerRequest) or handler is None:
+            kind = getattr(request, "request_type", type(request).__name__)
+            log.error("unknown request %r (id %d): ignored", kind, request_id)
+            self._respond(WorkerResponse(RequestType.PING, False, f"unknown request {kind!r}",
+                                         request_id=request_id, error_type="ValueError"))
+            return True
+        if self.writer is None and request.request_type not in (RequestType.INIT, RequestType.TERMINATE_PROCESS):
+            self._respond(WorkerResponse(request.request_type, False, "the writer was not initialised",
+                                         request_id=request_id, error_type="RuntimeError"))
+            return True
+        return self._handle(handler, request)
+
+    def _handle(self, handler: Callable[[WorkerRequest], Any], request: WorkerRequest) -> bool:
+        self._current = request
+        try:
+            payload = handler(request)
+        except Exception as e:  # noqa: BLE001 - one failed request must not end the loop
+            if request.request_type in ANSWERED:
+                self._respond(WorkerResponse(request.request_type, False, _error_text(e), request_id=request.request_id,
+                                             error_type=type(e).__name__))
+            return request.request_type is not RequestType.INIT  # without a writer there is nothing to serve
+        finally:
+            self._current = None
+        if request.request_type in ANSWERED:
+            self._respond(WorkerResponse(request.request_type, True, payload=payload, request_id=request.request_id))
+        if request.request_type is RequestType.WRITE_PREPARED:
+            self.writer.remove_replaced()  # after the answer: the trainer does not wait for freeing old blocks
+        return request.request_type is not RequestType.TERMINATE_PROCESS
+
+    def _respond(self, response: WorkerResponse) -> None:
+        if self.orphaned:
+            return
+        try:
+            self.conn.send(response)
+        except (BrokenPipeError, ConnectionError):
+            # The trainer died (SIGKILL, a job-wide SIGTERM): nobody reads answers any more, but the requests it
+            # sent whole are still in the socket and are committed before the EOF ends the loop.
+            self.orphaned = True
+            log.info("the training process is gone; finishing the requests it sent")
+
+    def report_phase(self, phase: str) -> None:
+        if self._current is not None:
+            self._respond(WorkerResponse(RequestType.PROGRESS, True, payload={"phase": phase},
+                                         request_id=self._current.request_id))
+
+    def _init(self, request: WorkerRequest) -> None:
+        p = request.payload
+        logging.basicConfig(level=p["log_level"], format="[lightning_ckpt writer %(process)d] %(levelname)s %(message)s")
+        if p["niceness"]:
+            os.nice(p["niceness"])
+        if p["authkey"] is not None:  # torch shares tensors through multiprocessing's resource sharer
+            import multiprocessing
+
+            multiprocessing.current_process().authkey = p["authkey"]
+        if p["subprocess_init_fn"] is not None:
+            p["subprocess_init_fn"](*p["subprocess_init_args"])
+        init_fn, init_args = p["checkpoint_writer_init_fn"], dict(p["checkpoint_writer_init_args"])
+        init_args.setdefault("rank_info", p["rank_info"])
+        if init_fn is make_default_writer:
+            init_args["report_phase"] = self.report_phase
+        self.writer = init_fn(**init_args)
+
+    def _write_checkpoint(self, request: WorkerRequest) -> None:
+        p = request.payload
+        self.writer.write(path=p["path"], state_dict=p["state_dict"], **p["kwargs"])
+
+    def _write_prepared(self, request: WorkerRequest) -> dict[str, Any]:
+        p = request.payload
+        buffer_id = p["buffer_id"]
+        if buffer_id in self.unmapped:
+            raise StagingBufferMapError(self.unmapped.pop(buffer_id))
+        view = memoryview(self.buffers[buffer_id]) if buffer_id is not None else None
+        try:
+            stats = self.writer.write_prepared(p["path"], p["prepared"], view, save_key=p["save_key"],
+                                               defer_cleanup=True, after_commit=p["after_commit"])
+        finally:
+            if view is not None:
+                _release(view)
+        return {"stats": stats}
+
+    def _add_buffer(self, request: WorkerRequest) -> None:
+        buffer_id, nbytes = request.payload["buffer_id"], request.payload["nbytes"]
+        try:
+            fd = self._recv_fd()
+        except OSError as e:
+            self.unmapped[buffer_id] = _error_text(e, f"receiving staging buffer {buffer_id} failed")
+            return
+        try:
             # MAP_POPULATE maps every page now, once per buffer, instead of faulting them in during each write.
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            buffers[msg.buffer_id] = mmap.mmap(fd, msg.nbytes, flags=flags)
-            os.close(fd)
-        elif isinstance(msg, DropBufferRequest):
-            mapping = buffers.pop(msg.buffer_id, None)
-            if mapping is not None:
-                mapping.close()
-        elif isinstance(msg, WriteRequest):
-            conn.send(_write(writer, msg, buffers))
-            writer.remove_replaced()  # after the reply: the trainer does not wait for freeing old blocks
-    for mapping in buffers.values():
-        mapping.close()
-
-
-def _write(writer: Any, msg: Any, buffers: dict) -> Any:
-    from lightning_ckpt.checkpoint_process import Response
-
-    try:
-        buffer = memoryview(buffers[msg.buffer_id]) if msg.buffer_id is not None else None
-        try:
-            stats = writer.write_prepared(msg.path, msg.prepared, buffer, save_key=msg.save_key, defer_cleanup=True,
-                                          after_commit=msg.after_commit)
+            self.buffers[buffer_id] = mmap.mmap(fd, nbytes, flags=flags)
+        except (OSError, ValueError) as e:
+            self.unmapped[buffer_id] = _error_text(e, f"mapping staging buffer {buffer_id} ({nbytes} bytes) failed")
         finally:
-            if buffer is not None:
-                _release(buffer)
-        return Response(msg.request_id, True, stats=stats)
-    except BaseException as e:  # noqa: BLE001 - one failed write must not end the loop
-        return Response(msg.request_id, False, error_type=type(e).__name__, error_text=traceback.format_exc())
+            os.close(fd)
+
+    def _recv_fd(self) -> int:
+        """The descriptor that follows an ADD_BUFFER frame: one byte with SCM_RIGHTS. The byte is consumed even
+        when the descriptor is not (EMFILE), so the stream stays in step."""
+        sock = socket.socket(fileno=self.conn.fileno())  # same descriptor: no dup, which could fail with EMFILE
+        try:
+            data, ancdata, flags, _ = sock.recvmsg(1, socket.CMSG_SPACE(array.array("i").itemsize))
+        finally:
+            sock.detach()
+        if not data:
+            raise EOFError("the trainer closed the socket before sending the staging buffer")
+        fds = array.array("i")
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        for extra in fds[1:]:
+            os.close(extra)
+        if not fds:
+            truncated = " (MSG_CTRUNC: out of descriptors?)" if flags & socket.MSG_CTRUNC else ""
+            raise OSError(errno.EMFILE if truncated else errno.EPROTO,
+                          f"received 0 items of ancdata{truncated}; RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)}")
+        return fds[0]
+
+    def _drop_buffer(self, request: WorkerRequest) -> None:
+        self.unmapped.pop(request.payload["buffer_id"], None)
+        mapping = self.buffers.pop(request.payload["buffer_id"], None)
+        if mapping is not None:
+            mapping.close()
+
+
+def _error_text(exc: BaseException, context: str | None = None) -> str:
+    text = "".join(traceback.format_exception(exc))
+    return f"{context}: {exc}\n{text}" if context else text
 
 
 def _release(view: memoryview) -> None:
@@ -81,10 +244,19 @@ def _release(view: memoryview) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the training process, which drains us
-    conn = Connection(int(sys.argv[1]))
+    # Ctrl-C and a job-wide SIGTERM belong to the training process, which drains us; we finish what it sent and
+    # exit at the EOF of its socket.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    fd = int(sys.argv[1])
+    # Keep nothing else the spawner had open (posix_spawn closes only close-on-exec descriptors).
+    os.closerange(3, fd)
+    os.closerange(fd + 1, max(fd + 2, os.sysconf("SC_OPEN_MAX")))
+    conn = Connection(fd)
     try:
-        _serve(conn)
+        _Server(conn).serve()
+    except (EOFError, ConnectionError):
+        pass  # the trainer vanished in the middle of a message: nothing complete is left to serve
     finally:
         conn.close()
 

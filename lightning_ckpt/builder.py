@@ -55,7 +55,8 @@ def make_async_checkpointer(config: CheckpointerConfig | None = None, rank_info:
     config = config or CheckpointerConfig()
     rank_info = rank_info or RankInfo.from_env()
     barrier_config = _async_barrier_config(config.barrier_config, rank_info)
-    process = CheckpointProcess(rank_info, config.process_config, config.writer_config, barrier_config, commit_hook)
+    process = CheckpointProcess(rank_info, config.process_config, writer_config=config.writer_config,
+                                barrier_config=barrier_config, commit_hook=commit_hook)
     return AsyncCheckpointer(DefaultStager(config.staging_config), process,
                              CheckpointReader(rank_info, verify=config.verify_on_load),
                              max_in_flight=config.max_in_flight, wait_timeout_secs=config.wait_timeout_secs,

@@ -230,7 +230,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             return
         staged: StagedCheckpoint = stage_future.result()
         try:
-            inner = self.process.write(path, staged.prepared, staged.buffer, save_key, after_commit)
+            inner = self.process.write_prepared(path, staged.prepared, staged.buffer, save_key, after_commit)
         except BaseException as e:  # noqa: BLE001 - delivered through the future and raised once later
             self.stager.release(staged)
             self._fail(write_future, e)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import sys
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_ckpt import layout
+from lightning_ckpt.commit import Commit
 from lightning_ckpt.errors import CheckpointError
 from lightning_ckpt.paths import RemotePath
 from lightning_ckpt.remote import (
@@ -21,6 +23,8 @@ log = logging.getLogger(__name__)
 
 _LIST_PAGES = 100  # at most 100k objects listed under one prefix
 _COPY_PART_BYTES = 512 << 20
+LOOKUP_TIMEOUT_SECS = 300.0  # listing and checking checkpoints to resume from
+TAIL_BYTES = 1 << 20  # holds the checksum record and the zip's central directory of up to ~10k tensors
 
 
 @dataclass
@@ -50,30 +54,26 @@ def download(target: RemotePath, dest: str, config: RemoteConfig, timeout_secs: 
         CheckpointError: the object changed during the download, or the store refused.
     """
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = layout.tmp_file_path(dest)
-    try:
-        run(_download, target, tmp, config, timeout_secs)
-        os.replace(tmp, dest)
-    except BaseException:
-        layout.remove_tree(tmp)
-        raise
+    with Commit.create(dest, fsync=False) as commit:  # a cache copy: durability is the store's
+        fd = commit.open_new()
+        try:
+            run(_download, target, fd, config, timeout_secs)
+        finally:
+            os.close(fd)
+        commit.publish()
     return dest
 
 
-async def _download(target: RemotePath, tmp: str, config: RemoteConfig, timeout_secs: float) -> None:
+async def _download(target: RemotePath, fd: int, config: RemoteConfig, timeout_secs: float) -> None:
     deadline = time.monotonic() + timeout_secs
     async with _client(target, config, timeout_secs) as client:
         head = await _call("HeadObject", target, client.head_object(Bucket=target.bucket, Key=target.key), deadline)
         size, etag = int(head["ContentLength"]), head["ETag"]
         limit = asyncio.Semaphore(config.max_concurrency)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            step = config.part_size_bytes
-            await _gather_or_cancel([_get_range(client, target, etag, fd, off, min(size, off + step) - 1, limit,
-                                                deadline) for off in range(0, size, step)])
-        finally:
-            os.close(fd)
+        os.ftruncate(fd, size)
+        step = config.part_size_bytes
+        await _gather_or_cancel([_get_range(client, target, etag, fd, off, min(size, off + step) - 1, limit,
+                                            deadline) for off in range(0, size, step)])
 
 
 async def _get_range(client: Any, target: RemotePath, etag: str, fd: int, first: int, last: int,
@@ -91,6 +91,84 @@ async def _get_range(client: Any, target: RemotePath, etag: str, fd: int, first:
         if len(data) != last - first + 1:
             raise CheckpointError(f"{target.url}: bytes {first}-{last} came back short ({len(data)} bytes)")
         await asyncio.to_thread(os.pwrite, fd, data, first)
+
+
+class _BeforeTail(OSError):
+    """A read reached before the fetched tail of an object."""
+
+
+class _Tail(io.RawIOBase):
+    """The last bytes of a remote object as a seekable read-only file; reading before them fails."""
+
+    def __init__(self, size: int, data: bytes) -> None:
+        super().__init__()
+        self.size, self.data, self.start, self.pos = size, data, size - len(data), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        if self.pos < self.start:
+            raise _BeforeTail(f"offset {self.pos} lies before the last {len(self.data)} bytes that were fetched")
+        chunk = self.data[self.pos - self.start:self.pos - self.start + len(buffer)]
+        buffer[:len(chunk)] = chunk
+        self.pos += len(chunk)
+        return len(chunk)
+
+
+def read_checksum_record(target: RemotePath, config: RemoteConfig, timeout_secs: float) -> dict | None:
+    """The checksum record of a remote checkpoint, from one ranged GET of its tail (the record is written last).
+
+    Raises:
+        ValueError: not a readable torch zip. OSError: the record lies before the fetched tail.
+    """
+    from lightning_ckpt.checkpoint_file import read_checksum_record as read_record_of
+
+    size, data = read_tail(target, TAIL_BYTES, config, timeout_secs)
+    return read_record_of(_Tail(size, data))
+
+
+def list_checkpoints(directory: RemotePath) -> list[RemoteObject]:
+    """The objects directly under ``directory`` (for resuming: default config, ``LOOKUP_TIMEOUT_SECS``)."""
+    return list_dir(directory, RemoteConfig(), LOOKUP_TIMEOUT_SECS)
+
+
+def is_complete(target: RemotePath, verify: bool = False) -> bool:
+    """True iff ``target`` holds a checkpoint of ours: its checksum record reads (``verify``: every tensor too).
+
+    A listed object is complete by construction (a multipart upload appears only when completed); the record
+    check rules out foreign or damaged objects.
+    """
+    from lightning_ckpt.checkpoint_reader import CheckpointReader  # torch: only where a checkpoint is read
+
+    config = RemoteConfig()
+    try:
+        if read_checksum_record(target, config, LOOKUP_TIMEOUT_SECS) is None:
+            return False
+        if verify:
+            local = download(target, target.cache_path("download"), config, LOOKUP_TIMEOUT_SECS)
+            try:
+                CheckpointReader(verify=True).read(local, weights_only=False)
+            finally:
+                layout.remove_tree(local)
+    except _BeforeTail:
+        log.info("%s: checksum record beyond the fetched tail; listed objects are complete", target.url)
+    except FileNotFoundError:
+        return False
+    except (RuntimeError, OSError, ValueError, CheckpointError) as e:
+        log.warning("skipping %s: not a complete checkpoint (%s)", target.url, e)
+        return False
+    return True
 
 
 def read_tail(target: RemotePath, nbytes: int, config: RemoteConfig, timeout_secs: float) -> tuple[int, bytes]:

@@ -8,6 +8,7 @@ xxh3 checksums live in an extra record that ``torch.load`` ignores.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -159,14 +160,18 @@ def _address(view: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
-def read_record(path: str, name: str) -> bytes | None:
+def read_record(path: str | BinaryIO, name: str) -> bytes | None:
     """The bytes of record ``<folder>/<name>`` of a torch zip (any folder name), or None when absent.
+
+    ``path`` may also be a seekable binary file (e.g. the fetched tail of a remote object): only that record's
+    header and bytes are read.
 
     Raises:
         zipfile.BadZipFile, OSError: not a readable zip.
     """
-    with open(path, "rb") as f:
-        span = record_spans(f, path).get(name)
+    opened = open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)
+    with opened as f:
+        span = record_spans(f, str(path), {name}).get(name)
         if span is None:
             return None
         f.seek(span[0])
@@ -176,11 +181,11 @@ def read_record(path: str, name: str) -> bytes | None:
         return data
 
 
-def record_spans(f: BinaryIO, path: str) -> dict[str, tuple[int, int]]:
+def record_spans(f: BinaryIO, path: str, names: set[str] | None = None) -> dict[str, tuple[int, int]]:
     """Maps each record name of the torch zip open as ``f`` (its folder stripped) to ``(data offset, size)``.
 
     The stored bytes are located from each local header, not read through zipfile, which would check the CRC
-    fields that torch leaves at 0. ``path`` only names the file in errors.
+    fields that torch leaves at 0. ``path`` only names the file in errors; ``names`` limits the records looked up.
 
     Raises:
         zipfile.BadZipFile, OSError: not a readable zip.
@@ -189,6 +194,8 @@ def record_spans(f: BinaryIO, path: str) -> dict[str, tuple[int, int]]:
     with zipfile.ZipFile(f) as z:
         infos = z.infolist()
     for info in infos:
+        if names is not None and info.filename.split("/", 1)[-1] not in names:
+            continue
         f.seek(info.header_offset)
         header = f.read(30)
         if header[:4] != b"PK\x03\x04":

@@ -146,6 +146,8 @@ class LightningCkptIO(CheckpointIO):
         """
         location = self._locate(path, None)
         self._ledger.wait(self.config.wait_timeout_secs, location)
+        if self._ledger.has_pending_action(location):  # a last.ckpt copy waits for its source's save
+            self._ledger.wait(self.config.wait_timeout_secs)
         local = location
         if isinstance(location, RemotePath):
             local = remote_files.download(location, location.cache_path("download"), self.remote_config,

@@ -101,10 +101,12 @@ class AsyncCheckpointCallback(Callback):
         self._warned_absent = False
 
     @staticmethod
-    def find_latest(dirpath: str, filename: str = "step={step}", verify: bool = False) -> str | None:
+    def find_latest(dirpath: str, filename: str = "step={step}", verify: bool = False,
+                    storage_options: Optional[dict] = None) -> str | None:
         """The newest complete checkpoint in ``dirpath`` (highest step whose checksum record reads; temp names never
-        count), for ``trainer.fit(ckpt_path=...)``; None when there is none. ``verify`` also checks every tensor."""
-        return find_latest_checkpoint(dirpath, filename, verify=verify)
+        count), for ``trainer.fit(ckpt_path=...)``; None when there is none. ``verify`` also checks every tensor.
+        ``dirpath`` may be a remote prefix (``s3://bucket/run``), listed and checked with ranged GETs."""
+        return find_latest_checkpoint(dirpath, filename, verify=verify, storage_options=storage_options)
 
     @property
     def io(self) -> LightningCkptIO | None:
@@ -145,7 +147,9 @@ class AsyncCheckpointCallback(Callback):
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._last_save_time = time.monotonic()
-        self._saved = [p for _, p in matching_checkpoints(self._dirpath, self.filename)] if self.keep_last_k else []
+        options = self.io.storage_options if self.io is not None else None
+        self._saved = [p for _, p in matching_checkpoints(self._dirpath, self.filename, options)] \
+            if self.keep_last_k else []
 
     # ------------------------------------------------------------------ safe points
 

