@@ -7,6 +7,8 @@ import io
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +24,7 @@ from lightning_ckpt.dcp.failures import unwrapped_failures
 from lightning_ckpt.dcp.manifest import read_manifest, verify_bytes
 from lightning_ckpt.dcp.storage_reader import StorageReader
 from lightning_ckpt.dcp.storage_writer import StorageWriter
+from lightning_ckpt.errors import CheckpointTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,8 @@ class FSDPStrategy(_LightningFSDPStrategy):
     complete or absent (an overwrite never leaves a torn one) and every chunk is checksummed. Loading verifies
     the manifest, ``meta.pt`` and every chunk read, then runs Lightning's own loading code. Full state dicts
     (``state_dict_type="full"``) go through the CheckpointIO plugin as before.
-    Use it as ``Trainer(strategy=FSDPStrategy(...), plugins=[AsyncCheckpointIO()])``.
+    Use it as ``Trainer(strategy=FSDPStrategy(...), plugins=[AsyncCheckpointIO()])``: with our
+    ``AsyncCheckpointIO`` the sharded saves are asynchronous too (see ``ShardedSaves``).
     """
 
     @override
@@ -44,10 +48,23 @@ class FSDPStrategy(_LightningFSDPStrategy):
         if self._state_dict_type != "sharded":
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         _refuse_storage_options(self, storage_options)
-        save_sharded(self, checkpoint, filepath, model_key="model")
+        _sharded_saves(self).save(self, checkpoint, filepath, model_key="model")
+
+    @override
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        _sharded_saves(self).wait()  # top-k removal and last.ckpt follow the commit of the saves before
+        super().remove_checkpoint(filepath)
+
+    @override
+    def teardown(self) -> None:
+        try:
+            _sharded_saves(self).close()
+        finally:
+            super().teardown()
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        _sharded_saves(self).wait()
         path = Path(self.broadcast(checkpoint_path))
         if not path.is_dir():
             return super().load_checkpoint(path, weights_only)
@@ -66,7 +83,8 @@ class ModelParallelStrategy(_LightningModelParallelStrategy):
     ``save_distributed_checkpoint=True``) are ours: atomic, checksummed, verified on load (see ``FSDPStrategy``).
 
     Accepts every argument of its parent; only the distributed branches of ``save_checkpoint`` and
-    ``load_checkpoint`` differ. Use it as ``Trainer(strategy=ModelParallelStrategy(...), plugins=[...])``.
+    ``load_checkpoint`` differ (plus waiting for an async save in ``remove_checkpoint`` and ``teardown``). Use it
+    as ``Trainer(strategy=ModelParallelStrategy(...), plugins=[AsyncCheckpointIO()])``.
     """
 
     @override
@@ -75,10 +93,23 @@ class ModelParallelStrategy(_LightningModelParallelStrategy):
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         _refuse_storage_options(self, storage_options)
-        save_sharded(self, checkpoint, filepath, model_key="state_dict")
+        _sharded_saves(self).save(self, checkpoint, filepath, model_key="state_dict")
+
+    @override
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        _sharded_saves(self).wait()
+        super().remove_checkpoint(filepath)
+
+    @override
+    def teardown(self) -> None:
+        try:
+            _sharded_saves(self).close()
+        finally:
+            super().teardown()
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        _sharded_saves(self).wait()
         path = Path(self.broadcast(checkpoint_path))
         if not path.is_dir():
             return super().load_checkpoint(path, weights_only)
@@ -90,22 +121,92 @@ class ModelParallelStrategy(_LightningModelParallelStrategy):
             return super().load_checkpoint(path, weights_only)
 
 
-def save_sharded(strategy: Any, checkpoint: dict[str, Any], filepath: _PATH, model_key: str) -> None:
-    """Save Lightning's checkpoint dict as one committed DCP directory: the model and optimizer shards on every
-    rank, ``meta.pt`` (everything else) from global rank 0, all in one commit.
+class ShardedSaves:
+    """A strategy's sharded saves: Lightning's checkpoint dict as one committed DCP directory, the model and
+    optimizer shards from every rank and ``meta.pt`` (everything else) from global rank 0, in one commit.
 
-    Raises:
-        CheckpointError: a rank or the commit failed (on every rank, naming the rank); nothing changed at the path.
+    Synchronous, unless the strategy's CheckpointIO is our ``AsyncCheckpointIO`` and the trainer is fitting: then
+    ``save`` returns once the shards are staged into CPU memory, and the write and commit run on a background thread whose collectives use
+    a dedicated gloo group (``DistributedCheckpointer.async_save``). One save is in flight; the next save, a
+    load, a removal and teardown wait for it, and raise its error (on every rank, once).
+
+    Args:
+        timeout_secs: how long a wait for the save in flight may take.
     """
-    path = Path(strategy.broadcast(filepath))
-    state = {model_key: checkpoint.pop("state_dict")}
-    state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
-    writer = StorageWriter(path)
-    if strategy.global_rank == 0:
-        meta = io.BytesIO()
-        torch.save(checkpoint, meta)
-        writer.add_file(_METADATA_FILENAME, meta.getvalue())
-    DistributedCheckpointer(writer).save(state)
+
+    def __init__(self, timeout_secs: float = 3600.0) -> None:
+        self.timeout_secs = timeout_secs
+        self._checkpointer: DistributedCheckpointer | None = None
+        self._pending: Future | None = None
+
+    def save(self, strategy: Any, checkpoint: dict[str, Any], filepath: _PATH, model_key: str) -> None:
+        """Save (every rank calls).
+
+        Raises:
+            CheckpointError: this or the previous save failed on a rank or in the commit, naming the rank; nothing
+                changed at the path of the failed save.
+        """
+        self.wait()
+        path = Path(strategy.broadcast(filepath))
+        state = {model_key: checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        writer = StorageWriter(path)
+        if strategy.global_rank == 0:
+            meta = io.BytesIO()
+            torch.save(checkpoint, meta)
+            writer.add_file(_METADATA_FILENAME, meta.getvalue())
+        if not _saves_async(strategy):
+            DistributedCheckpointer(writer).save(state)
+            return
+        if self._checkpointer is None:
+            self._checkpointer = DistributedCheckpointer(writer, timeout_secs=self.timeout_secs)
+        self._checkpointer.storage_writer = writer
+        self._pending = self._checkpointer.async_save(state)
+
+    def wait(self) -> None:
+        """Wait for the save in flight; raise its error once.
+
+        Raises:
+            CheckpointTimeoutError: it did not finish within ``timeout_secs``.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result(timeout=self.timeout_secs)
+        except FutureTimeoutError as e:
+            raise CheckpointTimeoutError(f"the async sharded save did not finish within {self.timeout_secs}s") from e
+
+    def close(self) -> None:
+        """Wait for the save in flight, then free the background thread and group (restarted by the next save)."""
+        try:
+            self.wait()
+        finally:
+            checkpointer, self._checkpointer = self._checkpointer, None
+            if checkpointer is not None:
+                checkpointer.close()
+
+
+def _sharded_saves(strategy: Any) -> ShardedSaves:
+    saves = strategy.__dict__.get("_lightning_ckpt_saves")
+    if saves is None:
+        saves = strategy.__dict__["_lightning_ckpt_saves"] = ShardedSaves()
+    return saves
+
+
+def _saves_async(strategy: Any) -> bool:
+    """Async with our AsyncCheckpointIO, and only while fitting: a save outside the training loop (a user's
+    ``trainer.save_checkpoint`` after ``fit``) returns once committed, so whoever sees it return may read it."""
+    from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+
+    from lightning_ckpt.lightning.async_io import AsyncCheckpointIO
+    from lightning_ckpt.lightning.trainer_glue import find_plugin
+
+    module = strategy.lightning_module
+    trainer = getattr(module, "_trainer", None) if module is not None else None
+    fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING and \
+        trainer.state.status == TrainerStatus.RUNNING
+    return fitting and isinstance(find_plugin(strategy), AsyncCheckpointIO)
 
 
 def verify_sharded(path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 import warnings
 
 import pytest
@@ -18,7 +19,6 @@ from lightning_ckpt.errors import CheckpointWriteError, CorruptCheckpointError, 
 from lightning_ckpt.commit import is_temp_name
 from lightning_ckpt.layout import MANIFEST_NAME
 from tests.distributed._dcp_states import fsdp2_model, full_tensors, sharded_state, tree_digest
-from tests.distributed.launcher import RankPool
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(240)]
 
@@ -150,6 +150,55 @@ def _flipped_byte(rank: int, world: int, path: str) -> dict:
     return {"type": None}
 
 
+class _GatedWriter(StorageWriter):
+    """Holds the coordinator's ``finish`` until ``gate`` is set (the async save is then provably not committed)."""
+
+    def __init__(self, path: str, gate: threading.Event) -> None:
+        super().__init__(path)
+        self.gate = gate
+
+    def finish(self, metadata, results):
+        if not self.gate.wait(timeout=60):
+            raise TimeoutError("test gate was never opened")
+        super().finish(metadata, results)
+
+
+def _async_save(rank: int, world: int, path: str, failing_path: str) -> dict:
+    gate = threading.Event()
+    ck = DistributedCheckpointer(_GatedWriter(path, gate))
+    try:
+        state = sharded_state(world, 1)
+        expected = full_tensors(state)["w"]
+        future = ck.async_save(state)
+        state["w"].to_local().add_(100.0)  # training goes on: the checkpoint must not see this
+        absent_before_commit = not os.path.exists(path)
+        gate.set()
+        loaded = sharded_state(world, 0)
+        ck.load(loaded)  # waits for the pending save first
+        done = future.done() and future.exception() is None
+        same = torch.equal(full_tensors(loaded)["w"], expected)
+    finally:
+        ck.close()
+    failing = DistributedCheckpointer(_FailingWriter(failing_path, fail_rank=1))
+    try:
+        raised = None
+        failing.async_save(sharded_state(world, 2)).result(timeout=120)
+    except Exception as e:  # noqa: BLE001 - the test asserts on what every rank raised
+        raised = _describe(e)
+    finally:
+        failing.close()
+    return {"absent_before_commit": absent_before_commit, "done": done, "same": same, "raised": raised,
+            "failing_exists": os.path.exists(failing_path)}
+
+
+def _other_coordinator(rank: int, world: int, path: str) -> tuple[int, bool]:
+    ck = DistributedCheckpointer(path, coordinator_rank=1)
+    ck.save(sharded_state(world, 5))
+    state = sharded_state(world, 0)
+    ck.load(state)
+    return state["version"], torch.equal(full_tensors(state)["w"], full_tensors(sharded_state(world, 5))["w"])
+
+
 # ---------------------------------------------------------------- tests
 
 
@@ -169,6 +218,8 @@ def test_fsdp2_save_commits_manifest_and_reshards_2_to_1_and_2_to_3(ranks2, tmp_
         warnings.simplefilter("ignore")  # "torch.distributed is disabled ... single process"
         dcp.load(one, checkpoint_id=path, no_dist=True)
     # 2 -> 3 with our verifying reader, resharded by DCP's planner.
+    from tests.distributed.launcher import RankPool
+
     with RankPool(3) as ranks3:
         three = ranks3.run(_load_fsdp2, path)
     for loaded in [one["model"]] + [full for full, _ in three]:
@@ -227,3 +278,31 @@ def test_directory_without_manifest_is_refused_with_its_type(tmp_path):
             DistributedCheckpointer(StorageWriter(plain), before, no_dist=True).load({"w": torch.zeros(3)})
         with pytest.raises(FileNotFoundError, match="missing"):
             DistributedCheckpointer(str(tmp_path / "missing"), no_dist=True).load({"w": torch.zeros(3)})
+
+
+def test_async_save_stages_then_commits_in_the_background_and_fails_every_rank_once(ranks2, tmp_path):
+    results = ranks2.run(_async_save, str(tmp_path / "ckpt"), str(tmp_path / "failing"))
+    assert results[0]["absent_before_commit"]  # rank 0 holds the commit: nothing at the path yet
+    for out in results:
+        assert out["done"] and out["same"]  # the load waited; the mutation after async_save did not leak
+        assert out["raised"]["type"] == CheckpointWriteError.__name__ and out["raised"]["failed_ranks"] == [1]
+        assert not out["failing_exists"]
+
+
+def test_another_coordinator_rank_commits_and_loads(ranks2, tmp_path):
+    assert ranks2.run(_other_coordinator, str(tmp_path / "ckpt")) == [(5, True), (5, True)]
+    assert os.path.isfile(tmp_path / "ckpt" / MANIFEST_NAME)
+
+
+@pytest.mark.slow
+def test_four_ranks_fail_mid_overwrite_and_reshard_4_to_2(ranks2, tmp_path):
+    from tests.distributed.launcher import RankPool
+
+    path, failing = str(tmp_path / "model"), str(tmp_path / "overwrite")
+    with RankPool(4) as ranks4:
+        saved = ranks4.run(_save_fsdp2, path)[0]
+        for out in ranks4.run(_overwrite_fails_on_rank1, failing):
+            assert out["raised"]["failed_ranks"] == [1] and out["identical"] and out["version"] == 3
+    assert len([n for n in os.listdir(path) if n.endswith(".distcp")]) == 4
+    for loaded, step in ranks2.run(_load_fsdp2, path):
+        assert step == 7 and all(torch.equal(loaded[k], saved[k]) for k in saved)

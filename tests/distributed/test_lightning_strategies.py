@@ -8,8 +8,6 @@ import os
 import pytest
 import torch
 
-from tests.distributed.launcher import run_ranks
-
 pytestmark = [pytest.mark.multiprocess, pytest.mark.lightning, pytest.mark.timeout(300)]
 
 
@@ -81,32 +79,38 @@ def _full_params(trainer, module) -> dict:
             for k, v in module.model.state_dict().items()}
 
 
+VARIANTS = ("ours_async", "ours_sync", "stock")
+
+
 def _fit_save_resume(rank: int, world: int, root: str, kind: str) -> dict:
-    """Fit 2 steps, save, resume a fresh module to step 4: with our strategy (and our plugin), then with stock."""
+    """Fit 2 steps saving every step (top-1: the step-1 checkpoint is removed once step 2 is saved), then resume
+    a fresh module from step 2 to step 4; with our strategy and plugin (async), ours without plugin, and stock."""
     import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightning_ckpt.lightning import AsyncCheckpointIO
 
     out = {}
     module_cls = _module_class(kind)
-    for ours in (True, False):
-        ckpt = os.path.join(root, f"{'ours' if ours else 'stock'}.ckpt")
+    for variant in VARIANTS:
+        dirpath = os.path.join(root, variant)
 
-        def trainer(max_steps: int) -> pl.Trainer:
-            return pl.Trainer(accelerator="cpu", devices=world, strategy=_strategy(kind, ours, world),
-                              max_steps=max_steps, logger=False, enable_checkpointing=False,
-                              enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                              plugins=[AsyncCheckpointIO()] if ours else None)
+        def trainer(max_steps: int, callbacks: list | None = None) -> pl.Trainer:
+            return pl.Trainer(accelerator="cpu", devices=world, strategy=_strategy(kind, variant != "stock", world),
+                              max_steps=max_steps, logger=False, enable_checkpointing=bool(callbacks),
+                              callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                              default_root_dir=root,
+                              plugins=[AsyncCheckpointIO()] if variant == "ours_async" else None)
 
-        first = trainer(2)
-        first.fit(module_cls(seed=0))
-        first.save_checkpoint(ckpt)
+        every_step = ModelCheckpoint(dirpath=dirpath, filename="{step}", every_n_train_steps=1, save_top_k=1)
+        trainer(2, [every_step]).fit(module_cls(seed=0))
+        ckpt = os.path.join(dirpath, "step=2.ckpt")
         resumed = module_cls(seed=1)  # other initial values: the resume must replace them
         second = trainer(4)
         second.fit(resumed, ckpt_path=ckpt)
-        out["ours" if ours else "stock"] = {"params": _full_params(second, resumed), "step": second.global_step,
-                                            "files": sorted(os.listdir(ckpt))}
-        if ours:
+        out[variant] = {"params": _full_params(second, resumed), "step": second.global_step,
+                        "files": sorted(os.listdir(ckpt)), "kept": sorted(os.listdir(dirpath))}
+        if variant == "ours_async":
             out["corrupt_resume"] = _resume_after_flipping_a_byte(rank, ckpt, module_cls, trainer(6))
     return out
 
@@ -131,25 +135,33 @@ def _resume_after_flipping_a_byte(rank: int, ckpt: str, module_cls, trainer) -> 
 
 def _check_same_training(results: list[dict], root: str) -> None:
     for out in results:
-        ours, stock = out["ours"], out["stock"]
-        assert ours["step"] == stock["step"] == 4
-        assert ours["params"].keys() == stock["params"].keys()
-        for key in stock["params"]:
-            assert torch.equal(ours["params"][key], stock["params"][key]), key
-        assert "MANIFEST.json" in ours["files"] and "meta.pt" in ours["files"]
+        stock = out["stock"]
+        for variant in ("ours_async", "ours_sync"):
+            ours = out[variant]
+            assert ours["step"] == stock["step"] == 4
+            assert ours["params"].keys() == stock["params"].keys()
+            for key in stock["params"]:
+                assert torch.equal(ours["params"][key], stock["params"][key]), (variant, key)
+            assert "MANIFEST.json" in ours["files"] and "meta.pt" in ours["files"]
+            assert ours["kept"] == ["step=2.ckpt"]  # top-1: step=1 removed after step=2 committed
         assert "MANIFEST.json" not in stock["files"]
         assert out["corrupt_resume"] == "CorruptCheckpointError"  # on every rank
-    with open(os.path.join(root, "ours.ckpt", "MANIFEST.json")) as f:
+    with open(os.path.join(root, "ours_async", "step=2.ckpt", "MANIFEST.json")) as f:
         assert "meta.pt" in json.load(f)["files"]  # meta.pt joined the commit, with its checksum
-    assert not [n for n in os.listdir(root) if n.startswith(".lckpt-")]
+    for variant in VARIANTS:
+        assert not [n for n in os.listdir(os.path.join(root, variant)) if n.startswith(".lckpt-")]
 
 
 def test_model_parallel_resume_matches_stock_and_commits_meta(tmp_path):
+    from tests.distributed.launcher import run_ranks
+
     _check_same_training(run_ranks(_fit_save_resume, 2, str(tmp_path), "model_parallel",
                                    init_process_group=False, timeout_secs=240), str(tmp_path))
 
 
 def test_fsdp_sharded_resume_matches_stock_and_commits_meta(tmp_path):
+    from tests.distributed.launcher import run_ranks
+
     _check_same_training(run_ranks(_fit_save_resume, 2, str(tmp_path), "fsdp",
                                    init_process_group=False, timeout_secs=240), str(tmp_path))
 
