@@ -14,12 +14,11 @@ from typing import Any
 import torch
 
 from lightning_ckpt import layout
-from lightning_ckpt.commit import is_temp_name
 from lightning_ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
 from lightning_ckpt.serialization import iter_leaves, path_str
 from lightning_ckpt.types import STATE_DICT, RankInfo
 from lightning_ckpt.verification import (
-    ChecksumRecord, OpenedFile, copy_and_verify, read_checksum_record, verify_tensor, verify_tree,
+    ChecksumRecord, OpenedFile, copy_and_verify, is_temp, read_checksum_record, verify_tensor, verify_tree,
 )
 
 log = logging.getLogger(__name__)
@@ -127,26 +126,31 @@ def _open_source(path: str, rank: int) -> _Source:
         raise FileNotFoundError(f"checkpoint not found: {path}") from e
     if not stat.S_ISDIR(st.st_mode):
         return _Source(path, OpenedFile(path))
-    if is_temp_name(path.rstrip(os.sep)) or layout.TMP_MARKER in os.path.basename(path.rstrip(os.sep)):
+    if is_temp(os.path.basename(path.rstrip(os.sep))):
         raise IncompleteCheckpointError(f"incomplete checkpoint: {path} is a temp of an uncommitted save")
     dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         names = set(os.listdir(dir_fd))
         if layout.MANIFEST_NAME in names:
             entry, name = _manifest_entry(path, dir_fd, names, rank)
-            return _Source(path, _open_rank_file(path, dir_fd, name, entry), entry)
-        return _Source(path, _open_unmanifested(path, dir_fd, names, rank), unverified_layout=True)
+            return _Source(path, open_rank_file(path, dir_fd, name, entry), entry)
+        return _Source(path, open_unmanifested(path, dir_fd, names, rank), unverified_layout=True)
     finally:
         os.close(dir_fd)
 
 
-def _rank_file_names(rank: int) -> list[str]:
+def rank_file_names(rank: int) -> list[str]:
     """This rank's file names, preferred first: PyTorch's ``checkpoint_<rank>.pt``, then ours before it."""
     names = [f"checkpoint_{rank}.pt", layout.rank_file_name(rank), f"checkpoint_{rank}"]
     return list(dict.fromkeys(names))
 
 
-def _manifest_entry(path: str, dir_fd: int, names: set[str], rank: int) -> tuple[dict, str]:
+def read_manifest(path: str, dir_fd: int) -> dict:
+    """The manifest of the checkpoint directory ``path`` (open as ``dir_fd``), with every file's size checked to be an int.
+
+    Raises:
+        CorruptCheckpointError: unreadable JSON or no file sizes.
+    """
     manifest_path = os.path.join(path, layout.MANIFEST_NAME)
     try:
         fd = os.open(layout.MANIFEST_NAME, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -159,7 +163,12 @@ def _manifest_entry(path: str, dir_fd: int, names: set[str], rank: int) -> tuple
             isinstance(v, dict) and isinstance(v.get("nbytes"), int) for v in files.values()):
         raise CorruptCheckpointError(f"malformed manifest {manifest_path}: no file sizes", path=manifest_path,
                                      key="files")
-    for name in _rank_file_names(rank):
+    return manifest
+
+
+def _manifest_entry(path: str, dir_fd: int, names: set[str], rank: int) -> tuple[dict, str]:
+    files = read_manifest(path, dir_fd)["files"]
+    for name in rank_file_names(rank):
         if name in files:
             if name not in names:
                 raise IncompleteCheckpointError(
@@ -169,7 +178,7 @@ def _manifest_entry(path: str, dir_fd: int, names: set[str], rank: int) -> tuple
         f"incomplete checkpoint: {path} has no file for rank {rank} (manifest lists {sorted(files)})")
 
 
-def _open_rank_file(path: str, dir_fd: int, name: str, entry: dict) -> OpenedFile:
+def open_rank_file(path: str, dir_fd: int, name: str, entry: dict) -> OpenedFile:
     opened = OpenedFile(os.path.join(path, name), dir_fd=dir_fd, name=name)
     if opened.size != entry["nbytes"]:
         opened.close()
@@ -180,12 +189,12 @@ def _open_rank_file(path: str, dir_fd: int, name: str, entry: dict) -> OpenedFil
     return opened
 
 
-def _open_unmanifested(path: str, dir_fd: int, names: set[str], rank: int) -> OpenedFile:
+def open_unmanifested(path: str, dir_fd: int, names: set[str], rank: int) -> OpenedFile:
     """A directory without a manifest: PyTorch's writer's (read unverified) unless it shows a save of ours."""
-    temps = sorted(n for n in names if is_temp_name(n) or layout.TMP_MARKER in n)
+    temps = sorted(n for n in names if is_temp(n))
     if temps:
         raise IncompleteCheckpointError(f"incomplete checkpoint: {path} holds temps of an uncommitted save: {temps}")
-    name = next((n for n in _rank_file_names(rank) if n in names), None)
+    name = next((n for n in rank_file_names(rank) if n in names), None)
     if name is None or not name.endswith(".pt"):
         hint = "" if name is None else f" ({name} is ours: the save never committed)"
         raise IncompleteCheckpointError(

@@ -108,7 +108,8 @@ class CheckpointWriter:
             defer_cleanup: leave freeing a replaced file to ``remove_replaced`` (the writer process calls it after
                 reporting the commit, so the caller does not wait for it).
             after_commit: called with the committed path (e.g. ``remote.RemoteUpload``); what it returns goes into
-                ``WriteStats.extra``, and when it raises the write fails.
+                ``WriteStats.extra`` (its ``"path"``, where the checkpoint now is, replaces ``WriteStats.path``),
+                and when it raises the write fails.
         """
         path = paths.local_path(path)
         self._seq += 1
@@ -123,6 +124,7 @@ class CheckpointWriter:
                 self.remove_replaced()
         if after_commit is not None:
             stats.extra.update(after_commit(stats.path) or {})
+            stats.path = stats.extra.get("path", stats.path)
         return stats
 
     def _prepare_dir(self, directory: str, in_use: str | None = None) -> None:

@@ -149,7 +149,7 @@ def is_complete(target: RemotePath, verify: bool = False) -> bool:
     A listed object is complete by construction (a multipart upload appears only when completed); the record
     check rules out foreign or damaged objects.
     """
-    from lightning_ckpt.checkpoint_reader import CheckpointReader  # torch: only where a checkpoint is read
+    from lightning_ckpt.integrity import check_checkpoint  # from the bytes: never unpickles the download
 
     config = RemoteConfig()
     try:
@@ -158,9 +158,12 @@ def is_complete(target: RemotePath, verify: bool = False) -> bool:
         if verify:
             local = download(target, target.cache_path("download"), config, LOOKUP_TIMEOUT_SECS)
             try:
-                CheckpointReader(verify=True).read(local, weights_only=False)
+                result = check_checkpoint(local)
             finally:
                 layout.remove_tree(local)
+            if not result.ok:
+                log.warning("skipping %s: %s (%s)", target.url, result.status, result.detail)
+                return False
     except _BeforeTail:
         log.info("%s: checksum record beyond the fetched tail; listed objects are complete", target.url)
     except FileNotFoundError:

@@ -15,11 +15,17 @@ from typing import Any, Callable
 import torch
 
 from lightning_ckpt import layout
+from lightning_ckpt.commit import is_temp_name
 from lightning_ckpt.errors import CorruptCheckpointError
 from lightning_ckpt.serialization import checksum, iter_leaves, json_key, path_str
 from lightning_ckpt.torch_zip import record_spans
 
 log = logging.getLogger(__name__)
+
+
+def is_temp(name: str) -> bool:
+    """Whether ``name`` is a temp of ours (the commit primitive's, or the marker of earlier versions): never a checkpoint."""
+    return is_temp_name(name) or layout.TMP_MARKER in name
 
 
 class OpenedFile:

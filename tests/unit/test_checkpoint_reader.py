@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -11,9 +10,9 @@ import pytest
 import torch
 
 import lightning_ckpt as lc
-from lightning_ckpt import checkpoint_reader, layout
-from lightning_ckpt.torch_zip import TorchZipWriter, record_spans
+from lightning_ckpt import checkpoint_reader
 from tests._helpers import assert_equal_state
+from tests.unit._crafted import rewrite_checksum_record, write_ours
 
 torch_experimental = pytest.importorskip("torch.distributed.checkpoint._experimental.checkpoint_writer")
 
@@ -22,34 +21,12 @@ def _state(value: float) -> dict:
     return {"model": {"w": torch.full((64,), value), "b": torch.arange(8) + int(value)}, "step": int(value)}
 
 
-def _write_ours(path, state) -> str:
-    lc.CheckpointWriter(rank_info=lc.RankInfo(0, 1)).write(str(path), state)
-    return str(path)
-
-
 def _write_torchs(path, state, rank: int = 0) -> str:
     from torch.distributed.checkpoint._experimental.checkpoint_writer import CheckpointWriter, CheckpointWriterConfig
     from torch.distributed.checkpoint._experimental.types import RankInfo
 
     CheckpointWriter(CheckpointWriterConfig(), RankInfo(global_rank=rank, global_world_size=1)).write(str(path), state)
     return str(path)
-
-
-def _rewrite_checksum_record(path: str, mutate) -> None:
-    """Rewrites the file at ``path`` with its checksum record replaced by ``mutate(record)`` (all else unchanged)."""
-    with open(path, "rb") as f:
-        spans = record_spans(f, path)
-        records = {}
-        for name, (offset, size) in spans.items():
-            f.seek(offset)
-            records[name] = f.read(size)
-    records[layout.CHECKSUM_RECORD] = json.dumps(mutate(json.loads(records[layout.CHECKSUM_RECORD]))).encode()
-    tmp = path + ".rewrite"
-    writer = TorchZipWriter(tmp)
-    for name, data in records.items():
-        writer.write_record(name, data)
-    writer.close()
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- U1: one descriptor per read
@@ -66,8 +43,8 @@ def test_reader_racing_an_overwrite_never_reports_corruption(tmp_path, monkeypat
 
     monkeypatch.setattr(checkpoint_reader.torch, "load", load_after_overwrite)
     for map_location in (None, "cpu", {"cpu": "cpu"}):
-        _write_ours(path, _state(1.0))
-        _write_ours(newer, _state(2.0))
+        write_ours(path, _state(1.0))
+        write_ours(newer, _state(2.0))
         loaded, _ = lc.CheckpointReader().read(path, map_location=map_location)
         assert_equal_state(loaded, _state(1.0))
     monkeypatch.undo()
@@ -79,7 +56,7 @@ def test_reader_racing_a_directory_replacement_reads_a_complete_checkpoint(tmp_p
     path = str(tmp_path / "ckpt")
     _write_torchs(path, _state(1.0))
     _write_torchs(tmp_path / "next", _state(2.0))
-    real_open = checkpoint_reader._open_unmanifested
+    real_open = checkpoint_reader.open_unmanifested
     swapped = []
 
     def open_after_swap(*args, **kwargs):
@@ -89,7 +66,7 @@ def test_reader_racing_a_directory_replacement_reads_a_complete_checkpoint(tmp_p
             os.rename(tmp_path / "next", path)
         return real_open(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_reader, "_open_unmanifested", open_after_swap)
+    monkeypatch.setattr(checkpoint_reader, "open_unmanifested", open_after_swap)
     loaded, _ = lc.CheckpointReader().read(path)
     assert swapped and loaded["step"] == 2
     assert_equal_state(loaded, _state(2.0))
@@ -106,15 +83,15 @@ def test_reader_racing_a_directory_replacement_reads_a_complete_checkpoint(tmp_p
     "not a list",
 ])
 def test_malformed_key_paths_are_a_corrupt_checkpoint_naming_path_and_key(tmp_path, bad_key_paths):
-    path = _write_ours(tmp_path / "a.ckpt", _state(1.0))
-    _rewrite_checksum_record(path, lambda r: {**r, "key_paths": bad_key_paths})
+    path = write_ours(tmp_path / "a.ckpt", _state(1.0))
+    rewrite_checksum_record(path, lambda r: {**r, "key_paths": bad_key_paths})
     with pytest.raises(lc.CorruptCheckpointError, match="key_paths") as info:
         lc.CheckpointReader().read(path)
     assert info.value.path == path and path in str(info.value) and info.value.key.startswith("key_paths")
 
 
 def test_a_storage_absent_from_the_checksum_record_is_refused_not_loaded_unverified(tmp_path):
-    path = _write_ours(tmp_path / "a.ckpt", _state(1.0))
+    path = write_ours(tmp_path / "a.ckpt", _state(1.0))
 
     def drop_first_storage(record):
         first = sorted(record["records"])[0]
@@ -122,7 +99,7 @@ def test_a_storage_absent_from_the_checksum_record_is_refused_not_loaded_unverif
         record["key_paths"] = [kp for kp in record["key_paths"] if kp[1] != first]
         return record
 
-    _rewrite_checksum_record(path, drop_first_storage)
+    rewrite_checksum_record(path, drop_first_storage)
     with pytest.raises(lc.CorruptCheckpointError, match="has no checksum") as info:
         lc.CheckpointReader().read(path)
     assert info.value.path == path and info.value.key.startswith("data/")
@@ -162,7 +139,7 @@ def test_a_torn_file_in_a_torch_directory_is_corrupt(tmp_path):
 
 
 def test_a_directory_with_our_rank_file_but_no_manifest_never_committed(tmp_path):
-    ours = _write_ours(tmp_path / "a.ckpt", _state(1.0))
+    ours = write_ours(tmp_path / "a.ckpt", _state(1.0))
     os.mkdir(tmp_path / "ckpt")
     shutil.copy(ours, tmp_path / "ckpt" / "checkpoint_0.pt")
     with pytest.raises(lc.IncompleteCheckpointError, match="never committed"):
@@ -170,7 +147,7 @@ def test_a_directory_with_our_rank_file_but_no_manifest_never_committed(tmp_path
 
 
 def test_read_accepts_pytorchs_keyword_arguments(tmp_path, caplog):
-    path = _write_ours(tmp_path / "a.ckpt", _state(1.0))
+    path = write_ours(tmp_path / "a.ckpt", _state(1.0))
     with caplog.at_level(logging.WARNING, logger="lightning_ckpt.checkpoint_reader"):
         loaded, _ = lc.CheckpointReader().read(path, None, map_location="cpu", extra_for_test="value")
     assert loaded["step"] == 1 and "extra_for_test" in caplog.text

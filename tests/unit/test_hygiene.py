@@ -156,12 +156,12 @@ sys.stdin.read()
 # and one it holds until its deadline (or until the test unlinks it)
 _FOREIGN_CREATOR = """
 import os, sys, time
+launcher = os.getpid()
 if os.fork():
     os._exit(0)
-parent = os.getppid()
 print(os.getpid(), flush=True)
 deadline = time.monotonic() + 30
-while os.getppid() == parent and time.monotonic() < deadline:
+while os.getppid() == launcher and time.monotonic() < deadline:
     time.sleep(0.01)
 open(sys.argv[1], "wb").close()
 held = open(sys.argv[2], "wb")

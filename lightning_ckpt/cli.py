@@ -1,0 +1,105 @@
+"""The ``lightning-ckpt`` command line: verify, inspect and find the newest checkpoint after a crash."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (0: all good, 1: a check failed or nothing found)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR, format="%(levelname)s %(message)s")
+    return args.run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-ckpt", description="Check lightning_ckpt checkpoints without loading them into a model.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is done (to stderr)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    verify = sub.add_parser("verify", help="check checksums and manifests; exit 0 only when every path verifies")
+    verify.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files or directories")
+    verify.add_argument("--quick", action="store_true", help="check structure, manifest and pickle only, not tensors")
+    verify.set_defaults(run=_verify)
+
+    inspect = sub.add_parser("inspect", help="keys, shapes, dtypes, bytes, epoch/step, versions, checksum status")
+    inspect.add_argument("path", metavar="PATH")
+    inspect.add_argument("--rank", type=int, default=0, help="which rank's file of a directory (default 0)")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(run=_inspect)
+
+    latest = sub.add_parser("latest", help="print the newest complete checkpoint in DIR (as find_latest)")
+    latest.add_argument("dir", metavar="DIR")
+    latest.add_argument("--filename", default="step={step}", help="the name pattern (default: step={step})")
+    latest.add_argument("--verify", action="store_true", help="also hash every tensor of the candidate")
+    latest.set_defaults(run=_latest)
+    return parser
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from lightning_ckpt.integrity import check_checkpoint
+
+    failed = 0
+    for path in args.paths:
+        result = check_checkpoint(path, deep=not args.quick)
+        failed += not result.ok
+        detail = f"  {result.detail}" if result.detail else ""
+        size = f"  ({result.hashed_bytes} bytes hashed)" if result.hashed_bytes else ""
+        print(f"{result.status.upper():<11} {path}{size}{detail}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from lightning_ckpt.integrity import describe_checkpoint
+
+    info = describe_checkpoint(args.path, rank=args.rank)
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+    else:
+        print(_format(info))
+    return EXIT_OK if info["status"] in ("verified", "complete", "unverified") else EXIT_FAILED
+
+
+def _format(info: dict[str, Any]) -> str:
+    lines = [f"path:     {info['path']}", f"status:   {info['status']}" + (f" ({info['detail']})" if info["detail"] else "")]
+    lines.append(f"bytes:    {info['bytes']} in {len(info['files'])} file(s)")
+    for key in ("world_size", "epoch", "global_step", "step"):
+        if key in info:
+            lines.append(f"{key + ':':<9} {info[key]}")
+    if info.get("versions"):
+        lines.append("versions: " + ", ".join(f"{k}={v}" for k, v in info["versions"].items() if v is not None))
+    if "structure" in info:
+        lines.append(f"structure {info['structure']}")
+    tensors = info.get("tensors", [])
+    if tensors:
+        lines.append(f"tensors:  {len(tensors)}")
+        width = max(len(t["key"]) for t in tensors)
+        for t in tensors:
+            shape = "x".join(map(str, t["shape"])) if "shape" in t else "?"
+            dtype = t.get("dtype", "?")
+            nbytes = t.get("bytes", t.get("storage_bytes"))
+            lines.append(f"  {t['key']:<{width}}  {dtype:<10} {shape:<16} {nbytes} bytes")
+    return "\n".join(lines)
+
+
+def _latest(args: argparse.Namespace) -> int:
+    from lightning_ckpt.latest import find_latest_checkpoint
+
+    path = find_latest_checkpoint(args.dir, args.filename, verify=args.verify)
+    if path is None:
+        print(f"no complete checkpoint named {args.filename!r} in {args.dir}", file=sys.stderr)
+        return EXIT_FAILED
+    print(path)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Checks and describes a checkpoint on disk without unpickling arbitrary objects (``find_latest``, the command line)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning_ckpt import layout
+from lightning_ckpt.checkpoint_reader import (
+    open_rank_file, open_unmanifested, rank_file_names, read_manifest,
+)
+from lightning_ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
+from lightning_ckpt.verification import OpenedFile, is_temp, read_checksum_record, verify_records
+
+VERIFIED, COMPLETE, UNVERIFIED = "verified", "complete", "unverified"
+INCOMPLETE, CORRUPT, MISSING, UNREADABLE = "incomplete", "corrupt", "missing", "unreadable"
+
+
+@dataclass
+class CheckResult:
+    """What ``check_checkpoint`` found.
+
+    ``status`` is one of: ``verified`` (every byte matches its checksum), ``complete`` (committed and well-formed;
+    bytes not hashed), ``unverified`` (readable but carries no checksums: a plain ``torch.save`` file or PyTorch's
+    writer's directory), ``incomplete`` (never committed), ``corrupt``, ``missing`` or ``unreadable``.
+    """
+
+    path: str
+    status: str
+    detail: str = ""
+    files: list[str] = field(default_factory=list)
+    hashed_bytes: int = 0
+    manifest: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether this is a committed checkpoint of ours (``verified`` or ``complete``)."""
+        return self.status in (VERIFIED, COMPLETE)
+
+
+def check_checkpoint(path: str | os.PathLike, *, deep: bool = True) -> CheckResult:
+    """Checks the checkpoint at ``path`` (a file, or a directory of rank files) from its bytes; never unpickles.
+
+    Args:
+        path: the checkpoint.
+        deep: hash every storage against its checksum (False: check the structure, the manifest and the pickle
+            bytes only).
+    """
+    path = os.fspath(path)
+    try:
+        if is_temp(os.path.basename(path.rstrip(os.sep))):
+            raise IncompleteCheckpointError(f"{path} is a temp of an uncommitted save")
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            return _check_directory(path, deep)
+        with OpenedFile(path) as opened:
+            return _check_file(opened, path, deep)
+    except FileNotFoundError as e:
+        return CheckResult(path, MISSING, str(e) if os.path.lexists(path) else f"nothing at {path}")
+    except IncompleteCheckpointError as e:
+        return CheckResult(path, INCOMPLETE, str(e))
+    except CorruptCheckpointError as e:
+        return CheckResult(path, CORRUPT, str(e))
+    except OSError as e:
+        return CheckResult(path, UNREADABLE, f"{type(e).__name__}: {e}")
+
+
+def _check_file(opened: OpenedFile, path: str, deep: bool, expected_pkl: str | None = None) -> CheckResult:
+    record = read_checksum_record(opened)
+    if record is None:
+        opened.spans()  # still a readable torch zip?
+        return CheckResult(path, UNVERIFIED, "no checksums (not written by lightning_ckpt)", [opened.path])
+    if expected_pkl is not None and expected_pkl != record.data_pkl_xxh3:
+        raise CorruptCheckpointError(f"corrupt checkpoint {opened.path}: not the file its manifest lists",
+                                     path=opened.path, key="data.pkl")
+    hashed = verify_records(opened, record) if deep else 0
+    return CheckResult(path, VERIFIED if deep else COMPLETE, "", [opened.path], hashed)
+
+
+def _check_directory(path: str, deep: bool) -> CheckResult:
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        names = set(os.listdir(dir_fd))
+        if layout.MANIFEST_NAME not in names:
+            return _check_unmanifested(path, dir_fd, names)
+        manifest = read_manifest(path, dir_fd)
+        result = CheckResult(path, VERIFIED if deep else COMPLETE, manifest=manifest)
+        world = manifest.get("world_size")
+        ranks = range(world) if isinstance(world, int) and world > 0 else ()
+        for rank in ranks:
+            name = next((n for n in rank_file_names(rank) if n in manifest["files"]), None)
+            if name is None:
+                raise IncompleteCheckpointError(f"incomplete checkpoint: {path} has no file for rank {rank}")
+        for name, entry in sorted(manifest["files"].items()):
+            if name not in names:
+                raise IncompleteCheckpointError(f"incomplete checkpoint: {path} lacks {name}, which its manifest lists")
+            with open_rank_file(path, dir_fd, name, entry) as opened:
+                one = _check_file(opened, path, deep, entry.get("data_pkl_xxh3"))
+            if one.status == UNVERIFIED:
+                raise CorruptCheckpointError(f"corrupt checkpoint {path}: {name} has no checksum record",
+                                             path=os.path.join(path, name))
+            result.files += one.files
+            result.hashed_bytes += one.hashed_bytes
+        return result
+    finally:
+        os.close(dir_fd)
+
+
+def _check_unmanifested(path: str, dir_fd: int, names: set[str]) -> CheckResult:
+    files = []
+    rank = 0
+    while rank == 0 or f"checkpoint_{rank}.pt" in names:
+        with open_unmanifested(path, dir_fd, names, rank) as opened:
+            opened.spans()  # a torn file is not a readable zip
+            files.append(opened.path)
+        rank += 1
+    return CheckResult(path, UNVERIFIED, "no manifest and no checksums (written by PyTorch's checkpoint writer)", files)
+
+
+def describe_checkpoint(path: str | os.PathLike, rank: int = 0) -> dict[str, Any]:
+    """Keys, shapes, dtypes and bytes of one rank's state, epoch/step, versions and checksum status, as JSON-able data.
+
+    The structure is loaded with ``torch.load(weights_only=True)``, which never runs code from the file; when that
+    refuses (objects other than tensors and containers), the tensors are listed from the checksum record instead.
+    """
+    import torch
+
+    path = os.fspath(path)
+    check = check_checkpoint(path, deep=True)
+    out: dict[str, Any] = {"path": path, "status": check.status, "detail": check.detail, "files": check.files,
+                           "bytes": sum(_size(f) for f in check.files)}
+    if check.manifest is not None:
+        out["world_size"] = check.manifest.get("world_size")
+        out["versions"] = {k: check.manifest.get(k) for k in ("format", "lightning_ckpt_version", "torch_version")}
+    file_path = _rank_file(path, check, rank)
+    if file_path is None:
+        return out
+    with OpenedFile(file_path) as opened:
+        record = _record_or_none(opened)
+        if record is not None:
+            out["metadata"] = record.metadata
+        try:
+            state = torch.load(opened.source, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError) as e:
+            out["structure"] = f"not loaded: {str(e).splitlines()[0][:300]}"
+            state = None
+    out["tensors"] = _tensors(state, record)
+    if isinstance(state, dict):
+        for key in ("epoch", "global_step", "step"):
+            if isinstance(state.get(key), (int, float)):
+                out[key] = state[key]
+        if "pytorch-lightning_version" in state:
+            out.setdefault("versions", {})["lightning"] = str(state["pytorch-lightning_version"])
+        out["top_level_keys"] = [str(k) for k in state]
+    return out
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _rank_file(path: str, check: CheckResult, rank: int) -> str | None:
+    if not check.files:
+        return None
+    if not os.path.isdir(path):
+        return check.files[0]
+    wanted = {os.path.join(path, n) for n in rank_file_names(rank)}
+    return next((f for f in check.files if f in wanted), None)
+
+
+def _record_or_none(opened: OpenedFile) -> Any:
+    try:
+        return read_checksum_record(opened)
+    except CorruptCheckpointError:
+        return None
+
+
+def _tensors(state: Any, record: Any) -> list[dict[str, Any]]:
+    import torch
+
+    from lightning_ckpt.serialization import iter_leaves, path_str
+
+    if state is not None:
+        return [{"key": path_str(kp), "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+                 "bytes": t.numel() * t.element_size()}
+                for kp, t in iter_leaves(state) if isinstance(t, torch.Tensor)]
+    if record is None:
+        return []
+    return [{"key": path_str(kp), "storage_bytes": record.records[key].get("nbytes")}
+            for kp, key in record.by_key_path.items()]

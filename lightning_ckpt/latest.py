@@ -1,0 +1,94 @@
+"""Finding the newest complete checkpoint of a directory and matching filename patterns (no Lightning needed)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Callable
+
+from lightning_ckpt import paths, remote_files
+from lightning_ckpt.integrity import check_checkpoint
+from lightning_ckpt.paths import RemotePath
+from lightning_ckpt.verification import is_temp
+
+log = logging.getLogger(__name__)
+
+CKPT_SUFFIX = ".ckpt"
+
+
+def pattern_regex(filename: str) -> re.Pattern:
+    """A regex for the file names ``filename`` (``"step={step}"``, ``"{epoch}-{step}"``) produces, with groups."""
+    parts = re.split(r"(\{step\}|\{epoch\})", filename)
+    body = "".join(
+        "(?P<step>\\d+)" if p == "{step}" else "(?P<epoch>\\d+)" if p == "{epoch}" else re.escape(p) for p in parts
+    )
+    return re.compile(f"^{body}{re.escape(CKPT_SUFFIX)}$")
+
+
+def is_complete(path: str, verify: bool = False, storage_options: dict | None = None) -> bool:
+    """True iff ``path`` is a committed checkpoint of ours: a file (or directory of rank files) with valid checksums.
+
+    Nothing is unpickled: the pickle bytes and, with ``verify=True``, every storage are checked against the
+    checksum record straight from the file. What cannot be used (a temp name, a dangling symlink, a file removed
+    meanwhile, a malformed record, a mismatch) is False, logged. A remote object's record is read with one ranged
+    GET of its tail (``verify`` downloads it).
+    """
+    location = paths.resolve(path, storage_options)
+    if isinstance(location, RemotePath):
+        return remote_files.is_complete(location, verify)
+    if is_temp(os.path.basename(path.rstrip(os.sep))):
+        return False
+    result = check_checkpoint(path, deep=verify)
+    if not result.ok:
+        log.warning("skipping %s: %s (%s)", path, result.status, result.detail)
+    return result.ok
+
+
+def matching_checkpoints(dirpath: str, filename: str,
+                         storage_options: dict | None = None) -> list[tuple[int, str]]:
+    """``(step, path)`` of entries in ``dirpath`` (a local directory or a remote prefix) named by ``filename``,
+    oldest first (temp names never match).
+
+    An entry that vanishes while it is listed (pruned by another process, a dangling symlink) is skipped, logged.
+    """
+    regex = pattern_regex(filename)
+    found = []
+    for name, path, modified in _listing(dirpath, storage_options):
+        match = regex.match(name)
+        if match is None or is_temp(name):
+            continue
+        try:
+            mtime = modified()
+        except OSError as e:
+            log.warning("skipping %s: %s", path, e)
+            continue
+        groups = match.groupdict()
+        found.append(((int(groups.get("step") or 0), int(groups.get("epoch") or 0), mtime), path))
+    found.sort(key=lambda kv: kv[0])
+    return [(key[0], path) for key, path in found]
+
+
+def _listing(dirpath: str, storage_options: dict | None) -> list[tuple[str, str, Callable[[], float]]]:
+    """``(name, path, modified)`` of the entries of a local directory or of a remote prefix."""
+    location = paths.resolve(dirpath, storage_options)
+    if isinstance(location, RemotePath):
+        return [(o.path.name, o.path.url, lambda o=o: o.modified) for o in remote_files.list_checkpoints(location)]
+    try:
+        names = os.listdir(location)
+    except FileNotFoundError:
+        return []
+    return [(n, os.path.join(dirpath, n), lambda p=os.path.join(dirpath, n): os.stat(p).st_mtime) for n in names]
+
+
+def find_latest_checkpoint(dirpath: str, filename: str = "step={step}", verify: bool = False,
+                           storage_options: dict | None = None) -> str | None:
+    """The newest complete checkpoint in ``dirpath`` named by ``filename``, or None (usable as ``ckpt_path``).
+
+    ``dirpath`` may be a remote prefix (``s3://bucket/run``; ``storage_options`` as the plugin's). ``verify=True``
+    also hashes every storage; neither unpickles anything from the files.
+    """
+    for _, path in reversed(matching_checkpoints(dirpath, filename, storage_options)):
+        if is_complete(path, verify=verify, storage_options=storage_options):
+            return path
+    return None
