@@ -15,6 +15,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
+from lightning_ckpt.barriers import KeyedBarrier, barrier_report_error, barrier_wait
 from lightning_ckpt.worker_protocol import (
     ANSWERED,
     RequestType,
@@ -47,17 +48,26 @@ def make_default_writer(config: Any, rank_info: Any, barrier_config: Any = None,
     return CheckpointWriter(config, rank_info, barrier, commit_hook)
 
 
-class _PhaseReportingBarrier:
+class _PhaseReportingBarrier(KeyedBarrier):
+    """Tells the trainer while this rank waits for its peers: that wait is bounded by the barrier's own timeout
+    and is not taken for a stalled writer. Keys and error reports pass through to a keyed barrier."""
+
     def __init__(self, inner: Any, report_phase: Callable[[str], None]) -> None:
         self._inner = inner
         self._report_phase = report_phase
 
-    def execute_barrier(self) -> None:
+    def execute_barrier(self, key: str | None = None) -> None:
         self._report_phase("barrier")
         try:
-            self._inner.execute_barrier()
+            if key is None:
+                self._inner.execute_barrier()
+            else:
+                barrier_wait(self._inner, key)
         finally:
             self._report_phase("writing")
+
+    def report_error(self, message: str, key: str | None = None) -> None:
+        barrier_report_error(self._inner, key, message)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

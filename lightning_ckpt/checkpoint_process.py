@@ -197,10 +197,12 @@ class CheckpointProcess(PicklableBeforeUse):
         with self._lock:
             link = self._usable_link()
         self._wait_ready(link.ready)
-        request = WorkerRequest(RequestType.WRITE_CHECKPOINT,
-                                {"state_dict": state_dict, "path": os.fspath(path), "kwargs": kwargs}, next(self._ids))
-        return link.submit(request, f"writing {os.fspath(path)}", self.config.write_timeout_secs,
-                           "write_timeout_secs", _write_result(os.fspath(path), None))
+        path = os.fspath(path)
+        with self._lock:  # ids in the order the requests are queued: the oldest pending is the writer's current one
+            request = WorkerRequest(RequestType.WRITE_CHECKPOINT,
+                                    {"state_dict": state_dict, "path": path, "kwargs": kwargs}, next(self._ids))
+            return link.submit(request, f"writing {path}", self.config.write_timeout_secs, "write_timeout_secs",
+                               _write_result(path, None))
 
     def write_prepared(self, path: str, prepared: PreparedCheckpoint, buffer: "StagingBuffer | None",
                        save_key: str | None = None, after_commit: Any = None) -> Future:

@@ -141,7 +141,8 @@ class CheckpointWriter:
             defer_cleanup: leave freeing a replaced checkpoint to ``remove_replaced`` (the writer process calls it
                 after reporting the commit, so the caller does not wait for it).
             after_commit: called with the committed path (e.g. ``remote.RemoteUpload``); what it returns goes into
-                ``WriteStats.extra``, and when it raises the write fails.
+                ``WriteStats.extra`` (its ``"path"``, where the checkpoint now is, replaces ``WriteStats.path``),
+                and when it raises the write fails.
             hook_kwargs: keyword arguments for the commit hook.
         """
         path = paths.local_path(path)
@@ -163,6 +164,7 @@ class CheckpointWriter:
                 self.remove_replaced()
         if after_commit is not None:
             stats.extra.update(after_commit(stats.path) or {})
+            stats.path = stats.extra.get("path", stats.path)
         self.last_write_stats = stats
         return stats
 

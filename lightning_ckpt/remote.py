@@ -89,7 +89,7 @@ class RemoteUpload:
         start = time.monotonic()
         run(self._upload, local_path)
         os.remove(local_path)  # the store holds it now; the cache keeps no second copy
-        return {"remote_url": self.target.url, "upload_secs": time.monotonic() - start}
+        return {"path": self.target.url, "upload_secs": time.monotonic() - start}
 
     async def _upload(self, local_path: str) -> None:
         deadline = time.monotonic() + self.timeout_secs

@@ -29,8 +29,9 @@ _LIVE_LINKS: "weakref.WeakSet[WriterLink]" = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    for link in list(_LIVE_LINKS):
+    for link in list(_LIVE_LINKS):  # their descriptors now point at /dev/null (writer_spawn's hook ran first)
         link.failure = CheckpointError("this writer link belongs to the parent of a forked process")
+        link.handle.forget_in_forked_child()
     _LIVE_LINKS.clear()
 
 
@@ -66,7 +67,7 @@ class WriterLink:
         self.ready: Future = Future()  # resolved by the answer to INIT
         self.failure: CheckpointError | None = None  # set once: the link is broken, its pending futures failed
         self._pending: dict[int, _Pending] = {}
-        self._plock = threading.Lock()
+        self._plock = threading.RLock()  # drain() may run in a signal handler that interrupted a holder
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._progress: tuple | None = None
         self._last_kill = -KILL_RETRY_SECS
@@ -186,8 +187,8 @@ class WriterLink:
             pending.future.set_result(result)
 
     def _check_progress(self) -> None:
-        with self._plock:
-            head = min(self._pending.values(), key=lambda p: p.since, default=None)
+        with self._plock:  # the writer serves in order: the oldest request is the one it works on
+            head = self._pending[min(self._pending)] if self._pending else None
         if head is None:
             return
         now, cfg = time.monotonic(), self.config
@@ -243,7 +244,7 @@ class WriterLink:
     def _fail_all(self, reason: CheckpointError) -> None:
         with self._plock:
             pending, self._pending = self._pending, {}
-        for p in sorted(pending.values(), key=lambda p: p.since):
+        for _, p in sorted(pending.items()):
             waited = time.monotonic() - p.since
             error = type(reason)(f"{p.what} did not finish: {reason} (after {waited:.1f}s)")
             if not p.future.done():
@@ -259,7 +260,7 @@ class WriterLink:
         with self._plock:
             pending = self._pending.pop(request_id, None)
             if self._pending and pending is not None:  # the next request is now the writer's current one
-                nxt = min(self._pending.values(), key=lambda p: p.since)
+                nxt = self._pending[min(self._pending)]
                 nxt.since = nxt.last_progress = nxt.last_warning = max(nxt.since, time.monotonic())
             return pending
 
@@ -284,7 +285,7 @@ class WriterLink:
 
     def pending_whats(self) -> list[str]:
         with self._plock:
-            return [p.what for p in sorted(self._pending.values(), key=lambda p: p.since)]
+            return [p.what for _, p in sorted(self._pending.items())]
 
     def drain(self, timeout_secs: float) -> bool:
         """Wait up to ``timeout_secs`` until every request sent so far is answered or failed."""

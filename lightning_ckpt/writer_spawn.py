@@ -37,11 +37,17 @@ def close_tracked_fd(fd: int) -> None:
 
 
 def _close_in_forked_child() -> None:
-    for fd in list(CHILD_CLOSES):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    # /dev/null is put over each descriptor instead of closing it: the objects that own them (a Connection, a
+    # socket) close them when collected, and a number closed now could by then belong to something else.
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for fd in CHILD_CLOSES:
+            try:
+                os.dup2(devnull, fd, inheritable=False)
+            except OSError:
+                pass
+    finally:
+        os.close(devnull)
     CHILD_CLOSES.clear()
     FORK_LOCK._at_fork_reinit()  # type: ignore[attr-defined]
 
@@ -169,6 +175,12 @@ class WriterProcessHandle:
         if self._pidfd is not None:
             fd, self._pidfd = self._pidfd, None
             close_tracked_fd(fd)
+
+    def forget_in_forked_child(self) -> None:
+        """A forked child is not this process's parent: drop the pidfd (its own /dev/null copy by now)."""
+        if self._pidfd is not None:
+            fd, self._pidfd = self._pidfd, None
+            os.close(fd)
 
     def describe_exit(self) -> str:
         return describe_exit(self.returncode)

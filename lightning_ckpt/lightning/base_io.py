@@ -347,7 +347,10 @@ def _weights_fingerprint(checkpoint: Any) -> tuple | None:
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not state:
         return None
-    return tuple((k, v.data_ptr(), v._version) for k, v in state.items() if isinstance(v, torch.Tensor))
+    try:
+        return tuple((k, v.data_ptr(), v._version) for k, v in state.items() if isinstance(v, torch.Tensor))
+    except RuntimeError:  # tensors without storage (meta, some subclasses): never treated as unchanged
+        return None
 
 
 def clone_aliasing(obj: Any, pointers: set[int], cache: dict[tuple, torch.Tensor] | None = None) -> Any:

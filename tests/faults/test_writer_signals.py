@@ -140,3 +140,59 @@ def test_stopped_writer_is_reported_within_the_heartbeat_timeout(tmp_path, caplo
         assert ck.process.starts == 2 and ck.process.pid != stopped
     assert not (tmp_path / "a.ckpt").exists()
     assert torch.equal(load_verified(str(tmp_path / "b.ckpt"))["w"], torch.zeros(8))
+
+
+@pytest.mark.timeout(300)
+def test_fit_with_forking_dataloader_workers_does_not_deadlock_starting_the_writer(tmp_path):
+    """DataLoader(num_workers=2) forks its workers while AsyncCheckpointIO starts the writer in the background:
+    the fit completes and every periodic checkpoint commits. (A review saw this fit hang in Popen; whether a fork
+    lands in that window is timing, which ``test_writer_start_does_not_hang_while_other_threads_fork`` forces.)"""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_ckpt.lightning import AsyncCheckpointIO
+    from tests.lightning.helpers import TinyModel, trainer
+
+    x = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
+    data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8, num_workers=2,
+                      multiprocessing_context="fork")
+    ckpts = tmp_path / "ckpts"
+    every_two = ModelCheckpoint(dirpath=ckpts, every_n_train_steps=2, save_top_k=-1)
+    fit = trainer(tmp_path, max_steps=6, plugins=[AsyncCheckpointIO()], callbacks=[every_two],
+                  enable_checkpointing=True)
+    fit.fit(TinyModel(), data)
+    names = sorted(n for n in os.listdir(ckpts) if n.endswith(".ckpt"))
+    assert names == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt"], names
+    for name in names:
+        assert "state_dict" in torch.load(ckpts / name, weights_only=False)
+
+
+def _fork_and_write_in_child(process: lc.CheckpointProcess, path) -> int:
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            process.write({"from": "child"}, path).result(timeout=120)
+            code = 0 if process.pid not in (None, os.getppid()) and process.starts >= 1 else 2
+            process.close()
+        finally:
+            os._exit(code)
+    return child
+
+
+@pytest.mark.timeout(240)
+def test_forked_child_gets_its_own_writer_and_leaves_the_parents_alone(tmp_path):
+    """A child forked while the parent's writer runs does not talk to the parent's writer: its first write starts
+    a writer of its own, and the parent's keeps serving the parent."""
+    process = lc.CheckpointProcess(lc.RankInfo(0, 1))
+    try:
+        process.write({"from": "parent"}, tmp_path / "p1.ckpt").result(timeout=120)
+        parent_writer = process.pid
+        child = _fork_and_write_in_child(process, tmp_path / "c.ckpt")
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        process.write({"from": "parent"}, tmp_path / "p2.ckpt").result(timeout=120)
+        assert process.pid == parent_writer and process.starts == 1
+    finally:
+        process.close()
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".ckpt")) == ["c.ckpt", "p1.ckpt", "p2.ckpt"]

@@ -36,6 +36,8 @@ def test_round_trip_with_the_plugin_alone_lands_in_the_bucket(plugin_cls, s3, em
     plugin.save_checkpoint(ckpt, url)
     loaded = plugin.load_checkpoint(url)
     plugin.teardown()
+    (done,) = plugin.pop_completed()
+    assert done.stats.path == url  # metrics and logs name the object, not the local cache copy
 
     assert s3.keys() == ["run1/model.ckpt"]
     assert torch.equal(loaded["state_dict"]["w"], ckpt["state_dict"]["w"])
@@ -45,6 +47,8 @@ def test_round_trip_with_the_plugin_alone_lands_in_the_bucket(plugin_cls, s3, em
     assert len(parts) == 3 and not s3.server.ops("PutObject")  # 12 MiB in 5 MiB parts, one multipart upload
     assert os.listdir(empty_cwd) == []
     assert all_files(tmp_path / "cache") == []  # committed locally, uploaded, then the local copy freed
+    with pytest.raises(FileNotFoundError, match="run1/missing.ckpt"):
+        plugin.load_checkpoint(f"{s3.url}/run1/missing.ckpt")
 
 
 def test_per_call_storage_options_reach_the_store(s3, empty_cwd, monkeypatch):
@@ -107,3 +111,28 @@ def test_paths_resolve_in_one_place(tmp_path):
                                                                  {"endpoint_url": "http://127.0.0.1:1"})
     assert paths.path_key(remote) == paths.path_key("s3://bkt/run//x.ckpt") == remote.url
     assert not isinstance(remote, os.PathLike)  # cannot be turned into a local path by accident
+
+
+LAZY_IMPORT_SCRIPT = """
+import sys, torch
+from lightning_ckpt.lightning import AsyncCheckpointIO, SyncCheckpointIO
+SyncCheckpointIO().save_checkpoint({"w": torch.zeros(2)}, sys.argv[1] + "/local.ckpt")
+assert "aiobotocore" not in sys.modules and "botocore" not in sys.modules, "imported for a local save"
+plugin = AsyncCheckpointIO()
+plugin.save_checkpoint({"w": torch.zeros(2)}, sys.argv[2])
+plugin.teardown()
+assert "aiobotocore" not in sys.modules, "the training process imported the S3 client for an async upload"
+assert plugin.load_checkpoint(sys.argv[2])["w"].shape == (2,)
+assert "aiobotocore" in sys.modules
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_s3_client_is_imported_only_by_the_process_that_calls_the_store(s3, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", LAZY_IMPORT_SCRIPT, str(tmp_path), f"{s3.url}/lazy/x.ckpt"],
+                            capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert s3.keys() == ["lazy/x.ckpt"]

@@ -278,3 +278,20 @@ def test_unkillable_writer_is_signalled_rarely_and_close_raises_a_checkpoint_err
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def test_drain_reports_a_write_still_held_and_returns_once_it_committed(tmp_path, caplog):
+    gate = GateHook(str(tmp_path / "entered"), str(tmp_path / "release"))
+    process = lc.CheckpointProcess(lc.RankInfo(0, 1), commit_hook=gate)
+    try:
+        assert process.drain(1.0)  # nothing sent yet
+        held = process.write({"w": 1}, tmp_path / "a.ckpt")
+        wait_for(lambda: (tmp_path / "entered").exists(), 60, "the writer to hold in pre_commit")
+        with caplog.at_level("WARNING", logger="lightning_ckpt"):
+            assert not process.drain(0.2)
+        assert any("still pending" in r.getMessage() and "a.ckpt" in r.getMessage() for r in caplog.records)
+        (tmp_path / "release").touch()
+        assert process.drain(60) and held.done() and held.exception() is None
+    finally:
+        process.close()
+    assert (tmp_path / "a.ckpt").exists()
