@@ -200,7 +200,7 @@ def _saves_async(strategy: Any) -> bool:
     from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 
     from lightning_ckpt.lightning.async_io import AsyncCheckpointIO
-    from lightning_ckpt.lightning.trainer_glue import find_plugin
+    from lightning_ckpt.lightning.binding import find_plugin
 
     module = strategy.lightning_module
     trainer = getattr(module, "_trainer", None) if module is not None else None
