@@ -151,3 +151,23 @@ def test_read_accepts_pytorchs_keyword_arguments(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lightning_ckpt.checkpoint_reader"):
         loaded, _ = lc.CheckpointReader().read(path, None, map_location="cpu", extra_for_test="value")
     assert loaded["step"] == 1 and "extra_for_test" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_torchs_experimental_reader_reads_what_our_checkpointers_wrote(tmp_path, kind):
+    from torch.distributed.checkpoint._experimental.checkpoint_reader import CheckpointReader as TorchReader
+    from torch.distributed.checkpoint._experimental.types import RankInfo as TorchRankInfo
+
+    path = str(tmp_path / "ckpt")
+    make = lc.make_sync_checkpointer if kind == "sync" else lc.make_async_checkpointer
+    checkpointer = make()
+    try:
+        outcome = checkpointer.save(path, _state(5.0))
+        if kind == "async":
+            outcome[1].result(timeout=120)
+    finally:
+        checkpointer.close()
+    assert sorted(os.listdir(path)) == ["MANIFEST.json", "checkpoint_0.pt"]
+    loaded, missing = TorchReader(TorchRankInfo(global_rank=0, global_world_size=1)).read(path)
+    assert missing == [] and loaded["step"] == 5
+    assert_equal_state(loaded, _state(5.0))
