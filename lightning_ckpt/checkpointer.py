@@ -104,7 +104,7 @@ class SyncCheckpointer(Checkpointer):
         start = time.perf_counter()
         stats = _written(self.writer, self.writer.write(path, state_dict, **kwargs))
         elapsed = time.perf_counter() - start
-        self.last_save_stats = SaveStats(os.fspath(path), getattr(stats, "nbytes", 0), elapsed, elapsed,
+        self.last_save_stats = SaveStats(getattr(stats, "path", None) or os.fspath(path), getattr(stats, "nbytes", 0), elapsed, elapsed,
                                          getattr(stats, "write_secs", elapsed), elapsed)
 
     def close(self) -> None:
@@ -280,7 +280,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             self._fail(save.write_future, inner.exception())
             return
         written = inner.result()
-        stats = SaveStats(save.path, getattr(written, "nbytes", record.nbytes if record else 0), save.stall,
+        stats = SaveStats(getattr(written, "path", None) or save.path, getattr(written, "nbytes", record.nbytes if record else 0), save.stall,
                           record.stage_secs if record else save.stall, getattr(written, "write_secs", 0.0),
                           time.perf_counter() - save.start)
         log.debug("saved %s: %d bytes, stall %.3fs, durable %.3fs", save.path, stats.nbytes, save.stall,
@@ -306,7 +306,7 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             path, state_dict, metadata=kwargs.get("metadata"), save_key=barrier_key,
             after_commit=kwargs.get("after_commit")))
         elapsed = time.perf_counter() - start
-        stats = SaveStats(path, written.nbytes, elapsed, elapsed, written.write_secs, elapsed, fallback=True)
+        stats = SaveStats(written.path or path, written.nbytes, elapsed, elapsed, written.write_secs, elapsed, fallback=True)
         write_future = TrackedFuture(new_save_key())
         self.last_save_stats = write_future.stats = stats
         write_future.set_result(None)

@@ -36,7 +36,7 @@ def test_round_trip_with_the_plugin_alone_lands_in_the_bucket(plugin_cls, s3, em
     plugin.save_checkpoint(ckpt, url)
     loaded = plugin.load_checkpoint(url)
     plugin.teardown()
-    (done,) = plugin.pop_completed()
+    (done,) = plugin.ledger.pop_completed()
     assert done.stats.path == url  # metrics and logs name the object, not the local cache copy
 
     assert s3.keys() == ["run1/model.ckpt"]

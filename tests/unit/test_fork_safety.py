@@ -67,8 +67,8 @@ def _wait_status(pid: int, timeout_secs: float) -> int | None:
 _EXIT_SCRIPT = textwrap.dedent("""
     import atexit, os, sys, torch
     import lightning_ckpt as lc
-    from tests._helpers import GateHook
-    config = lc.CheckpointerConfig(wait_timeout_secs=90)
+    from tests._helpers import GateHook, file_layout_config
+    config = file_layout_config(wait_timeout_secs=90)
     ck = lc.make_async_checkpointer(config, commit_hook=GateHook({entered!r}, {release!r}, timeout_secs=120))
     atexit.register(ck.close)  # as AsyncCheckpointIO does
     ck.save({path!r}, {{"w": torch.ones(8)}})
