@@ -29,7 +29,31 @@ from lightning_ckpt.errors import CheckpointTimeoutError
 log = logging.getLogger(__name__)
 
 
-class FSDPStrategy(_LightningFSDPStrategy):
+class _CommittedShards:
+    """What both strategies share: removals, teardown and loads wait for the sharded save in flight, and a
+    sharded load is verified (``_verified_reads`` routes Lightning's DCP reads to our reader)."""
+
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        _sharded_saves(self).wait()  # top-k removal and last.ckpt follow the commit of the saves before
+        super().remove_checkpoint(filepath)
+
+    def teardown(self) -> None:
+        try:
+            _sharded_saves(self).close()
+        finally:
+            super().teardown()
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        _sharded_saves(self).wait()
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_dir():
+            return super().load_checkpoint(path, weights_only)
+        verify_sharded(path)
+        with unwrapped_failures(f"loading {path}", writing=False), self._verified_reads():
+            return super().load_checkpoint(path, weights_only)
+
+
+class FSDPStrategy(_CommittedShards, _LightningFSDPStrategy):
     """Lightning's ``FSDPStrategy`` whose sharded checkpoints (``state_dict_type="sharded"``) are ours.
 
     Accepts every argument of its parent. Only the sharded branches of ``save_checkpoint`` and
@@ -50,35 +74,17 @@ class FSDPStrategy(_LightningFSDPStrategy):
         _refuse_storage_options(self, storage_options)
         _sharded_saves(self).save(self, checkpoint, filepath, model_key="model")
 
-    @override
-    def remove_checkpoint(self, filepath: _PATH) -> None:
-        _sharded_saves(self).wait()  # top-k removal and last.ckpt follow the commit of the saves before
-        super().remove_checkpoint(filepath)
-
-    @override
-    def teardown(self) -> None:
-        try:
-            _sharded_saves(self).close()
-        finally:
-            super().teardown()
-
-    @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        _sharded_saves(self).wait()
-        path = Path(self.broadcast(checkpoint_path))
-        if not path.is_dir():
-            return super().load_checkpoint(path, weights_only)
-        verify_sharded(path)
+    @contextlib.contextmanager
+    def _verified_reads(self) -> Iterator[None]:
         import lightning.pytorch.strategies.fsdp as fsdp_module
         import torch.distributed.checkpoint as dcp_module
 
-        with unwrapped_failures(f"loading {path}", writing=False), \
-                _routed(fsdp_module, "_distributed_checkpoint_load", load_verified), \
+        with _routed(fsdp_module, "_distributed_checkpoint_load", load_verified), \
                 _routed(dcp_module, "FileSystemReader", StorageReader):  # the optimizer's reader
-            return super().load_checkpoint(path, weights_only)
+            yield
 
 
-class ModelParallelStrategy(_LightningModelParallelStrategy):
+class ModelParallelStrategy(_CommittedShards, _LightningModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` whose distributed checkpoints (the default,
     ``save_distributed_checkpoint=True``) are ours: atomic, checksummed, verified on load (see ``FSDPStrategy``).
 
@@ -95,30 +101,12 @@ class ModelParallelStrategy(_LightningModelParallelStrategy):
         _refuse_storage_options(self, storage_options)
         _sharded_saves(self).save(self, checkpoint, filepath, model_key="state_dict")
 
-    @override
-    def remove_checkpoint(self, filepath: _PATH) -> None:
-        _sharded_saves(self).wait()
-        super().remove_checkpoint(filepath)
-
-    @override
-    def teardown(self) -> None:
-        try:
-            _sharded_saves(self).close()
-        finally:
-            super().teardown()
-
-    @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        _sharded_saves(self).wait()
-        path = Path(self.broadcast(checkpoint_path))
-        if not path.is_dir():
-            return super().load_checkpoint(path, weights_only)
-        verify_sharded(path)
+    @contextlib.contextmanager
+    def _verified_reads(self) -> Iterator[None]:
         import lightning.fabric.strategies.model_parallel as model_parallel_module
 
-        with unwrapped_failures(f"loading {path}", writing=False), \
-                _routed(model_parallel_module, "_distributed_checkpoint_load", load_verified):
-            return super().load_checkpoint(path, weights_only)
+        with _routed(model_parallel_module, "_distributed_checkpoint_load", load_verified):
+            yield
 
 
 class ShardedSaves:
