@@ -29,6 +29,11 @@ class ChunkInfo:
     xxh3: str
 
 
+def is_local_checkpoint_id(checkpoint_id: Any) -> bool:
+    """True for a checkpoint id our storage plugins can write and read: a local path, not a URL."""
+    return isinstance(checkpoint_id, (str, os.PathLike)) and "://" not in os.fspath(checkpoint_id)
+
+
 def chunk_key(relative_path: str, offset: int) -> str:
     """The manifest key of the chunk at ``offset`` in ``relative_path``."""
     return f"{relative_path}@{offset}"

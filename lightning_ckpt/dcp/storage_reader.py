@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.futures import Future
 
-from lightning_ckpt.dcp.manifest import METADATA_NAME, chunk_key, read_manifest, verify_bytes
+from lightning_ckpt.dcp.manifest import METADATA_NAME, chunk_key, is_local_checkpoint_id, read_manifest, verify_bytes
 
 
 class StorageReader(_DCPStorageReader):
@@ -131,4 +131,4 @@ class StorageReader(_DCPStorageReader):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return isinstance(checkpoint_id, (str, os.PathLike)) and "://" not in os.fspath(checkpoint_id)
+        return is_local_checkpoint_id(checkpoint_id)

@@ -21,7 +21,14 @@ from torch.futures import Future
 
 from lightning_ckpt import layout
 from lightning_ckpt.commit import Commit, remove_stale_temps
-from lightning_ckpt.dcp.manifest import DATA_FILE_TEMPLATE, METADATA_NAME, ChunkInfo, build_manifest, read_manifest
+from lightning_ckpt.dcp.manifest import (
+    DATA_FILE_TEMPLATE,
+    METADATA_NAME,
+    ChunkInfo,
+    build_manifest,
+    is_local_checkpoint_id,
+    read_manifest,
+)
 from lightning_ckpt.errors import CheckpointError, IncompleteCheckpointError
 from lightning_ckpt.torch_zip import checksum
 
@@ -191,7 +198,7 @@ class StorageWriter(_DCPStorageWriter):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return isinstance(checkpoint_id, (str, os.PathLike)) and "://" not in os.fspath(checkpoint_id)
+        return is_local_checkpoint_id(checkpoint_id)
 
 
 def is_committed(path: str | os.PathLike) -> bool:
