@@ -226,6 +226,33 @@ class CheckpointProcess(PicklableBeforeUse):
             return link.submit(request, f"writing {path}", self.config.write_timeout_secs, "write_timeout_secs",
                                _write_result(path, lambda: self._buffers.discard(buffer_id)))
 
+    def write_shards(self, path: str, token: str, items: list[tuple[str, Any]], buffer: "StagingBuffer | None",
+                     fsync: bool = True) -> Future:
+        """Send the staged DCP chunks of one rank (``_writer_main.write_shard_files``); returns at once.
+
+        Args:
+            path: the final checkpoint directory.
+            token: its directory temp (``Commit.token``), created by the coordinator, which commits it.
+            items: ``(file name, bytes or PreparedCheckpoint)`` per chunk.
+            buffer: the staging buffer the prepared records point into.
+            fsync: fsync each file.
+
+        Returns:
+            A future of the list of written files (name, size, checksums), or failing with the writer's error.
+        """
+        with self._lock:
+            link = self._usable_link()
+            buffer_id = buffer.id if buffer is not None else None
+            if buffer is not None and buffer.id not in self._buffers:
+                link.submit(WorkerRequest(RequestType.ADD_BUFFER, {"buffer_id": buffer.id, "nbytes": buffer.nbytes}),
+                            f"mapping staging buffer {buffer.id}", fd=buffer.fd)
+                self._buffers.add(buffer.id)
+            request = WorkerRequest(RequestType.WRITE_SHARDS, {
+                "path": path, "token": token, "items": items, "buffer_id": buffer_id, "fsync": fsync},
+                next(self._ids))
+            return link.submit(request, f"writing the shards of {path}", self.config.write_timeout_secs,
+                               "write_timeout_secs", _shards_result(path, lambda: self._buffers.discard(buffer_id)))
+
     def drop_buffer(self, buffer_id: int) -> None:
         """Tell the writer to unmap a buffer the stager freed."""
         with self._lock:
@@ -362,6 +389,15 @@ def _write_result(path: str, on_unmapped: Callable[[], None] | None) -> Callable
             on_unmapped()  # sent again with the next write
         raise CheckpointWriteError(f"writing {path} failed in the writer process ({response.error_type}):\n"
                                    f"{response.error_msg}")
+    return interpret
+
+
+def _shards_result(path: str, on_unmapped: Callable[[], None]) -> Callable[[WorkerResponse], Any]:
+    stats = _write_result(path, on_unmapped)
+
+    def interpret(response: WorkerResponse) -> list[dict]:
+        stats(response)  # raises the writer's error
+        return (response.payload or {})["files"]
     return interpret
 
 
