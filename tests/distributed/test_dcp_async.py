@@ -118,7 +118,8 @@ def _failing_write_on_rank1(rank: int, world: int, root: str) -> dict:
     finally:
         ck.close()
     dist.barrier()
-    return {"error": error, "failed_ranks": failed_ranks, "unchanged": tree_digest(path) == before, "temps": _temps(root)}
+    return {"error": error, "failed_ranks": failed_ranks, "unchanged": tree_digest(path) == before,
+            "temps": _temps(root)}
 
 
 def _sigkill_writer_of_rank1(rank: int, world: int, root: str) -> dict:
@@ -179,6 +180,44 @@ def _ten_saves_memory(rank: int, world: int, root: str) -> dict:
     return {"allocations": allocations, "buffer_bytes": buffer_bytes, "samples": samples,
             "shm_same": sorted(os.listdir("/dev/shm")) == shm_before, "step": state["step"],
             "last_value": float(state["big"].to_local()[0, 0])}
+
+
+def _plain_dcp_reads_and_a_flipped_byte_is_caught(rank: int, world: int, root: str) -> dict:
+    """Plain ``dcp.load`` reads an async save; a byte flipped in a tensor record of rank 1's file then fails
+    our verified load on every rank."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_ckpt.errors import CorruptCheckpointError
+    from lightning_ckpt.torch_zip import record_spans
+
+    path = os.path.join(root, "ckpt")
+    ck = DistributedCheckpointer(path)
+    try:
+        _saved(ck, path, version=5)
+    finally:
+        ck.close()
+    plain = sharded_state(world, version=-1)
+    dcp.load(plain, checkpoint_id=path)
+    expected = full_tensors(sharded_state(world, 5))["w"]
+    plain_ok = plain["version"] == 5 and torch.equal(full_tensors(plain)["w"], expected)
+    dist.barrier()
+    if rank == 0:
+        victim = os.path.join(path, "__1_0.distcp")  # rank 1's first chunk: the local shard of "w"
+        with open(victim, "r+b") as f:
+            start, size = record_spans(io.BytesIO(f.read()), victim, {"data/0"})["data/0"]
+            f.seek(start + size // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    dist.barrier()
+    try:
+        _load_full(path)
+        raised = None
+    except CorruptCheckpointError as e:
+        raised = {"path": e.path, "key": e.key, "expected": e.expected, "actual": e.actual}
+    return {"plain_ok": plain_ok, "raised": raised}
 
 
 def _four_ranks(rank: int, world: int, root: str) -> dict:
@@ -249,6 +288,15 @@ def test_ten_async_saves_keep_memory_flat(ranks2, tmp_path):
         assert rank_last - rank_first < tolerance, r["samples"]
         assert writer_last - writer_first < tolerance, r["samples"]
         assert r["step"] == 9 and r["last_value"] == 9.0
+
+
+def test_async_checkpoint_reads_with_plain_dcp_and_a_flipped_byte_is_caught(ranks2, tmp_path):
+    results = ranks2.run(_plain_dcp_reads_and_a_flipped_byte_is_caught, str(tmp_path))
+    for r in results:
+        assert r["plain_ok"]
+        raised = r["raised"]
+        assert raised is not None and raised["path"].endswith("__1_0.distcp") and raised["key"] == "w:data/0"
+        assert raised["expected"] != raised["actual"]
 
 
 @pytest.mark.slow  # ~25 s on 2 cores: four ranks and four writer processes start
