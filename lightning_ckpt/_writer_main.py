@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import logging
 import mmap
@@ -13,6 +14,7 @@ import socket
 import sys
 import traceback
 from multiprocessing.connection import Connection
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from lightning_ckpt.barriers import KeyedBarrier, barrier_report_error, barrier_wait
@@ -184,28 +186,26 @@ class _Server:
 
     def _write_prepared(self, request: WorkerRequest) -> dict[str, Any]:
         p = request.payload
-        buffer_id = p["buffer_id"]
-        if buffer_id in self.unmapped:
-            raise StagingBufferMapError(self.unmapped.pop(buffer_id))
-        view = memoryview(self.buffers[buffer_id]) if buffer_id is not None else None
-        try:
+        with self._staged_view(p["buffer_id"]) as view:
             stats = self.writer.write_prepared(p["path"], p["prepared"], view, save_key=p["save_key"],
                                                defer_cleanup=True, after_commit=p["after_commit"])
-        finally:
-            if view is not None:
-                _release(view)
         return {"stats": stats}
 
     def _write_shards(self, request: WorkerRequest) -> dict[str, Any]:
         p = request.payload
-        buffer_id = p["buffer_id"]
+        direct_io = getattr(getattr(self.writer, "config", None), "use_direct_io", True)
+        with self._staged_view(p["buffer_id"]) as view:
+            return {"files": write_shard_files(p["path"], p["token"], p["items"], view, fsync=p["fsync"],
+                                               direct_io=direct_io)}
+
+    @contextlib.contextmanager
+    def _staged_view(self, buffer_id: int | None) -> Iterator[memoryview | None]:
+        """A view of staging buffer ``buffer_id`` (None: no buffer) for one write, released after it."""
         if buffer_id in self.unmapped:
             raise StagingBufferMapError(self.unmapped.pop(buffer_id))
         view = memoryview(self.buffers[buffer_id]) if buffer_id is not None else None
-        direct_io = getattr(getattr(self.writer, "config", None), "use_direct_io", True)
         try:
-            return {"files": write_shard_files(p["path"], p["token"], p["items"], view, fsync=p["fsync"],
-                                               direct_io=direct_io)}
+            yield view
         finally:
             if view is not None:
                 _release(view)
