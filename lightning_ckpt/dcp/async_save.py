@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from lightning_ckpt.dcp.storage_writer import StorageWriter, rank_target
 from lightning_ckpt.errors import CheckpointTimeoutError
 from lightning_ckpt.serialization import for_transfer, prepare
 from lightning_ckpt.staging import CheckpointStagerConfig, DefaultStager
+from lightning_ckpt.staging_buffer import StagingBufferTooLarge
 from lightning_ckpt.types import RankInfo
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ class _Planned:
     metadata: Metadata | None  # the coordinator's global metadata (None on the other ranks)
     indexes: list  # each write item's MetadataIndex, in file order
     names: list[str]  # each item's file name in the directory temp
+    written_here: bool = False  # over the staging budget: written on the caller's thread (WriteResults ready)
 
 
 class AsyncShardedSaver:
@@ -94,9 +97,14 @@ class AsyncShardedSaver:
         planned = _Planned(writer, metadata, [item.index for item in plan.items], names)
         try:
             written, staged = self._stage_and_send(plan, planner, writer, names)
+        except StagingBufferTooLarge as e:  # the documented slower path: written here from the live tensors
+            log.warning("async save of %s on rank %d: %s; writing this rank's shards synchronously", writer.path,
+                        rank, e)
+            planned.written_here = True
+            written, staged = _resolved(self._write_here, plan, planner, writer), None
         except BaseException as e:  # noqa: BLE001 - reported to every rank through the completion
             log.debug("staging the save of %s failed on rank %d: %r", writer.path, rank, e)
-            written, staged = _failed(e), None
+            written, staged = _resolved(_raise, e), None
         with self._lock:
             return self._executor.submit(self._complete, planned, written, staged)
 
@@ -106,7 +114,7 @@ class AsyncShardedSaver:
             return
         if dist.is_initialized():
             ranks = None if self.process_group is None else dist.get_process_group_ranks(self.process_group)
-            self._group = dist.new_group(ranks=ranks, backend="gloo")
+            self._group = dist.new_group(ranks=ranks, backend="gloo", timeout=timedelta(seconds=self.timeout_secs))
         # The writer process writes only this rank's files; DCP's gather (on the gloo group) is what meets the
         # other ranks, so its writer is a one-rank writer that needs no barrier of its own.
         self.process = CheckpointProcess(RankInfo(0, 1), self.process_config)
@@ -157,6 +165,13 @@ class AsyncShardedSaver:
             raise
         return written, staged
 
+    @staticmethod
+    def _write_here(plan: SavePlan, planner: SavePlanner, writer: StorageWriter) -> list[WriteResult]:
+        """``StorageWriter.write_data`` on the caller's thread, from the live tensors (no staging memory)."""
+        future = writer.write_data(plan, planner)
+        future.wait()
+        return future.value()
+
     def _complete(self, planned: _Planned, written: Future, staged: Any) -> Metadata:
         """In the background: wait for this rank's writer, gather the results, the coordinator commits."""
         dist_w = _DistWrapper(self._group, self._group is not None, self.coordinator_rank)
@@ -171,6 +186,8 @@ class AsyncShardedSaver:
             finally:
                 if staged is not None:
                     self.stager.release(staged)
+            if planned.written_here:
+                return files
             return [WriteResult(index=index, size_in_bytes=f["nbytes"],
                                 storage_data=ChunkInfo(f["name"], 0, f["nbytes"], f.get("xxh3"), f.get("records")))
                     for index, f in zip(planned.indexes, files)]
@@ -221,7 +238,15 @@ def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
-def _failed(error: BaseException) -> Future:
+def _resolved(fn: Any, *args: Any) -> Future:
+    """A future holding what ``fn(*args)`` returns or raises."""
     future: Future = Future()
-    future.set_exception(error)
+    try:
+        future.set_result(fn(*args))
+    except BaseException as e:  # noqa: BLE001 - reported to every rank through the completion
+        future.set_exception(e)
     return future
+
+
+def _raise(error: BaseException) -> None:
+    raise error

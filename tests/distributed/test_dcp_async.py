@@ -220,6 +220,29 @@ def _plain_dcp_reads_and_a_flipped_byte_is_caught(rank: int, world: int, root: s
     return {"plain_ok": plain_ok, "raised": raised}
 
 
+def _over_budget_writes_synchronously(rank: int, world: int, root: str) -> dict:
+    """A staging budget smaller than the shard: the save writes from the live tensors before returning, and
+    still commits in the background."""
+    from lightning_ckpt.dcp import AsyncShardedSaver, StorageWriter
+    from lightning_ckpt.staging import CheckpointStagerConfig
+
+    path = os.path.join(root, "ckpt")
+    saver = AsyncShardedSaver(staging_config=CheckpointStagerConfig(use_async_staging=False, budget_bytes=64))
+    try:
+        state = sharded_state(world, version=6)
+        future = saver.save(state, StorageWriter(path))
+        with torch.no_grad():
+            state["w"].to_local().add_(1e6)  # already written: must not reach the checkpoint
+        future.result(timeout=60)
+        allocations = saver.stager.allocations
+    finally:
+        saver.close()
+    loaded = _load_full(path)
+    expected = full_tensors(sharded_state(world, 6))["w"]
+    return {"allocations": allocations, "version": loaded["version"], "same": torch.equal(loaded["w"], expected),
+            "files": sorted(os.listdir(path))}
+
+
 def _four_ranks(rank: int, world: int, root: str) -> dict:
     path = os.path.join(root, "ckpt")
     ck = DistributedCheckpointer(path)
@@ -297,6 +320,13 @@ def test_async_checkpoint_reads_with_plain_dcp_and_a_flipped_byte_is_caught(rank
         raised = r["raised"]
         assert raised is not None and raised["path"].endswith("__1_0.distcp") and raised["key"] == "w:data/0"
         assert raised["expected"] != raised["actual"]
+
+
+def test_over_the_staging_budget_a_rank_writes_synchronously_and_still_commits(ranks2, tmp_path):
+    results = ranks2.run(_over_budget_writes_synchronously, str(tmp_path))
+    for r in results:
+        assert r["allocations"] == 0 and r["version"] == 6 and r["same"]
+    assert "__0_0.distcp" in results[0]["files"] and "MANIFEST.json" in results[0]["files"]
 
 
 @pytest.mark.slow  # ~25 s on 2 cores: four ranks and four writer processes start
