@@ -102,7 +102,7 @@ class AsyncShardedSaver:
                         rank, e)
             planned.written_here = True
             written, staged = _resolved(self._write_here, plan, planner, writer), None
-        except BaseException as e:  # noqa: BLE001 - reported to every rank through the completion
+        except Exception as e:  # noqa: BLE001 - reported to every rank through the completion
             log.debug("staging the save of %s failed on rank %d: %r", writer.path, rank, e)
             written, staged = _resolved(_raise, e), None
         with self._lock:
@@ -243,7 +243,7 @@ def _resolved(fn: Any, *args: Any) -> Future:
     future: Future = Future()
     try:
         future.set_result(fn(*args))
-    except BaseException as e:  # noqa: BLE001 - reported to every rank through the completion
+    except Exception as e:  # noqa: BLE001 - reported to every rank through the completion
         future.set_exception(e)
     return future
 
