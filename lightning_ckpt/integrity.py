@@ -19,6 +19,8 @@ from lightning_ckpt.verification import OpenedFile, is_temp, read_checksum_recor
 # A DCP directory's manifest says ``"layout": "dcp"`` (``lightning_ckpt.dcp.manifest``, not imported here: it pulls
 # in torch.distributed.checkpoint); DCP names its pickled metadata ``.metadata``.
 _DCP_LAYOUT, _DCP_METADATA_NAME = "dcp", ".metadata"
+# Lightning's non-tensor state in a sharded checkpoint directory (``lightning.fabric.utilities.load._METADATA_FILENAME``).
+_LIGHTNING_META_NAME = "meta.pt"
 
 VERIFIED, COMPLETE, UNVERIFIED = "verified", "complete", "unverified"
 INCOMPLETE, CORRUPT, MISSING, UNREADABLE = "incomplete", "corrupt", "missing", "unreadable"
@@ -205,6 +207,8 @@ def describe_checkpoint(path: str | os.PathLike, rank: int = 0) -> dict[str, Any
     if check.manifest is not None:
         out["world_size"] = check.manifest.get("world_size")
         out["versions"] = {k: check.manifest.get(k) for k in ("format", "lightning_ckpt_version", "torch_version")}
+    if check.manifest is not None and check.manifest.get("layout") == _DCP_LAYOUT:
+        return _describe_dcp(path, check.manifest, out)
     file_path = _rank_file(path, check, rank)
     if file_path is None:
         return out
@@ -218,6 +222,11 @@ def describe_checkpoint(path: str | os.PathLike, rank: int = 0) -> dict[str, Any
             out["structure"] = f"not loaded: {str(e).splitlines()[0][:300]}"
             state = None
     out["tensors"] = _tensors(state, record)
+    _add_state_fields(state, out)
+    return out
+
+
+def _add_state_fields(state: Any, out: dict[str, Any]) -> None:
     if isinstance(state, dict):
         for key in ("epoch", "global_step", "step"):
             if isinstance(state.get(key), (int, float)):
@@ -225,6 +234,23 @@ def describe_checkpoint(path: str | os.PathLike, rank: int = 0) -> dict[str, Any
         if "pytorch-lightning_version" in state:
             out.setdefault("versions", {})["lightning"] = str(state["pytorch-lightning_version"])
         out["top_level_keys"] = [str(k) for k in state]
+
+
+def _describe_dcp(path: str, manifest: dict, out: dict[str, Any]) -> dict[str, Any]:
+    """A DCP directory: its chunks, and epoch/step from Lightning's ``meta.pt`` (``weights_only``) when it has one."""
+    import torch
+
+    chunks = manifest.get("chunks") or {}
+    out["chunks"] = len(chunks)
+    out["chunk_bytes"] = sum(c.get("nbytes", 0) for c in chunks.values() if isinstance(c, dict))
+    if _LIGHTNING_META_NAME not in manifest.get("files", {}):
+        return out
+    try:
+        state = torch.load(os.path.join(path, _LIGHTNING_META_NAME), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError) as e:
+        out["structure"] = f"{_LIGHTNING_META_NAME} not loaded: {str(e).splitlines()[0][:300]}"
+        return out
+    _add_state_fields(state, out)
     return out
 
 
