@@ -161,7 +161,7 @@ def _check_dcp_file(opened: OpenedFile, name: str, entry: dict, chunks: list[tup
     """Checks one file of a DCP directory (its size was checked on opening); returns the bytes hashed."""
     from lightning_ckpt.dcp.manifest import chunk_key, verify_bytes
 
-    if "xxh3" in entry:  # a small whole file (the pickled metadata): always hashed, as a file's data.pkl is
+    if "xxh3" in entry:  # a small whole file (.metadata, meta.pt): always hashed, as a file's data.pkl is
         verify_bytes(opened.path, name, opened.read_span((0, opened.size)), entry["xxh3"])
     for offset, nbytes, _ in chunks:
         if offset + nbytes > opened.size:

@@ -77,17 +77,22 @@ def name_lost_ranks(exc: BaseException, action: str, path: str, group: Any = Non
 
     The survivors of one failed save of ``path`` meet at the same store counters (the n-th failure of each), so
     the ranks behind are the dead ones (or ones still stuck elsewhere). When the store itself is gone, its host
-    died: rank 0's process (unless torchrun's agent serves it). Any other exception is returned unchanged.
+    died: rank 0's process (unless torchrun's agent serves it). When every rank answers, or for any other
+    exception, ``exc`` is returned unchanged.
     """
     import torch.distributed as dist
+
+    from lightning_ckpt.barriers import _default_store
 
     if isinstance(exc, CheckpointError) or not isinstance(exc, RuntimeError) or not dist.is_initialized():
         return exc
     ranks = list(range(dist.get_world_size())) if group is None else dist.get_process_group_ranks(group)
-    rank = dist.get_rank()
-    if len(ranks) < 2:
+    rank, store = dist.get_rank(), _default_store()
+    if len(ranks) < 2 or store is None:
         return exc
-    missing = _roll_call(f"lightning_ckpt/dcp/lost/{path}", ranks, rank)
+    missing = _roll_call(store, f"lightning_ckpt/dcp/lost/{path}", ranks, rank)
+    if missing == []:  # every rank answered: a failure of its own, not a lost peer
+        return exc
     if missing is None:
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         missing, whom = ([], "the store's host (torchrun's agent)") if agent else ([0], "rank 0 (its host)")
@@ -101,13 +106,8 @@ def name_lost_ranks(exc: BaseException, action: str, path: str, group: Any = Non
     return error
 
 
-def _roll_call(name: str, ranks: list[int], rank: int) -> list[int] | None:
+def _roll_call(store: Any, name: str, ranks: list[int], rank: int) -> list[int] | None:
     """The ranks that did not reach this rank's count at ``name`` in time; None when the store is unreachable."""
-    from lightning_ckpt.barriers import _default_store
-
-    store = _default_store()
-    if store is None:
-        return None
     try:
         count = store.add(f"{name}/{rank}", 1)
         deadline = time.monotonic() + ROLL_CALL_SECS

@@ -106,3 +106,14 @@ def test_sigkill_of_the_coordinator_mid_save_leaves_nothing_and_names_the_rank(t
     assert not os.path.lexists(path)
     assert len(_temps(path)) == 1  # the dead coordinator's temp: only a save may remove it ...
     _next_save_cleans_the_temp(path)  # ... and the next one does
+
+
+def _same_failure_everywhere(rank: int, world: int, path: str) -> bool:
+    from lightning_ckpt.dcp.failures import name_lost_ranks
+
+    error = RuntimeError("a failure every rank saw")
+    return name_lost_ranks(error, "saving", path) is error
+
+
+def test_a_failure_every_rank_saw_is_not_blamed_on_a_lost_rank(ranks2, tmp_path):
+    assert ranks2.run(_same_failure_everywhere, str(tmp_path / "ckpt")) == [True, True]
