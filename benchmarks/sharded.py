@@ -3,7 +3,8 @@
     python -m benchmarks.sharded --size-mib 256 --reps 3 --scratch benchmarks/results/scratch-x --json out.json
 
 Each rank holds ``--size-mib`` of DTensor shards (dim 0 over the ranks, so every rank writes its own bytes). Every
-variant runs one warm-up save and ``--reps`` timed saves to fresh paths, all ranks starting together (a barrier):
+variant runs in 2 fresh rank processes: one warm-up save and ``--reps`` timed saves to fresh paths, all ranks
+starting together (a barrier):
 ``stall`` is the time until the call returns (the caller may change the state), ``durable`` until the save is
 committed on every rank (sync rows: the same), ``extra MiB`` the peak extra host memory of the rank's process tree
 during its saves (``benchmarks.memory``). Times are the slowest rank's, median (min-max) over the repetitions. Floors
@@ -242,12 +243,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     """The sharded table: slowest-rank times as median (min-max) s, peak extra MiB per rank, ratios."""
     from benchmarks.run import NOISY, _fmt_s, _render
 
-    header = ["row", "stall s", "durable s", "extra MiB", "mem/state", "stall/copy", "dur/write", "stall/dcp.async",
-              "dur/dcp.save"]
+    header = ["row", "stall s", "durable s", "extra MiB", "rss MiB", "mem/state", "stall/copy", "dur/write",
+              "stall/dcp.async", "dur/dcp.save"]
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["name"], "ERROR: " + r["error"][:60]] + ["-"] * 7)
+            body.append([r["name"], "ERROR: " + r["error"][:60]] + ["-"] * 8)
             continue
         ratios = r.get("ratios", {})
         cells = []
@@ -258,7 +259,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         mem = r.get("mem_vs_state")
         noisy = ((r.get("machine") or {}).get("foreign_cpu") or 0) > NOISY
         body.append([r["name"] + (" *" if noisy else ""), _fmt_s(r["stall_s"]), _fmt_s(r["durable_s"]), f"{r['extra_host_mib']:.0f}",
-                     "-" if mem is None else f"{mem:.2f}", *cells])
+                     f"{r['extra_rss_mib']:.0f}", "-" if mem is None else f"{mem:.2f}", *cells])
     text = _render(header, body)
     if any(((r.get("machine") or {}).get("foreign_cpu") or 0) > NOISY for r in rows):
         text += f"\n* other processes used more than {NOISY:.0%} of the CPU during these rows: treat them as noisy"
@@ -275,16 +276,29 @@ def _free_port() -> int:
 
 
 def run(size_mib: float, reps: int, scratch: str, variants: list[str], timeout_s: float) -> list[dict[str, Any]]:
-    """Start the 2 ranks, wait for them (bounded), and return the combined rows."""
+    """Each variant on 2 fresh ranks (memory, threads and processes of one never leak into the next); returns the
+    combined rows. ``timeout_s`` bounds each variant."""
+    size_bytes = int(size_mib * MiB)
+    per_rank: list[dict[str, Any]] = [{} for _ in range(WORLD)]
+    for name in variants:
+        try:
+            outs = _run_ranks(size_bytes, reps, scratch, name, timeout_s)
+        except RuntimeError as e:
+            outs = [{name: {"error": str(e)}} for _ in range(WORLD)]
+        for mine, out in zip(per_rank, outs):
+            mine.update(out)
+    return combine(per_rank, size_bytes)
+
+
+def _run_ranks(size_bytes: int, reps: int, scratch: str, name: str, timeout_s: float) -> list[dict[str, Any]]:
     import multiprocessing
 
     from benchmarks import sharded as this  # importable by the spawned ranks, also when run as __main__
 
-    size_bytes = int(size_mib * MiB)
-    out_path = os.path.join(scratch, "sharded-results.json")
+    out_path = os.path.join(scratch, f"sharded-{name}.json")
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=this.rank_main, args=(r, port, size_bytes, reps, scratch, variants, out_path))
+    procs = [ctx.Process(target=this.rank_main, args=(r, port, size_bytes, reps, scratch, [name], out_path))
              for r in range(WORLD)]
     for p in procs:
         p.start()
@@ -296,9 +310,9 @@ def run(size_mib: float, reps: int, scratch: str, variants: list[str], timeout_s
             p.kill()
             p.join(timeout=30)
     if not os.path.exists(out_path):
-        raise RuntimeError(f"the sharded ranks exited {[p.exitcode for p in procs]} without results")
+        raise RuntimeError(f"{name}: the ranks exited {[p.exitcode for p in procs]} without results")
     with open(out_path) as f:
-        return combine(json.load(f), size_bytes)
+        return json.load(f)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scratch", default=None, help="where checkpoints are written (default: a new directory "
                     "under benchmarks/results)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
-    ap.add_argument("--timeout", type=float, default=900, help="seconds before the ranks are killed")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds before one variant's ranks are killed")
     ap.add_argument("--json", default=None, help="write the rows here")
     a = ap.parse_args(argv)
     unknown = sorted(set(a.variants.split(",")) - set(VARIANTS))
