@@ -482,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     if result.get("sharded"):
         from benchmarks.sharded import table as sharded_table
 
-        print(f"\n== sharded [2 gloo ranks, {a.sharded_mib:.0f} MiB per rank] (times: slowest rank, median (min-max) s) ==")
+        print(f"\n== sharded [2 gloo ranks, {a.sharded_mib:.0f} MiB per rank] "
+              "(times: slowest rank, median (min-max) s) ==")
         rows = result["sharded"]
         print(sharded_table(rows) if isinstance(rows, list) else f"ERROR: {rows['error']}")
     json_path = os.path.join(a.out, f"bench-{stamp}.json")

@@ -23,7 +23,7 @@ import sys
 import time
 import warnings
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -258,8 +258,8 @@ def table(rows: list[dict[str, Any]]) -> str:
                                                                       " ok" if c["pass"] else " FAIL"))
         mem = r.get("mem_vs_state")
         noisy = ((r.get("machine") or {}).get("foreign_cpu") or 0) > NOISY
-        body.append([r["name"] + (" *" if noisy else ""), _fmt_s(r["stall_s"]), _fmt_s(r["durable_s"]), f"{r['extra_host_mib']:.0f}",
-                     f"{r['extra_rss_mib']:.0f}", "-" if mem is None else f"{mem:.2f}", *cells])
+        body.append([r["name"] + (" *" if noisy else ""), _fmt_s(r["stall_s"]), _fmt_s(r["durable_s"]),
+                     f"{r['extra_host_mib']:.0f}", f"{r['extra_rss_mib']:.0f}", "-" if mem is None else f"{mem:.2f}", *cells])
     text = _render(header, body)
     if any(((r.get("machine") or {}).get("foreign_cpu") or 0) > NOISY for r in rows):
         text += f"\n* other processes used more than {NOISY:.0%} of the CPU during these rows: treat them as noisy"

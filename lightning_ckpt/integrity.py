@@ -19,7 +19,8 @@ from lightning_ckpt.verification import OpenedFile, is_temp, read_checksum_recor
 # A DCP directory's manifest says ``"layout": "dcp"`` (``lightning_ckpt.dcp.manifest``, not imported here: it pulls
 # in torch.distributed.checkpoint); DCP names its pickled metadata ``.metadata``.
 _DCP_LAYOUT, _DCP_METADATA_NAME = "dcp", ".metadata"
-# Lightning's non-tensor state in a sharded checkpoint directory (``lightning.fabric.utilities.load._METADATA_FILENAME``).
+# Lightning's non-tensor state in a sharded checkpoint directory (``lightning.fabric.utilities.load``'s
+# ``_METADATA_FILENAME``).
 _LIGHTNING_META_NAME = "meta.pt"
 
 VERIFIED, COMPLETE, UNVERIFIED = "verified", "complete", "unverified"
