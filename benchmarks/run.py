@@ -132,6 +132,16 @@ def run_e2e(a: argparse.Namespace, scratch: str, logs: str) -> list[dict[str, An
     return out
 
 
+def run_sharded(a: argparse.Namespace, scratch: str, logs: str) -> list[dict[str, Any]] | dict[str, Any]:
+    """The sharded (DCP) rows on 2 gloo ranks, in their own processes (``benchmarks.sharded``)."""
+    args = ["--size-mib", str(a.sharded_mib), "--reps", str(a.reps), "--scratch", scratch]
+    out, facts = run_child("benchmarks.sharded", args, os.path.join(logs, "sharded.json"),
+                           os.path.join(logs, "sharded.log"), 2 * a.row_timeout)
+    for r in out if isinstance(out, list) else []:
+        r["machine"] = facts
+    return out
+
+
 def _status(r: dict[str, Any]) -> str:
     """One word about a row: ok, skipped or error."""
     return "skipped" if r.get("skipped") else "ERROR" if r.get("error") else "ok"
@@ -314,6 +324,8 @@ def plot(result: dict[str, Any], path: str) -> str | None:
         return "matplotlib not installed: plot skipped"
     tables = result["micro"]
     panels = len(tables) + (1 if result.get("consecutive_plot") else 0) + (1 if result.get("e2e") else 0)
+    if panels == 0:
+        return "no micro or e2e results: plot skipped"
     fig, axes = plt.subplots(panels, 1, figsize=(11, 4.2 * panels), squeeze=False)
     axes = list(axes[:, 0])
     for device, table in tables.items():
@@ -382,6 +394,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--e2e-no-anchor-fsync", action="store_true", help="e2e: run the anchors as shipped (no fsync)")
     ap.add_argument("--row-timeout", type=float, default=600, help="seconds before one row's process is killed")
     ap.add_argument("--keep-scratch", action="store_true")
+    ap.add_argument("--sharded", action="store_true", help="also run the sharded (DCP) rows on 2 gloo ranks")
+    ap.add_argument("--sharded-mib", type=float, default=256, help="sharded: tensor MiB per rank")
     return ap.parse_args(argv)
 
 
@@ -446,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
             _progress(f"e2e: {a.e2e_param_mib:.0f} MiB params + Adam, {a.e2e_steps} steps, save every {a.e2e_every}")
             result["e2e"] = run_e2e(a, scratch, logs)
             evaluate_e2e(result["e2e"])
+        if a.sharded:
+            _progress(f"sharded: 2 gloo ranks, {a.sharded_mib:.0f} MiB per rank, reps={a.reps}")
+            result["sharded"] = run_sharded(a, scratch, logs)
     finally:
         if not a.keep_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -462,6 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     if result["e2e"]:
         print(f"\n== end to end (loop overhead vs 'none'; target <= {TARGETS['e2e_overhead']:.0%}) ==")
         print(e2e_table(result["e2e"]))
+    if result.get("sharded"):
+        from benchmarks.sharded import table as sharded_table
+
+        print(f"\n== sharded [2 gloo ranks, {a.sharded_mib:.0f} MiB per rank] "
+              "(times: slowest rank, median (min-max) s) ==")
+        rows = result["sharded"]
+        print(sharded_table(rows) if isinstance(rows, list) else f"ERROR: {rows['error']}")
     json_path = os.path.join(a.out, f"bench-{stamp}.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)

@@ -27,7 +27,8 @@ def pattern_regex(filename: str) -> re.Pattern:
 
 
 def is_complete(path: str, verify: bool = False, storage_options: dict | None = None) -> bool:
-    """True iff ``path`` is a committed checkpoint of ours: a file (or directory of rank files) with valid checksums.
+    """True iff ``path`` is a committed checkpoint of ours with valid checksums: a file, a directory of rank files,
+    or a sharded (DCP) directory of ``lightning_ckpt.dcp.StorageWriter`` (FSDP/ModelParallel strategies).
 
     Nothing is unpickled: the pickle bytes and, with ``verify=True``, every storage are checked against the
     checksum record straight from the file. What cannot be used (a temp name, a dangling symlink, a file removed
@@ -86,7 +87,8 @@ def find_latest_checkpoint(dirpath: str, filename: str = "step={step}", verify: 
     """The newest complete checkpoint in ``dirpath`` named by ``filename``, or None (usable as ``ckpt_path``).
 
     ``dirpath`` may be a remote prefix (``s3://bucket/run``; ``storage_options`` as the plugin's). ``verify=True``
-    also hashes every storage; neither unpickles anything from the files.
+    also hashes every storage (every chunk of a sharded directory); neither unpickles anything from the files.
+    A sharded directory without its manifest (never committed, or saved by plain DCP) is skipped, logged.
     """
     for _, path in reversed(matching_checkpoints(dirpath, filename, storage_options)):
         if is_complete(path, verify=verify, storage_options=storage_options):

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.storage import StorageReader as _DCPStorageRea
 from torch.distributed.checkpoint.storage import StorageWriter as _DCPStorageWriter
 
 from lightning_ckpt.dcp.async_save import AsyncShardedSaver
-from lightning_ckpt.dcp.failures import unwrapped_failures
+from lightning_ckpt.dcp.failures import name_lost_ranks, unwrapped_failures
 from lightning_ckpt.dcp.storage_reader import StorageReader
 from lightning_ckpt.dcp.storage_writer import StorageWriter
 from lightning_ckpt.errors import CheckpointTimeoutError
@@ -93,10 +93,13 @@ class DistributedCheckpointer:
     def _save(self, state_dict: dict[str, Any], checkpoint_id: Any, group: Any) -> Metadata:
         try:
             return self._dcp_save(state_dict, checkpoint_id, group)
-        except BaseException:
+        except BaseException as e:
             if isinstance(self.storage_writer, StorageWriter):
                 self.storage_writer.abort()  # a failed rank left the coordinator's temp open
-            raise
+            lost = name_lost_ranks(e, "saving", str(checkpoint_id or self.storage_writer.checkpoint_id), group)
+            if lost is e:
+                raise
+            raise lost from e
 
     def _dcp_save(self, state_dict: dict[str, Any], checkpoint_id: Any, group: Any) -> Metadata:
         with unwrapped_failures(f"saving {checkpoint_id or self.storage_writer.checkpoint_id}", writing=True):
