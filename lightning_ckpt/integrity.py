@@ -143,24 +143,29 @@ def _check_dcp_directory(path: str, dir_fd: int, names: set[str], manifest: dict
     return result
 
 
-def _dcp_chunks(path: str, manifest: dict) -> dict[str, list[tuple[int, int, str]]]:
-    """``{file name: [(offset, nbytes, xxh3)]}`` from a DCP manifest's chunk records (keys ``<file>@<offset>``)."""
-    chunks: dict[str, list[tuple[int, int, str]]] = {}
+def _dcp_chunks(path: str, manifest: dict) -> dict[str, list[tuple[int, int, dict]]]:
+    """``{file name: [(offset, nbytes, entry)]}`` from a DCP manifest's chunk records (keys ``<file>@<offset>``);
+    an entry holds the chunk's xxh3, or (a chunk the writer process wrote as a torch zip) each record's."""
+    chunks: dict[str, list[tuple[int, int, dict]]] = {}
     raw = manifest.get("chunks")
     for key, entry in (raw.items() if isinstance(raw, dict) else [(None, None)]):
         name, _, offset = str(key).rpartition("@")
         if not (name and offset.isdigit() and isinstance(entry, dict) and isinstance(entry.get("nbytes"), int)
-                and isinstance(entry.get("xxh3"), str)):
+                and (isinstance(entry.get("xxh3"), str) or _is_record_map(entry.get("records")))):
             raise CorruptCheckpointError(f"malformed manifest {os.path.join(path, layout.MANIFEST_NAME)}: chunk "
                                          f"record {key!r}: {entry!r}", path=path, key="chunks")
-        chunks.setdefault(name, []).append((int(offset), entry["nbytes"], entry["xxh3"]))
+        chunks.setdefault(name, []).append((int(offset), entry["nbytes"], entry))
     return chunks
 
 
-def _check_dcp_file(opened: OpenedFile, name: str, entry: dict, chunks: list[tuple[int, int, str]],
+def _is_record_map(records: Any) -> bool:
+    return isinstance(records, dict) and bool(records) and all(isinstance(v, str) for v in records.values())
+
+
+def _check_dcp_file(opened: OpenedFile, name: str, entry: dict, chunks: list[tuple[int, int, dict]],
                     deep: bool) -> int:
     """Checks one file of a DCP directory (its size was checked on opening); returns the bytes hashed."""
-    from lightning_ckpt.dcp.manifest import chunk_key, verify_bytes
+    from lightning_ckpt.dcp.manifest import chunk_key, verify_bytes, verify_chunk
 
     if "xxh3" in entry:  # a small whole file (.metadata, meta.pt): always hashed, as a file's data.pkl is
         verify_bytes(opened.path, name, opened.read_span((0, opened.size)), entry["xxh3"])
@@ -172,9 +177,9 @@ def _check_dcp_file(opened: OpenedFile, name: str, entry: dict, chunks: list[tup
     if not deep or not chunks or opened.size == 0:
         return opened.size if "xxh3" in entry else 0
     with mmap.mmap(opened.fd, 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
-        for offset, nbytes, expected in sorted(chunks):
+        for offset, nbytes, chunk_entry in sorted(chunks, key=lambda c: c[0]):
             with view[offset:offset + nbytes] as chunk:
-                verify_bytes(opened.path, chunk_key(name, offset), chunk, expected)
+                verify_chunk(opened.path, chunk_key(name, offset), chunk, chunk_entry)
     return sum(n for _, n, _ in chunks) + (opened.size if "xxh3" in entry else 0)
 
 

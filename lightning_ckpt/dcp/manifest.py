@@ -129,10 +129,11 @@ def verify_chunk(path: str, key: str, data: Any, entry: dict) -> None:
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise CorruptCheckpointError(f"corrupt checkpoint {path}: chunk {key} is not a readable torch zip: {e}",
                                      path=path, key=key) from e
-    view = memoryview(data)
-    for name, expected in sorted(records.items()):
-        start, size = spans.get(name, (0, -1))
-        if size < 0 or start + size > len(view):
-            raise CorruptCheckpointError(f"corrupt checkpoint {path}: chunk {key} lacks its record {name}",
-                                         path=path, key=f"{key}:{name}")
-        verify_bytes(path, f"{key}:{name}", view[start:start + size], expected)
+    with memoryview(data) as view:  # released on the way out, also when a mismatch raises (the caller may be a mmap)
+        for name, expected in sorted(records.items()):
+            start, size = spans.get(name, (0, -1))
+            if size < 0 or start + size > len(view):
+                raise CorruptCheckpointError(f"corrupt checkpoint {path}: chunk {key} lacks its record {name}",
+                                             path=path, key=f"{key}:{name}")
+            with view[start:start + size] as record:
+                verify_bytes(path, f"{key}:{name}", record, expected)

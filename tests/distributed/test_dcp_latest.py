@@ -20,6 +20,7 @@ from lightning_ckpt.dcp import DistributedCheckpointer, StorageWriter
 from lightning_ckpt.dcp.manifest import DATA_FILE_TEMPLATE, METADATA_NAME
 from lightning_ckpt.integrity import check_checkpoint, describe_checkpoint
 from lightning_ckpt.latest import find_latest_checkpoint, is_complete
+from lightning_ckpt.torch_zip import record_spans
 from tests.distributed._dcp_states import sharded_state
 
 pytestmark = [pytest.mark.multiprocess]
@@ -190,3 +191,28 @@ def test_lightning_resumes_from_the_newest_complete_sharded_checkpoint(tmp_path)
         assert out["found"] == os.path.join(dirpath, "step=2.ckpt")  # step=3 is corrupt: skipped
         assert out["start_found"] == 2
         assert out["start_last"] == 3  # last.ckpt: a separate, committed sharded directory
+
+
+def _async_save(rank: int, world: int, path: str) -> None:
+    checkpointer = DistributedCheckpointer(StorageWriter(path))
+    try:
+        checkpointer.async_save(sharded_state(world, 7)).result(timeout=120)
+    finally:
+        checkpointer.close()
+
+
+def test_an_async_sharded_save_written_by_the_writer_process_verifies_and_a_flipped_record_byte_is_caught(
+        ranks2, tmp_path):
+    # The writer process records each chunk's zip records (not one xxh3 per chunk): the check must read both kinds.
+    path = str(tmp_path / "step=7.ckpt")
+    ranks2.run(_async_save, path)
+    manifest = check_checkpoint(path, deep=True)
+    assert manifest.status == "verified", manifest
+    assert any("records" in entry for entry in manifest.manifest["chunks"].values())
+    chunk = os.path.join(path, max((f for f in os.listdir(path) if f.endswith(".distcp")),
+                                   key=lambda f: os.path.getsize(os.path.join(path, f))))
+    with open(chunk, "rb") as f:
+        start, size = next(span for name, span in record_spans(f, chunk).items() if name.startswith("data/"))
+    _flip_byte(chunk, offset_from_end=os.path.getsize(chunk) - (start + size // 2))  # inside a tensor record
+    assert check_checkpoint(path, deep=True).status == "corrupt"
+    assert find_latest_checkpoint(str(tmp_path), verify=True) is None
