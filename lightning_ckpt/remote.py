@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -45,6 +46,9 @@ class RemoteConfig:
         read_timeout_secs: None: derived from ``process_config.write_timeout_secs`` (at most 60 s).
         no_overwrite_pattern: a regex; file names it matches (step-named ones) are completed with
             ``If-None-Match: *``, so two runs never clobber each other's checkpoint ("" disables it).
+        stream_from_staging: upload parts straight from the staged bytes, with no commit to the local cache
+            first (for nodes without scratch disk). The staging buffer is then held until the upload completes,
+            not only until the local commit: the next save may wait longer for it, and memory stays taken longer.
     """
 
     part_size_bytes: int = 32 << 20
@@ -53,6 +57,7 @@ class RemoteConfig:
     connect_timeout_secs: float | None = None
     read_timeout_secs: float | None = None
     no_overwrite_pattern: str = r"step=\d+"
+    stream_from_staging: bool = False
 
     def __post_init__(self) -> None:
         if not MIN_PART_BYTES <= self.part_size_bytes <= MAX_PART_BYTES:
@@ -79,11 +84,14 @@ class RemoteUpload:
         target: the final object.
         config: part size, concurrency, retries.
         timeout_secs: the whole upload's deadline (the writer is killed at ``write_timeout_secs``).
+        sweep_stale: first abort uploads that killed writers left in the target's prefix (False for a fresh
+            prefix that live peers share, such as a multi-rank checkpoint's generation).
     """
 
     target: RemotePath
     config: RemoteConfig
     timeout_secs: float
+    sweep_stale: bool = True
 
     def __call__(self, local_path: str) -> dict:
         start = time.monotonic()
@@ -94,7 +102,8 @@ class RemoteUpload:
     async def _upload(self, local_path: str) -> None:
         deadline = time.monotonic() + self.timeout_secs
         async with _client(self.target, self.config, self.timeout_secs) as client:
-            await _abort_stale_uploads(client, self.target, self.timeout_secs)
+            if self.sweep_stale:
+                await _abort_stale_uploads(client, self.target, self.timeout_secs)
             await upload_file(client, local_path, self.target, self.config, deadline)
 
 
@@ -278,3 +287,167 @@ async def _abort_stale_uploads(client: Any, target: RemotePath, older_than_secs:
             break
         kwargs.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
     _swept_prefixes.add(marker)
+
+
+# ---------------------------------------------------------------------- small objects, trees, streamed uploads
+
+
+def put_object(target: RemotePath, data: bytes, config: RemoteConfig, timeout_secs: float) -> None:
+    """Write a small object in one PUT (atomic: the object appears whole or not at all), e.g. a manifest.
+
+    Raises:
+        CheckpointWriteError, CheckpointTimeoutError: the store refused, or the deadline passed.
+    """
+    async def put() -> None:
+        async with _client(target, config, timeout_secs) as client:
+            await _call("PutObject", target, client.put_object(Bucket=target.bucket, Key=target.key, Body=data),
+                        time.monotonic() + timeout_secs)
+
+    run(put)
+
+
+def list_tree(directory: RemotePath, config: RemoteConfig, timeout_secs: float) -> list[tuple[str, int, float]]:
+    """Every object under ``directory`` (a prefix, at any depth): ``(key below the prefix, size, mtime)``."""
+    async def listing() -> list[tuple[str, int, float]]:
+        deadline = time.monotonic() + timeout_secs
+        prefix = directory.key.rstrip("/") + "/"
+        found: list[tuple[str, int, float]] = []
+        kwargs: dict[str, Any] = {"Bucket": directory.bucket, "Prefix": prefix}
+        async with _client(directory, config, timeout_secs) as client:
+            for _ in range(_LIST_PAGES):
+                page = await _call("ListObjectsV2", directory, client.list_objects_v2(**kwargs), deadline)
+                found += [(o["Key"][len(prefix):], int(o["Size"]), o["LastModified"].timestamp())
+                          for o in page.get("Contents", [])]
+                if not page.get("IsTruncated"):
+                    return found
+                kwargs["ContinuationToken"] = page["NextContinuationToken"]
+        log.warning("listed only the first %d objects under %s", len(found), directory.url)
+        return found
+
+    return run(listing)
+
+
+def upload_stream(upload: RemoteUpload, size_hint: int, produce: Callable[[Callable[[int], int]], Any]) -> Any:
+    """Multipart-upload what ``produce`` writes to ``upload.target``, part by part from memory, no local file.
+
+    ``produce(opener)`` runs on a worker thread; ``opener(flags)`` gives it the write end of a pipe whose other
+    end is read into parts of ``part_size_bytes`` (at most ``max_concurrency + 1`` parts in memory). The object
+    appears only when CompleteMultipartUpload succeeds, which happens only after ``produce`` returned; if it
+    raises, or a part fails, the upload is aborted.
+
+    Args:
+        size_hint: about how many bytes ``produce`` writes (parts grow so that 10,000 of them hold it).
+
+    Returns:
+        ``(what produce returned, bytes uploaded)``.
+    """
+    return run(_upload_stream, upload, size_hint, produce)
+
+
+class _PipeReader:
+    """The read end of the producer's pipe; closed only between reads (the descriptor is never reused under one)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lock = threading.Lock()
+
+    def read_part(self, nbytes: int) -> bytearray:
+        part = bytearray(nbytes)
+        view, got = memoryview(part), 0
+        while got < nbytes:
+            with self.lock:
+                if self.fd < 0:
+                    raise CheckpointWriteError("the upload was stopped")
+                n = os.readv(self.fd, [view[got:]])
+            if n == 0:
+                break
+            got += n
+        view.release()
+        del part[got:]
+        return part
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+
+def _produce_into(produce: Callable[[Callable[[int], int]], Any], write_fd: int) -> Any:
+    taken = False
+
+    def opener(flags: int) -> int:
+        nonlocal taken
+        if taken:
+            raise CheckpointWriteError("a streamed upload takes one file")
+        taken = True
+        return write_fd
+
+    try:
+        return produce(opener)
+    finally:
+        if not taken:  # once taken, the producer's file object closes it
+            os.close(write_fd)
+
+
+async def _upload_stream(upload: RemoteUpload, size_hint: int, produce: Callable[[Callable[[int], int]], Any]) -> Any:
+    target, config, timeout_secs = upload.target, upload.config, upload.timeout_secs
+    deadline = time.monotonic() + timeout_secs
+    part_size = max(config.part_size_bytes, -(-(size_hint + size_hint // 50 + (16 << 20)) // MAX_PARTS))
+    async with _client(target, config, timeout_secs) as client:
+        if upload.sweep_stale:
+            await _abort_stale_uploads(client, target, timeout_secs)
+        created = await _call("CreateMultipartUpload", target,
+                              client.create_multipart_upload(Bucket=target.bucket, Key=target.key), deadline)
+        upload_id = created["UploadId"]
+        read_fd, write_fd = os.pipe()
+        reader = _PipeReader(read_fd)
+        producer = asyncio.ensure_future(asyncio.to_thread(_produce_into, produce, write_fd))
+        completed = False
+        try:
+            parts, nbytes = await _stream_parts(client, target, upload_id, reader, part_size, config, deadline)
+            result = await producer  # its exception (after any number of parts) aborts the upload
+            extra = {"IfNoneMatch": "*"} if config.no_overwrite(target.name) else {}
+            await _call("CompleteMultipartUpload", target, client.complete_multipart_upload(
+                Bucket=target.bucket, Key=target.key, UploadId=upload_id, MultipartUpload={"Parts": parts},
+                **extra), deadline)
+            completed = True
+            return result, nbytes
+        finally:
+            reader.close()  # a producer still writing gets EPIPE and ends
+            await asyncio.gather(producer, return_exceptions=True)
+            if not completed:
+                await _abort(client, target, upload_id)
+
+
+async def _stream_parts(client: Any, target: RemotePath, upload_id: str, reader: _PipeReader, part_size: int,
+                        config: RemoteConfig, deadline: float) -> tuple[list[dict], int]:
+    limit = asyncio.Semaphore(config.max_concurrency)
+    tasks: list[asyncio.Future] = []
+    nbytes = 0
+
+    async def put(number: int, body: bytearray) -> dict:
+        try:
+            response = await _call(f"UploadPart {number}", target, client.upload_part(
+                Bucket=target.bucket, Key=target.key, UploadId=upload_id, PartNumber=number, Body=body), deadline)
+            return {"PartNumber": number, "ETag": response["ETag"]}
+        finally:
+            limit.release()
+
+    for number in range(1, MAX_PARTS + 1):
+        await limit.acquire()
+        failed = next((t for t in tasks if t.done() and t.exception() is not None), None)
+        if failed is not None:
+            limit.release()
+            break
+        body = await asyncio.to_thread(reader.read_part, part_size)
+        if not body and tasks:
+            limit.release()
+            break
+        tasks.append(asyncio.ensure_future(put(number, body)))
+        nbytes += len(body)
+        if len(body) < part_size:
+            break
+    else:
+        raise CheckpointWriteError(f"{target.url}: more than {MAX_PARTS} parts of {part_size} bytes")
+    return await _gather_or_cancel(tasks), nbytes
