@@ -272,24 +272,26 @@ def list_checkpoints(directory: RemotePath) -> list[remote_files.RemoteObject]:
 
 def is_complete(location: RemotePath, verify: bool = False) -> bool:
     """True iff ``location`` is a complete remote checkpoint: an object of ours, or a manifest whose every rank
-    object is listed with its size (``verify``: and every rank object's tensors check)."""
+    object is listed with its size (``verify``: and every rank object's tensors check). A damaged object costs
+    one listing more, never a read of a manifest that is not there."""
     if remote_files.is_complete(location, verify):
         return True
     config, timeout = RemoteConfig(), remote_files.LOOKUP_TIMEOUT_SECS
     try:
+        listed = {key: size for key, size, _ in remote.list_tree(location, config, timeout)}
+        if layout.MANIFEST_NAME not in listed:
+            return False
         manifest = read_manifest(location, config, timeout)
         if manifest is None:
             return False
-        generation = generation_of(manifest, location.url)
-        listed = {o.path.name: o.nbytes for o in remote_files.list_dir(location.child(generation), config, timeout)}
+        generation_of(manifest, location.url)
         for name, entry in manifest.files.items():
-            if listed.get(name.split("/", 1)[1]) != entry.nbytes:
+            if listed.get(name) != entry.nbytes:
                 log.warning("skipping %s: %s is missing or not the size its manifest says", location.url, name)
                 return False
             if verify and not remote_files.is_complete(location.child(name), verify=True):
                 return False
-    except (OSError, CorruptCheckpointError) as e:
+    except (OSError, CheckpointError) as e:
         log.warning("skipping %s: not a complete checkpoint (%s)", location.url, e)
         return False
     return True
-
