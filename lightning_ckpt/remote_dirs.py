@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lightning_ckpt import layout, paths, remote, remote_files
+from lightning_ckpt import layout, paths, remote, remote_files, remote_stream
 from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
 from lightning_ckpt.manifest import Manifest, ManifestFile
 from lightning_ckpt.paths import RemotePath
@@ -78,7 +78,7 @@ def stream_prepared(upload: RemoteUpload, prepared: Any, buffer: memoryview | No
             before_complete()
         return record
 
-    _, nbytes = remote.upload_stream(upload, prepared.nbytes, produce)
+    _, nbytes = remote_stream.upload_stream(upload, prepared.nbytes, produce)
     return nbytes
 
 
@@ -135,8 +135,9 @@ def generation_of(manifest: Manifest, url: str) -> str:
 
 @dataclass
 class ReplacedGenerations:
-    """What a newly published manifest replaced: the checkpoint's other generations. ``close`` deletes them (the
-    writer calls it after answering, like freeing a replaced local checkpoint)."""
+    """What a newly published manifest replaced: the checkpoint's other generations. ``close`` deletes them and
+    aborts the uploads killed ranks left in them (older than the write timeout); the writer calls it after
+    answering, like freeing a replaced local checkpoint."""
 
     upload: RemoteUpload
     keep: str
@@ -146,8 +147,10 @@ class ReplacedGenerations:
         return self.upload.target.url
 
     def close(self) -> None:
+        target, config, timeout = self.upload.target, self.upload.config, self.upload.timeout_secs
         try:
-            delete_generations(self.upload.target, self.upload.config, self.upload.timeout_secs, keep=self.keep)
+            delete_generations(target, config, timeout, keep=self.keep)
+            remote.abort_stale_uploads_below(target, config, timeout, lambda key: _in_generation(key, self.keep))
         except CheckpointError as e:  # the writer logs it; the next save of this checkpoint deletes them
             raise OSError(f"could not delete the replaced generations of {self.final_path}: {e}") from e
 
@@ -160,11 +163,16 @@ def delete_generations(location: RemotePath, config: RemoteConfig, timeout_secs:
     """
     deleted = []
     for key, _, _ in remote.list_tree(location, config, timeout_secs):
-        generation = key.split("/", 1)[0]
-        if "/" in key and generation != keep and GENERATION_RE.match(generation):
+        if _in_generation(key, keep):
             remote_files.delete(location.child(key), config, timeout_secs)
             deleted.append(key)
     return deleted
+
+
+def _in_generation(key: str, other_than: str | None) -> bool:
+    """``key`` (below a checkpoint) is an object of one of our generations other than ``other_than``."""
+    generation, _, name = key.partition("/")
+    return bool(name) and generation != other_than and GENERATION_RE.match(generation) is not None
 
 
 def remove_checkpoint(path: Any, config: RemoteConfig | None = None,

@@ -1,8 +1,8 @@
 """SIGKILL of a real Lightning trainer while its checkpoint is being uploaded to S3 (the server holds UploadPart).
 
-Run as a script (``python -m tests.remote.test_remote_kill URL ROOT``), this module is the trainer: a tiny fit whose step-1
-save goes to ``URL`` through ``AsyncCheckpointIO``; it prints ``READY`` once that save is handed to the writer and
-waits to be killed.
+Run as a script (``python -m tests.remote.test_remote_kill URL ROOT``), this module is the trainer: a tiny fit
+whose step-1 save goes to ``URL`` through ``AsyncCheckpointIO``; it prints ``READY`` once that save is handed to
+the writer and waits to be killed.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _previous(s3, url: str) -> bytes:
     return s3.get(url.split("/", 3)[3])
 
 
-def test_sigkill_of_trainer_and_writer_mid_upload_keeps_the_old_object_and_the_next_writer_aborts_the_upload(s3, tmp_path):
+def test_sigkill_of_trainer_and_writer_mid_upload_keeps_the_old_object_and_the_next_writer_aborts_it(s3, tmp_path):
     """A node loss (the trainer and its writer SIGKILLed) while UploadPart is held: the old object stays
     bit-identical, nothing partial is visible, and the next writer of the prefix aborts the dangling upload."""
     url = f"{s3.url}/run/model.ckpt"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from concurrent.futures import wait
 
 import pytest
@@ -13,6 +14,7 @@ from lightning_ckpt import CheckpointReader, RankInfo, latest, paths, remote_dir
 from lightning_ckpt.errors import IncompleteCheckpointError
 from lightning_ckpt.layout import MANIFEST_NAME
 from lightning_ckpt.remote import RemoteConfig, RemoteUpload
+from tests._helpers import wait_for
 
 pytestmark = [pytest.mark.remote, pytest.mark.multiprocess, pytest.mark.timeout(180)]
 PART = 5 << 20
@@ -154,3 +156,17 @@ def test_removal_deletes_the_manifest_first_and_a_checkpoint_without_one_is_inco
     assert not [k for k in s3.keys() if k.startswith("run/step=1.ckpt/")]
     with pytest.raises(FileNotFoundError, match="step=1.ckpt"):
         CheckpointReader(RankInfo(0, 2)).read(older)
+
+
+def test_the_next_save_of_a_directory_aborts_the_uploads_its_killed_ranks_left(s3):
+    import lightning_ckpt as lc
+
+    url = f"{s3.url}/run/ckpt"
+    for key in ("run/ckpt/gen-0123456789abcdef/checkpoint_1.pt", "run/ckpt/other/x.pt", "run/elsewhere.pt"):
+        s3.client.create_multipart_upload(Bucket=s3.name, Key=key)  # a killed rank's, and two not ours
+    timeout = 5.0  # uploads older than the write timeout are dead: their writers were killed by then
+    wait_for(lambda: all(time.time() - u["Initiated"].timestamp() > timeout for u in s3.uploads()), 30,
+             "the uploads to age")
+    with lc.make_sync_checkpointer(lc.CheckpointerConfig()) as ck:
+        ck.save(url, {"w": torch.zeros(4)}, after_commit=RemoteUpload(paths.resolve(url), RemoteConfig(), timeout))
+    assert sorted(u["Key"] for u in s3.uploads()) == ["run/ckpt/other/x.pt", "run/elsewhere.pt"]
