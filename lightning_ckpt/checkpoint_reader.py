@@ -62,7 +62,10 @@ class CheckpointReader:
         """Read a checkpoint.
 
         Args:
-            path: a checkpoint directory (``checkpoint_<rank>.pt`` inside) or a checkpoint file.
+            path: a checkpoint directory (``checkpoint_<rank>.pt`` inside) or a checkpoint file; or a remote URL
+                (``s3://``; endpoint from ``AWS_ENDPOINT_URL`` and the like, or a ``paths.RemotePath`` with its
+                storage options): a directory's manifest names this rank's object, which is downloaded and read
+                like a local file.
             state_dict: for a partial read, the keys to load: its tensors are filled in place (same shape) and
                 other leaves replaced; only those tensors' bytes are read. None reads everything.
             map_location: as in ``torch.load``.
