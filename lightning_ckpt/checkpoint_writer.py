@@ -310,7 +310,11 @@ class CheckpointWriter:
             c.abort()
             raise
         self._done(c)
-        upload(local)
+        try:
+            upload(local)  # removes the local copy once the object is complete
+        except BaseException:
+            commit.remove_path(local)  # a failed generation's copy is never uploaded again
+            raise
         return nbytes
 
     def _commit_remote_dir(self, upload: RemoteUpload, generation: str, metadata: dict, key: str) -> None:

@@ -116,6 +116,8 @@ def test_a_rank_failing_mid_upload_leaves_the_old_checkpoint_and_no_new_manifest
     assert not s3.server.ops("PutObject", MANIFEST_NAME) and s3.uploads() == []
     for key, data in before.items():
         assert s3.get(key) == data  # the old checkpoint, bit-identical
+    cache = os.environ["LIGHTNING_CKPT_CACHE_DIR"]
+    assert [f for _, _, fs in os.walk(cache) for f in fs] == []  # no local copy of the failed generation is kept
     s3.server.set_faults()
     assert ranks.run(_load, url, env_of(s3), 1) == [True, True]
 
