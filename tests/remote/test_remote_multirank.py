@@ -172,3 +172,22 @@ def test_the_next_save_of_a_directory_aborts_the_uploads_its_killed_ranks_left(s
     with lc.make_sync_checkpointer(lc.CheckpointerConfig()) as ck:
         ck.save(url, {"w": torch.zeros(4)}, after_commit=RemoteUpload(paths.resolve(url), RemoteConfig(), timeout))
     assert sorted(u["Key"] for u in s3.uploads()) == ["run/ckpt/other/x.pt", "run/elsewhere.pt"]
+
+
+def test_a_damaged_rank_object_is_a_corrupt_checkpoint_error_naming_the_object(s3):
+    import lightning_ckpt as lc
+    from lightning_ckpt.errors import CorruptCheckpointError
+
+    url = f"{s3.url}/run/ckpt"
+    with lc.make_sync_checkpointer(lc.CheckpointerConfig()) as ck:
+        ck.save(url, {"w": torch.randn(1 << 16)})
+    (key,) = [k for k in s3.keys() if k.endswith("checkpoint_0.pt")]
+    data = bytearray(s3.get(key))
+    data[len(data) // 2] ^= 0xFF  # inside the tensor data
+    s3.client.put_object(Bucket=s3.name, Key=key, Body=bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=key):
+        CheckpointReader().read(url)
+    s3.client.put_object(Bucket=s3.name, Key=key, Body=bytes(data[:-10]))  # not the size the manifest names
+    with pytest.raises(CorruptCheckpointError, match="manifest says"):
+        CheckpointReader().read(url)
+    assert not latest.is_complete(url)
