@@ -7,7 +7,7 @@ import os
 import re
 from typing import Callable
 
-from lightning_ckpt import paths, remote_files
+from lightning_ckpt import paths, remote_dirs
 from lightning_ckpt.integrity import check_checkpoint
 from lightning_ckpt.paths import RemotePath
 from lightning_ckpt.verification import is_temp
@@ -33,11 +33,11 @@ def is_complete(path: str, verify: bool = False, storage_options: dict | None = 
     Nothing is unpickled: the pickle bytes and, with ``verify=True``, every storage are checked against the
     checksum record straight from the file. What cannot be used (a temp name, a dangling symlink, a file removed
     meanwhile, a malformed record, a mismatch) is False, logged. A remote object's record is read with one ranged
-    GET of its tail (``verify`` downloads it).
+    GET of its tail (``verify`` downloads it); a remote directory's, from its manifest and a listing.
     """
     location = paths.resolve(path, storage_options)
     if isinstance(location, RemotePath):
-        return remote_files.is_complete(location, verify)
+        return remote_dirs.is_complete(location, verify)
     if is_temp(os.path.basename(path.rstrip(os.sep))):
         return False
     result = check_checkpoint(path, deep=verify)
@@ -74,7 +74,7 @@ def _listing(dirpath: str, storage_options: dict | None) -> list[tuple[str, str,
     """``(name, path, modified)`` of the entries of a local directory or of a remote prefix."""
     location = paths.resolve(dirpath, storage_options)
     if isinstance(location, RemotePath):
-        return [(o.path.name, o.path.url, lambda o=o: o.modified) for o in remote_files.list_checkpoints(location)]
+        return [(o.path.name, o.path.url, lambda o=o: o.modified) for o in remote_dirs.list_checkpoints(location)]
     try:
         names = os.listdir(location)
     except FileNotFoundError:

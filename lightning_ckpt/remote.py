@@ -45,6 +45,9 @@ class RemoteConfig:
         read_timeout_secs: None: derived from ``process_config.write_timeout_secs`` (at most 60 s).
         no_overwrite_pattern: a regex; file names it matches (step-named ones) are completed with
             ``If-None-Match: *``, so two runs never clobber each other's checkpoint ("" disables it).
+        stream_from_staging: upload parts straight from the staged bytes, with no commit to the local cache
+            first (for nodes without scratch disk). The staging buffer is then held until the upload completes,
+            not only until the local commit: the next save may wait longer for it, and memory stays taken longer.
     """
 
     part_size_bytes: int = 32 << 20
@@ -53,6 +56,7 @@ class RemoteConfig:
     connect_timeout_secs: float | None = None
     read_timeout_secs: float | None = None
     no_overwrite_pattern: str = r"step=\d+"
+    stream_from_staging: bool = False
 
     def __post_init__(self) -> None:
         if not MIN_PART_BYTES <= self.part_size_bytes <= MAX_PART_BYTES:
@@ -79,11 +83,14 @@ class RemoteUpload:
         target: the final object.
         config: part size, concurrency, retries.
         timeout_secs: the whole upload's deadline (the writer is killed at ``write_timeout_secs``).
+        sweep_stale: first abort uploads that killed writers left in the target's prefix (False for a fresh
+            prefix that live peers share, such as a multi-rank checkpoint's generation).
     """
 
     target: RemotePath
     config: RemoteConfig
     timeout_secs: float
+    sweep_stale: bool = True
 
     def __call__(self, local_path: str) -> dict:
         start = time.monotonic()
@@ -94,7 +101,8 @@ class RemoteUpload:
     async def _upload(self, local_path: str) -> None:
         deadline = time.monotonic() + self.timeout_secs
         async with _client(self.target, self.config, self.timeout_secs) as client:
-            await _abort_stale_uploads(client, self.target, self.timeout_secs)
+            if self.sweep_stale:
+                await _abort_stale_uploads(client, self.target, self.timeout_secs)
             await upload_file(client, local_path, self.target, self.config, deadline)
 
 
@@ -278,3 +286,68 @@ async def _abort_stale_uploads(client: Any, target: RemotePath, older_than_secs:
             break
         kwargs.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
     _swept_prefixes.add(marker)
+
+
+# ---------------------------------------------------------------------- small objects, trees, leftovers of dead ranks
+
+
+def put_object(target: RemotePath, data: bytes, config: RemoteConfig, timeout_secs: float) -> None:
+    """Write a small object in one PUT (atomic: the object appears whole or not at all), e.g. a manifest.
+
+    Raises:
+        CheckpointWriteError, CheckpointTimeoutError: the store refused, or the deadline passed.
+    """
+    async def put() -> None:
+        async with _client(target, config, timeout_secs) as client:
+            await _call("PutObject", target, client.put_object(Bucket=target.bucket, Key=target.key, Body=data),
+                        time.monotonic() + timeout_secs)
+
+    run(put)
+
+
+def list_tree(directory: RemotePath, config: RemoteConfig, timeout_secs: float) -> list[tuple[str, int, float]]:
+    """Every object under ``directory`` (a prefix, at any depth): ``(key below the prefix, size, mtime)``."""
+    async def listing() -> list[tuple[str, int, float]]:
+        deadline = time.monotonic() + timeout_secs
+        prefix = directory.key.rstrip("/") + "/"
+        found: list[tuple[str, int, float]] = []
+        kwargs: dict[str, Any] = {"Bucket": directory.bucket, "Prefix": prefix}
+        async with _client(directory, config, timeout_secs) as client:
+            for _ in range(_LIST_PAGES):
+                page = await _call("ListObjectsV2", directory, client.list_objects_v2(**kwargs), deadline)
+                found += [(o["Key"][len(prefix):], int(o["Size"]), o["LastModified"].timestamp())
+                          for o in page.get("Contents", [])]
+                if not page.get("IsTruncated"):
+                    return found
+                kwargs["ContinuationToken"] = page["NextContinuationToken"]
+        log.warning("listed only the first %d objects under %s", len(found), directory.url)
+        return found
+
+    return run(listing)
+
+
+def abort_stale_uploads_below(directory: RemotePath, config: RemoteConfig, older_than_secs: float,
+                              match: Callable[[str], bool]) -> list[str]:
+    """Abort the uploads under ``directory`` (any depth) whose key below it ``match`` accepts and that are older
+    than ``older_than_secs`` (their writers are dead by then); returns their keys. For a multi-rank checkpoint's
+    generations, whose killed ranks leave uploads in prefixes that no later save writes to again."""
+    async def sweep() -> list[str]:
+        prefix = directory.key.rstrip("/") + "/"
+        deadline, now, aborted = time.monotonic() + _ABORT_TIMEOUT_SECS, time.time(), []
+        kwargs: dict[str, Any] = {"Bucket": directory.bucket, "Prefix": prefix}
+        async with _client(directory, config, _ABORT_TIMEOUT_SECS) as client:
+            for _ in range(_LIST_PAGES):
+                page = await _call("ListMultipartUploads", directory, client.list_multipart_uploads(**kwargs),
+                                   deadline)
+                for upload in page.get("Uploads", []):
+                    below = upload["Key"][len(prefix):]
+                    if match(below) and now - upload["Initiated"].timestamp() > older_than_secs:
+                        log.warning("aborting a dangling upload of %s (its writer was killed)", upload["Key"])
+                        await _abort(client, directory.child(below), upload["UploadId"])
+                        aborted.append(below)
+                if not page.get("IsTruncated"):
+                    return aborted
+                kwargs.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
+        return aborted
+
+    return run(sweep)

@@ -95,12 +95,14 @@ def test_unwritable_protocols_are_rejected_at_once(plugin_cls, url, match, empty
     assert os.listdir(empty_cwd) == []
 
 
-def test_core_checkpointers_refuse_remote_paths_instead_of_writing_a_local_folder(empty_cwd):
+def test_core_checkpointers_write_remote_paths_to_the_store_not_a_local_folder(s3, empty_cwd, tmp_path):
     checkpointer = make_sync_checkpointer()
-    with pytest.raises(ValueError, match="remote path"):
-        checkpointer.save("s3://bucket/run/x.ckpt", {"w": torch.zeros(2)})
+    checkpointer.save(f"{s3.url}/run/x.ckpt", {"w": torch.arange(4.0)})
+    loaded = checkpointer.load(f"{s3.url}/run/x.ckpt")
     checkpointer.close()
-    assert os.listdir(empty_cwd) == []
+    assert torch.equal(loaded["w"], torch.arange(4.0))
+    assert [k.rsplit("/", 1)[-1] for k in s3.keys()] == ["MANIFEST.json", "checkpoint_0.pt"]  # layout "dir"
+    assert os.listdir(empty_cwd) == [] and all_files(tmp_path / "cache") == []
 
 
 def test_paths_resolve_in_one_place(tmp_path):
