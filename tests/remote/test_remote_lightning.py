@@ -82,3 +82,38 @@ def test_callback_keeps_the_last_two_remote_checkpoints_and_resumes_from_the_new
     for name, value in first.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
     assert os.listdir(empty_cwd) == []
+
+
+@pytest.fixture
+def installed_entry_points(tmp_path, monkeypatch):
+    """The entry points of pyproject.toml, registered as ``pip install`` does (a dist-info on ``sys.path``): the
+    shared test environment's install may predate them."""
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    site = tmp_path / "site"
+    dist = site / "lightning_ckpt_entry_points-0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: lightning_ckpt_entry_points\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in entries.items())
+        for group, entries in project.get("entry-points", {}).items()))
+    monkeypatch.syspath_prepend(str(site))
+
+
+@pytest.mark.timeout(180)
+def test_fit_with_ckpt_path_last_resumes_from_the_remote_last_ckpt(s3, empty_cwd, tmp_path, installed_entry_points):
+    dirpath = f"{s3.url}/run"
+    first = TinyModel()
+    trainer(tmp_path / "a", max_steps=3, plugins=[AsyncCheckpointIO()], enable_checkpointing=True,
+            callbacks=[ModelCheckpoint(dirpath=dirpath, save_last=True, every_n_train_steps=1)]).fit(first, loader())
+
+    resumed = TinyModel()
+    again = trainer(tmp_path / "b", max_steps=3, plugins=[AsyncCheckpointIO()], enable_checkpointing=True,
+                    callbacks=[ModelCheckpoint(dirpath=dirpath, save_last=True, every_n_train_steps=1)])
+    again.fit(resumed, loader(), ckpt_path="last")  # Lightning lists the dirpath itself
+    assert again.ckpt_path == f"{dirpath}/last.ckpt" and again.global_step == 3
+    for name, value in first.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    assert os.listdir(empty_cwd) == []
