@@ -382,7 +382,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--e2e-no-anchor-fsync", action="store_true", help="e2e: run the anchors as shipped (no fsync)")
     ap.add_argument("--row-timeout", type=float, default=600, help="seconds before one row's process is killed")
     ap.add_argument("--keep-scratch", action="store_true")
-    ap.add_argument("--remote", action="store_true", help="also the remote row (S3 server on 127.0.0.1; benchmarks.remote)")
+    ap.add_argument("--remote", action="store_true",
+                    help="also the remote row (an S3 server on 127.0.0.1; benchmarks.remote)")
     ap.add_argument("--remote-size-mib", type=float, default=128, help="remote: tensor MiB of the checkpoint")
     return ap.parse_args(argv)
 
@@ -452,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         if not a.keep_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     if a.remote:
-        result["remote"], _ = run_child("benchmarks.remote", ["--size-mib", str(a.remote_size_mib), "--reps", str(a.reps)],
-                                        os.path.join(logs, "remote.json"), os.path.join(logs, "remote.log"), a.row_timeout)
+        remote_args = ["--size-mib", str(a.remote_size_mib), "--reps", str(a.reps)]
+        result["remote"], _ = run_child("benchmarks.remote", remote_args, os.path.join(logs, "remote.json"),
+                                        os.path.join(logs, "remote.log"), a.row_timeout)
     result["meta"]["wall_s"] = time.perf_counter() - t0
     result["consecutive_plot"] = {
         f"{d}:{r['name']}": r["consecutive"]["extra_host_mib"]

@@ -135,7 +135,7 @@ class Store(Protocol):
     async def read_tail(self, target: RemotePath, nbytes: int, deadline: float) -> tuple[int, bytes]: ...
     async def copy(self, source: RemotePath, dest: RemotePath, deadline: float) -> None: ...
     async def delete(self, target: RemotePath, deadline: float) -> None: ...
-    async def list(self, directory: RemotePath, deadline: float) -> list[RemoteObject]: ...
+    async def list_objects(self, directory: RemotePath, deadline: float) -> list[RemoteObject]: ...
 
 
 # ---------------------------------------------------------------------- running and calling
@@ -278,7 +278,8 @@ async def _upload_part(client: Any, upload: Any, read: Callable[[int, int], Awai
     async with limit:
         body = await read(part.offset, part.nbytes)
         if len(body) != part.nbytes:
-            raise CheckpointWriteError(f"{upload.target.url}: the source changed during the upload (part {part.number})")
+            raise CheckpointWriteError(
+                f"{upload.target.url}: the source changed during the upload (part {part.number})")
         return await client.upload_part(upload, part, body, deadline)
 
 

@@ -19,7 +19,8 @@ from lightning_ckpt.remote import RemoteConfig, RemoteObject, _client, _gather_o
 log = logging.getLogger(__name__)
 
 # fsspec filesystems that cache listings, per protocol: (module, class)
-_FSSPEC_CLASSES = {"s3": (("s3fs", "S3FileSystem"),), "gs": (("gcsfs", "GCSFileSystem"), ("gcsfs.core", "GCSFileSystem"))}
+_FSSPEC_CLASSES = {"s3": (("s3fs", "S3FileSystem"),),
+                   "gs": (("gcsfs", "GCSFileSystem"), ("gcsfs.core", "GCSFileSystem"))}
 LOOKUP_TIMEOUT_SECS = 300.0  # listing and checking checkpoints to resume from
 TAIL_BYTES = 1 << 20  # holds the checksum record and the zip's central directory of up to ~10k tensors
 
@@ -214,7 +215,7 @@ def list_dir(directory: RemotePath, config: RemoteConfig, timeout_secs: float) -
 
 async def _list_dir(directory: RemotePath, config: RemoteConfig, timeout_secs: float) -> list[RemoteObject]:
     async with _client(directory, config, timeout_secs) as store:
-        return await store.list(directory, time.monotonic() + timeout_secs)
+        return await store.list_objects(directory, time.monotonic() + timeout_secs)
 
 
 def put_bytes(target: RemotePath, data: bytes, config: RemoteConfig, timeout_secs: float,

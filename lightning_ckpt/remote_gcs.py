@@ -218,7 +218,7 @@ class GCSStore:
         await _call("object delete", target, self._request("DELETE", "b/{}/o/{}", target.bucket, target.key),
                     deadline)
 
-    async def list(self, directory: RemotePath, deadline: float) -> list[RemoteObject]:
+    async def list_objects(self, directory: RemotePath, deadline: float) -> list[RemoteObject]:
         prefix = directory.key.rstrip("/") + "/"
         found: list[RemoteObject] = []
         params: dict[str, Any] = {"prefix": prefix, "delimiter": "/"}

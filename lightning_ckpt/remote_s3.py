@@ -209,7 +209,7 @@ class S3Store:
         await _call("DeleteObject", target, self.client.delete_object(Bucket=target.bucket, Key=target.key),
                     deadline)
 
-    async def list(self, directory: RemotePath, deadline: float) -> list[RemoteObject]:
+    async def list_objects(self, directory: RemotePath, deadline: float) -> list[RemoteObject]:
         prefix = directory.key.rstrip("/") + "/"
         found: list[RemoteObject] = []
         kwargs: dict[str, Any] = {"Bucket": directory.bucket, "Prefix": prefix, "Delimiter": "/"}

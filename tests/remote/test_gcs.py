@@ -65,8 +65,10 @@ def gcs(gcs_emulator, monkeypatch, tmp_path):
     return GCSBucket(gcs_emulator, bucket)
 
 
+@pytest.mark.lightning
 @pytest.mark.timeout(180)
-def test_model_checkpoint_on_gs_keeps_top2_and_last_and_loads_back_identical(gcs, empty_cwd, tmp_path):
+def test_model_checkpoint_on_gs_keeps_top2_and_last_and_resumes_identical(gcs, empty_cwd, tmp_path,
+                                                                          installed_entry_points):
     mc = ModelCheckpoint(dirpath=f"{gcs.url}/run", monitor="step", mode="max", save_top_k=2, save_last=True,
                          every_n_train_steps=1)
     plugin = AsyncCheckpointIO()
@@ -82,6 +84,14 @@ def test_model_checkpoint_on_gs_keeps_top2_and_last_and_loads_back_identical(gcs
         assert torch.equal(last["state_dict"][name], value), name
     plain = torch.load(io.BytesIO(gcs.get("run/last.ckpt")), weights_only=False)  # an ordinary torch file
     assert plain["global_step"] == 4
+
+    resumed = TinyModel()
+    again = trainer(tmp_path / "again", max_steps=4, plugins=[AsyncCheckpointIO()], enable_checkpointing=True,
+                    callbacks=[ModelCheckpoint(dirpath=f"{gcs.url}/run", save_last=True, every_n_train_steps=1)])
+    again.fit(resumed, loader(), ckpt_path="last")
+    assert again.ckpt_path == f"{gcs.url}/run/last.ckpt" and again.global_step == 4
+    for name, value in model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
     assert os.listdir(empty_cwd) == []
 
 
