@@ -314,6 +314,8 @@ def plot(result: dict[str, Any], path: str) -> str | None:
         return "matplotlib not installed: plot skipped"
     tables = result["micro"]
     panels = len(tables) + (1 if result.get("consecutive_plot") else 0) + (1 if result.get("e2e") else 0)
+    if not panels:
+        return "nothing to plot (no micro or e2e rows)"
     fig, axes = plt.subplots(panels, 1, figsize=(11, 4.2 * panels), squeeze=False)
     axes = list(axes[:, 0])
     for device, table in tables.items():
