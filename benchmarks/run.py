@@ -324,8 +324,8 @@ def plot(result: dict[str, Any], path: str) -> str | None:
         return "matplotlib not installed: plot skipped"
     tables = result["micro"]
     panels = len(tables) + (1 if result.get("consecutive_plot") else 0) + (1 if result.get("e2e") else 0)
-    if panels == 0:
-        return "no micro or e2e results: plot skipped"
+    if not panels:
+        return "nothing to plot (no micro or e2e rows)"
     fig, axes = plt.subplots(panels, 1, figsize=(11, 4.2 * panels), squeeze=False)
     axes = list(axes[:, 0])
     for device, table in tables.items():
@@ -396,6 +396,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep-scratch", action="store_true")
     ap.add_argument("--sharded", action="store_true", help="also run the sharded (DCP) rows on 2 gloo ranks")
     ap.add_argument("--sharded-mib", type=float, default=256, help="sharded: tensor MiB per rank")
+    ap.add_argument("--remote", action="store_true",
+                    help="also the remote row (an S3 server on 127.0.0.1; benchmarks.remote)")
+    ap.add_argument("--remote-size-mib", type=float, default=128, help="remote: tensor MiB of the checkpoint")
     return ap.parse_args(argv)
 
 
@@ -466,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not a.keep_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
+    if a.remote:
+        remote_args = ["--size-mib", str(a.remote_size_mib), "--reps", str(a.reps)]
+        result["remote"], _ = run_child("benchmarks.remote", remote_args, os.path.join(logs, "remote.json"),
+                                        os.path.join(logs, "remote.log"), a.row_timeout)
     result["meta"]["wall_s"] = time.perf_counter() - t0
     result["consecutive_plot"] = {
         f"{d}:{r['name']}": r["consecutive"]["extra_host_mib"]
@@ -486,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
               "(times: slowest rank, median (min-max) s) ==")
         rows = result["sharded"]
         print(sharded_table(rows) if isinstance(rows, list) else f"ERROR: {rows['error']}")
+    if result.get("remote"):
+        from benchmarks.remote import table as remote_table
+
+        print("\n" + (remote_table(result["remote"]) if "rows" in result["remote"] else f"remote: {result['remote']}"))
     json_path = os.path.join(a.out, f"bench-{stamp}.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)

@@ -114,7 +114,7 @@ def collect_files(upload: RemoteUpload, generation: str, world: int) -> dict[str
 
 def publish_manifest(upload: RemoteUpload, manifest: Manifest) -> None:
     """The commit of a multi-rank remote checkpoint: its manifest, in one PUT."""
-    remote.put_object(upload.target.child(layout.MANIFEST_NAME), manifest.to_json(), upload.config,
+    remote_files.put_bytes(upload.target.child(layout.MANIFEST_NAME), manifest.to_json(), upload.config,
                       upload.timeout_secs)
     remote_files.forget_listings(upload.target)
 

@@ -1,8 +1,9 @@
 """Multipart uploads streamed from memory: what a producer writes into a pipe goes up part by part, no local file.
 
 For ``RemoteConfig.stream_from_staging``: the checkpoint is serialized from the staging buffer straight into the
-upload's parts. The same rules as ``remote.upload_file``: CompleteMultipartUpload is the commit (and comes only
-after the producer returned), every failure aborts.
+upload's parts. The same rules as ``remote.upload_file``: the store's completion is the commit (and comes only
+after the producer returned), every failure aborts. Stores whose uploads need the size up front (a GCS resumable
+session) cannot stream (``remote.STREAMING_PROTOCOLS``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import time
 from typing import Any, Callable
 
 from lightning_ckpt.errors import CheckpointWriteError
-from lightning_ckpt.paths import RemotePath
 from lightning_ckpt.remote import (
-    MAX_PARTS, RemoteConfig, RemoteUpload, _abort, _abort_stale_uploads, _call, _client, _gather_or_cancel, run,
+    MAX_PARTS, Part, RemoteConfig, RemoteUpload, _abort_stale_uploads, _client, _gather_or_cancel, run,
 )
 
 
@@ -90,40 +90,33 @@ async def _upload_stream(upload: RemoteUpload, size_hint: int, produce: Callable
     async with _client(target, config, timeout_secs) as client:
         if upload.sweep_stale:
             await _abort_stale_uploads(client, target, timeout_secs)
-        created = await _call("CreateMultipartUpload", target,
-                              client.create_multipart_upload(Bucket=target.bucket, Key=target.key), deadline)
-        upload_id = created["UploadId"]
+        handle = await client.begin_upload(target, [], config.no_overwrite(target.name), deadline)
         read_fd, write_fd = os.pipe()
         reader = _PipeReader(read_fd)
         producer = asyncio.ensure_future(asyncio.to_thread(_produce_into, produce, write_fd))
         completed = False
         try:
-            parts, nbytes = await _stream_parts(client, target, upload_id, reader, part_size, config, deadline)
+            sent, nbytes = await _stream_parts(client, handle, reader, part_size, config, deadline)
             result = await producer  # its exception (after any number of parts) aborts the upload
-            extra = {"IfNoneMatch": "*"} if config.no_overwrite(target.name) else {}
-            await _call("CompleteMultipartUpload", target, client.complete_multipart_upload(
-                Bucket=target.bucket, Key=target.key, UploadId=upload_id, MultipartUpload={"Parts": parts},
-                **extra), deadline)
+            await client.complete_upload(handle, sent, deadline)
             completed = True
             return result, nbytes
         finally:
             reader.close()  # a producer still writing gets EPIPE and ends
             await asyncio.gather(producer, return_exceptions=True)
             if not completed:
-                await _abort(client, target, upload_id)
+                await client.abort_upload(handle)
 
 
-async def _stream_parts(client: Any, target: RemotePath, upload_id: str, reader: _PipeReader, part_size: int,
-                        config: RemoteConfig, deadline: float) -> tuple[list[dict], int]:
+async def _stream_parts(client: Any, handle: Any, reader: _PipeReader, part_size: int, config: RemoteConfig,
+                        deadline: float) -> tuple[list[Any], int]:
     limit = asyncio.Semaphore(config.max_concurrency)
     tasks: list[asyncio.Future] = []
     nbytes = 0
 
-    async def put(number: int, body: bytearray) -> dict:
+    async def put(part: Part, body: bytearray) -> Any:
         try:
-            response = await _call(f"UploadPart {number}", target, client.upload_part(
-                Bucket=target.bucket, Key=target.key, UploadId=upload_id, PartNumber=number, Body=body), deadline)
-            return {"PartNumber": number, "ETag": response["ETag"]}
+            return await client.upload_part(handle, part, body, deadline)
         finally:
             limit.release()
 
@@ -137,10 +130,10 @@ async def _stream_parts(client: Any, target: RemotePath, upload_id: str, reader:
         if not body and tasks:
             limit.release()
             break
-        tasks.append(asyncio.ensure_future(put(number, body)))
+        tasks.append(asyncio.ensure_future(put(Part(number, nbytes, len(body), len(body) < part_size), body)))
         nbytes += len(body)
         if len(body) < part_size:
             break
     else:
-        raise CheckpointWriteError(f"{target.url}: more than {MAX_PARTS} parts of {part_size} bytes")
+        raise CheckpointWriteError(f"{handle.target.url}: more than {MAX_PARTS} parts of {part_size} bytes")
     return await _gather_or_cancel(tasks), nbytes
