@@ -158,3 +158,19 @@ def test_gs_and_gcs_urls_name_one_gcs_object(url):
     resolved = paths.resolve(url, {"token": "anon"})
     assert isinstance(resolved, paths.RemotePath) and resolved.url == "gs://bucket/run/x.ckpt"
     assert resolved.storage_options == {"token": "anon"} and paths.path_key(url) == "gs://bucket/run/x.ckpt"
+
+
+def test_streamed_uploads_are_refused_at_once_for_a_store_that_needs_the_size_up_front(tmp_path):
+    from lightning_ckpt.remote import RemoteUpload
+
+    streaming = RemoteConfig(stream_from_staging=True)
+    RemoteUpload(paths.resolve("s3://bkt/run/a.ckpt"), streaming, 10.0)  # S3 takes parts of unknown total size
+    with pytest.raises(ValueError, match=r"stream_from_staging.*gs://bkt/run/a\.ckpt"):
+        RemoteUpload(paths.resolve("gs://bkt/run/a.ckpt"), streaming, 10.0)
+    plugin = AsyncCheckpointIO(remote_config=streaming)
+    try:
+        with pytest.raises(ValueError, match="stream_from_staging"):
+            plugin.save_checkpoint({"w": torch.ones(2)}, "gs://bkt/run/a.ckpt")
+    finally:
+        plugin.teardown()
+    assert os.listdir(tmp_path) == []
