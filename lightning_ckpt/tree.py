@@ -71,6 +71,12 @@ class Tree:
             raise ValueError("this Tree was flattened without paths; use flatten(obj, paths=True)")
         return zip(self.paths, self.leaves)
 
+    def with_leaves(self, leaves: list) -> "Tree":
+        """The same structure and paths with other leaves (one per original leaf, in order)."""
+        if len(leaves) != len(self.leaves):
+            raise ValueError(f"Tree.with_leaves needs {len(self.leaves)} leaves, got {len(leaves)}")
+        return Tree(self._root, leaves, self.paths)
+
     def rebuild(self, leaves: list | None = None) -> Any:
         """The structure with ``leaves`` (default: the original ones) in place of the original leaves.
 
