@@ -247,6 +247,17 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
             self._remember(token, signature, buffer, copy_future)
         return self._after(shared.copy_future if shared is not None else copy_future, staged, start, by_caller)
 
+    def prepare(self, nbytes: int) -> Future:
+        """Allocate and pre-fault a staging buffer of ``nbytes`` in the background (the first save of a state that
+        fits then copies at full speed); a save meanwhile waits for it. ``staging_bytes`` says how large.
+
+        Returns:
+            A future of whether a buffer was prepared (False: one that large is there already, or it would not fit).
+        """
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-stager")
+        return self._executor.submit(self._pool.prepare, max(int(nbytes), 1))
+
     def release(self, staged: STATE_DICT) -> None:
         """Give back the buffer of a dict staged with ``release_by_caller=True`` (idempotent)."""
         if isinstance(staged, StagedStateDict):

@@ -69,6 +69,13 @@ class StagingBuffer:
         flat = torch.frombuffer(self._mmap, dtype=torch.uint8, count=nbytes, offset=offset)
         return flat.view(dtype).view(shape)
 
+    def prefault(self) -> None:
+        """Touch every page now (one byte each), so that the first copy into this buffer does not fault them in.
+
+        ``fill_`` releases the GIL: run from a background thread, training goes on meanwhile."""
+        if self.base is not None and self.nbytes:
+            self.base[::mmap.PAGESIZE].fill_(0)
+
     def close(self) -> None:
         if self.base is None:
             return
@@ -218,6 +225,31 @@ class BufferPool(PicklableBeforeUse):
                         f"waited {self.config.buffer_wait_timeout_secs}s for a staging buffer of {nbytes} bytes "
                         f"(budget_bytes={budget}, max_buffers={self.max_buffers}, in use {self.buffer_bytes})")
                 self._cond.wait(remaining)
+
+    def prepare(self, nbytes: int) -> bool:
+        """Allocate a buffer of ``nbytes`` and fault its pages in now, so that a first save of that size neither
+        allocates nor page-faults (run it off the training thread). A save meanwhile waits for it, as for a
+        buffer held by a write in flight.
+
+        Returns:
+            False, doing nothing, when a free buffer that large exists, ``max_buffers`` are allocated, or the
+            budget or the memory left would refuse it (the first save then allocates, as without ``prepare``).
+        """
+        budget = self.config.budget_bytes
+        with self._cond:
+            if any(b.nbytes >= nbytes for b in self._free) or len(self.buffers) >= self.max_buffers \
+                    or (budget is not None and self.buffer_bytes + nbytes > budget):
+                return False
+            try:
+                buffer = self._allocate(nbytes, by_caller=True)
+            except StagingBufferTooLarge as e:
+                log.info("not preparing a staging buffer ahead of the first save: %s", e)
+                return False
+        try:
+            buffer.prefault()
+        finally:
+            self.release(buffer, by_caller=True)
+        return True
 
     def add_user(self, buffer: StagingBuffer, by_caller: bool) -> bool:
         """One more hold on ``buffer`` (a save sharing its staged copy); False if it was dropped meanwhile."""

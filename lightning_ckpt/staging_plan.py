@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -54,21 +54,26 @@ class StagingPlan:
         leaf_copy: per leaf, the index of its copy, or -1 for a leaf that is not staged.
         regions: the storages the copies are carved from, in buffer order.
         nbytes: the buffer size the plan needs.
+
+    ``extra``: ``(dtype, shape)`` of tensors the state will hold but does not yet (e.g. optimizer moments before
+    the first step), counted in ``nbytes`` only: how large a buffer to prepare ahead of the first save.
     """
 
-    def __init__(self, state_dict: Any) -> None:
+    def __init__(self, state_dict: Any, extra: Iterable[tuple[torch.dtype, torch.Size]] = ()) -> None:
         self.tree = tree.flatten(state_dict, paths=True)
         self.copies: list[tuple[torch.Tensor, int, int]] = []
         self.leaf_copy: list[int] = []
         self.regions: list[Region] = []
         self.member_info: list[tuple[int, int]] = []  # per copy: (region index, storage offset in elements)
         self.scalars: dict[torch.dtype, list[int]] = {}  # leaf indices of 0-dim CPU tensors, per dtype
+        self._open_runs: dict[torch.dtype, Region] = {}
         self._plan_regions()
+        for dtype, shape in extra:  # tensors not there yet (an estimate): laid out as if they followed the leaves
+            self._add_copy(torch.empty(shape, dtype=dtype, device="meta"), len(self.copies))
         self.nbytes = self._place_regions()
 
     def _plan_regions(self) -> None:
         by_identity: dict[tuple, int] = {}
-        open_runs: dict[torch.dtype, Region] = {}
         leaf_copy, strided = self.leaf_copy, torch.strided
         for i, leaf in enumerate(self.tree.leaves):
             if not isinstance(leaf, torch.Tensor):
@@ -87,11 +92,12 @@ class StagingPlan:
             index = by_identity.get(ident)
             if index is None:
                 index = by_identity[ident] = len(self.copies)
-                self._add_copy(leaf, index, open_runs)
+                self._add_copy(leaf, index)
             leaf_copy.append(index)
 
-    def _add_copy(self, leaf: torch.Tensor, index: int, open_runs: dict) -> None:
+    def _add_copy(self, leaf: torch.Tensor, index: int) -> None:
         """Put copy ``index`` into a region: its own when large, else the open run of its dtype (or a new run)."""
+        open_runs = self._open_runs
         numel, size = leaf.numel(), leaf.element_size()
         nbytes = numel * size
         small = nbytes < SMALL_TENSOR_BYTES
