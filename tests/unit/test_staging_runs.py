@@ -133,3 +133,22 @@ def test_a_flipped_byte_in_a_run_is_caught_naming_the_file(tmp_path):
         with pytest.raises(lc.CorruptCheckpointError, match="checksum mismatch") as info:
             ckpt.load(path)
         assert target in str(info.value) or path in str(info.value)
+
+
+@pytest.mark.timeout(60)
+def test_key_paths_cross_to_the_writer_as_json_and_are_written_as_they_came(tmp_path):
+    import pickle
+
+    from lightning_ckpt.checkpoint_file import read_checksum_record, write_file
+    from lightning_ckpt.serialization import for_transfer, prepare
+
+    state = {"a": torch.ones(3), "nested": {"b": [torch.zeros(2)], 7: torch.arange(2)}}
+    direct = for_transfer(prepare(state))  # records with their bytes inline
+    sent = pickle.loads(pickle.dumps(direct))
+    assert isinstance(sent.key_paths, bytes) and isinstance(direct.key_paths, list)  # the original is unchanged
+    write_file(str(tmp_path / "direct.pt"), direct)
+    write_file(str(tmp_path / "sent.pt"), sent)
+    read_direct = read_checksum_record(str(tmp_path / "direct.pt"))
+    read_sent = read_checksum_record(str(tmp_path / "sent.pt"))
+    assert read_sent.key_paths == read_direct.key_paths
+    assert sorted(tuple(p) for p, _ in read_sent.key_paths) == [("a",), ("nested", 7), ("nested", "b", 0)]
