@@ -72,12 +72,12 @@ class StorageLayout:
 
     Attributes:
         storages: one tensor per storage, covering it whole (its dtype is the storage's).
-        members: ``id(tensor) -> (storage index, storage offset in elements)`` for every such tensor; each is a
-            plain ``torch.Tensor`` of that dtype without Python state, alive while pickling.
+        members: ``id(tensor) -> (storage index, storage offset in elements, shape tuple)`` for every such
+            tensor; each is a plain ``torch.Tensor`` of that dtype without Python state, alive while pickling.
     """
 
     storages: list[torch.Tensor]
-    members: dict[int, tuple[int, int]]
+    members: dict[int, tuple[int, int, tuple]]
 
 
 class _StorageRef:
@@ -135,7 +135,7 @@ class _Pickler(pickle.Pickler):
             return NotImplemented
         # What torch's Tensor.__reduce_ex__ gives a plain CPU tensor, without building its TypedStorage.
         tuples = self._tuples
-        shape = tuple(obj.shape)
+        shape = member[2]
         stride = obj.stride()
         return _rebuild_tensor_v2, (ref, member[1], tuples.setdefault(shape, shape), tuples.setdefault(stride, stride),
                                     obj.requires_grad, OrderedDict())

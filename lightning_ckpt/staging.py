@@ -375,7 +375,7 @@ def _staged_tree(plan: StagingPlan, staged: list[torch.Tensor], bases: list[torc
             out.append(staged[copy_index])
         elif i in scalars:
             scalar, stack_index, position = scalars[i]
-            members[id(scalar)] = (len(bases) + stack_index, position)
+            members[id(scalar)] = (len(bases) + stack_index, position, ())
             out.append(scalar)
         else:
             out.append(unstaged_copy(leaf))

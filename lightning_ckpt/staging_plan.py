@@ -64,12 +64,14 @@ class StagingPlan:
         self.copies: list[tuple[torch.Tensor, int, int]] = []
         self.leaf_copy: list[int] = []
         self.regions: list[Region] = []
-        self.member_info: list[tuple[int, int]] = []  # per copy: (region index, storage offset in elements)
+        # per copy: (region index, storage offset in elements, shape)
+        self.member_info: list[tuple[int, int, tuple]] = []
+        self._idents: list[tuple] = []  # per copy: (data_ptr, dtype, shape, stride, device) of its source
         self.scalars: dict[torch.dtype, list[int]] = {}  # leaf indices of 0-dim CPU tensors, per dtype
         self._open_runs: dict[torch.dtype, Region] = {}
         self._plan_regions()
         for dtype, shape in extra:  # tensors not there yet (an estimate): laid out as if they followed the leaves
-            self._add_copy(torch.empty(shape, dtype=dtype, device="meta"), len(self.copies))
+            self._add_copy(torch.empty(shape, dtype=dtype, device="meta"), len(self.copies), tuple(shape))
         self.nbytes = self._place_regions()
 
     def _plan_regions(self) -> None:
@@ -88,14 +90,16 @@ class StagingPlan:
                 if device.type == "cpu" and type(leaf) in _PLAIN_TENSORS:
                     self.scalars.setdefault(leaf.dtype, []).append(i)
                 continue
-            ident = (leaf.data_ptr(), leaf.dtype, leaf.shape, leaf.stride(), device)
+            shape = tuple(leaf.shape)  # read once: a tensor's .shape costs more than anything else here
+            ident = (leaf.data_ptr(), leaf.dtype, shape, leaf.stride(), device)
             index = by_identity.get(ident)
             if index is None:
                 index = by_identity[ident] = len(self.copies)
-                self._add_copy(leaf, index)
+                self._idents.append(ident)
+                self._add_copy(leaf, index, shape)
             leaf_copy.append(index)
 
-    def _add_copy(self, leaf: torch.Tensor, index: int) -> None:
+    def _add_copy(self, leaf: torch.Tensor, index: int, shape: tuple) -> None:
         """Put copy ``index`` into a region: its own when large, else the open run of its dtype (or a new run)."""
         open_runs = self._open_runs
         numel, size = leaf.numel(), leaf.element_size()
@@ -108,7 +112,7 @@ class StagingPlan:
             if small:
                 open_runs[leaf.dtype] = region
         self.copies.append((leaf, region.nbytes, nbytes))  # the offset in the region until regions are placed
-        self.member_info.append((region.index, region.nbytes // size))
+        self.member_info.append((region.index, region.nbytes // size, shape))
         region.members.append(index)
         region.numels.append(numel)
         region.nbytes += nbytes
@@ -129,8 +133,7 @@ class StagingPlan:
     def signature(self) -> tuple | None:
         """Identity and version counter of every source tensor; None when a tensor has no version counter."""
         try:
-            return tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.stride(), t.device)
-                         for t, _, _ in self.copies)
+            return tuple((ident, t._version) for ident, (t, _, _) in zip(self._idents, self.copies))
         except RuntimeError:  # inference-mode tensors track no version
             return None
 
@@ -142,14 +145,14 @@ class StagingPlan:
         """
         staged: list[Any] = [None] * len(self.copies)
         bases = []
-        copies = self.copies
+        info = self.member_info
         for region in self.regions:
             base = buffer.tensor(region.offset, region.nbytes, torch.uint8, (region.nbytes,)).view(region.dtype)
             bases.append(base)
             pieces = base.split(region.numels) if len(region.numels) > 1 else (base,)
             for index, piece in zip(region.members, pieces):
-                shape = copies[index][0].shape
-                staged[index] = piece if piece.dim() == len(shape) == 1 else piece.view(shape)
+                shape = info[index][2]
+                staged[index] = piece if len(shape) == 1 else piece.view(shape)
         return staged, bases
 
 
