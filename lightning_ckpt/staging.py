@@ -21,7 +21,7 @@ from lightning_ckpt.futures import uncancellable_future
 from lightning_ckpt.picklable import PicklableBeforeUse
 from lightning_ckpt.serialization import StorageLayout, for_transfer, prepare
 from lightning_ckpt.staging_buffer import BufferPool, StagingBuffer, accelerator_available
-from lightning_ckpt.staging_plan import Scalars, StagingPlan, unstaged_copy
+from lightning_ckpt.staging_plan import _PLAIN_TENSORS, Scalars, StagingPlan, unstaged_copy
 from lightning_ckpt.types import STATE_DICT
 
 log = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
         with torch.no_grad(), ctx:
             cpu_dsts, cpu_srcs = [], []
             for (src, _, _), dst in zip(plan.copies, dsts):
-                if src.device.type == "cpu" and type(src) in _PLAIN_TENSORS:
+                if src.device.type == "cpu" and type(src) in _PLAIN_TENSORS:  # subclasses: copied one by one
                     cpu_dsts.append(dst)
                     cpu_srcs.append(src)
                     continue
@@ -359,9 +359,6 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
         self._stream = None
         self._snapshot = None
         self._pool.forget_after_fork()
-
-
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # copied together by _foreach_copy_ (subclasses one by one)
 
 
 def _staged_tree(plan: StagingPlan, staged: list[torch.Tensor], bases: list[torch.Tensor]) -> tuple:

@@ -22,15 +22,6 @@ def _align(n: int, alignment: int = STORAGE_ALIGNMENT) -> int:
     return (n + alignment - 1) // alignment * alignment
 
 
-def stageable(t: torch.Tensor) -> bool:  # the rule _plan_regions applies inline
-    """Whether ``t`` is copied into the staging buffer. 0-dim tensors (scores, step counters) are copied at stage
-    time instead, into one fresh storage per dtype (``Scalars``): they change between the saves of one step
-    (ModelCheckpoint's best score), and keeping them out of the buffer and of the snapshot signature lets such saves
-    share the staged copy of everything else."""
-    return (t.layout == torch.strided and t.device.type != "meta" and not t.is_quantized and t.dim() > 0
-            and t.numel() > 0)
-
-
 @dataclass
 class Region:
     """One storage in the staging buffer: a large tensor of its own, or a run of small tensors of one dtype, packed
@@ -75,6 +66,10 @@ class StagingPlan:
         self.nbytes = self._place_regions()
 
     def _plan_regions(self) -> None:
+        """Which leaves are copied into the buffer: strided, non-empty, non-quantized, not on the meta device, and
+        not 0-dim. 0-dim tensors (scores, step counters) are copied at stage time instead, into one new storage per
+        dtype (``Scalars``): they change between the saves of one step (ModelCheckpoint's best score), and keeping
+        them out of the buffer and of the snapshot signature lets such saves share the staged copy of the rest."""
         by_identity: dict[tuple, int] = {}
         leaf_copy, strided = self.leaf_copy, torch.strided
         for i, leaf in enumerate(self.tree.leaves):
@@ -177,7 +172,7 @@ class Scalars:
         return out, stacks
 
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # no Python-level behaviour: batched (stacked, foreach-copied)
 
 
 def unstaged_copy(leaf: Any) -> Any:
