@@ -249,7 +249,7 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
 
     def prepare(self, nbytes: int) -> Future:
         """Allocate and pre-fault a staging buffer of ``nbytes`` in the background (the first save of a state that
-        fits then copies at full speed); a save meanwhile waits for it. ``staging_bytes`` says how large.
+        fits then copies at full speed); a save meanwhile waits for it. ``StagingPlan(state).nbytes`` says how large.
 
         Returns:
             A future of whether a buffer was prepared (False: one that large is there already, or it would not fit).

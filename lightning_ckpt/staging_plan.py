@@ -1,4 +1,4 @@
-"""Where each tensor of a state dict goes in a staging buffer: one storage per large tensor, one per run of small ones."""
+"""Where each tensor of a state dict goes in a staging buffer: a storage per large tensor, one per run of small ones."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Small tensors staged as runs: one storage (record, checksum) per run, exact values back through ours and torch.load."""
+"""Small tensors staged as runs: one storage (record, checksum) per run; exact values through ours and torch.load."""
 
 from __future__ import annotations
 
