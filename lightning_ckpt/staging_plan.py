@@ -85,7 +85,7 @@ class StagingPlan:
                 if device.type == "cpu" and type(leaf) in _PLAIN_TENSORS:
                     self.scalars.setdefault(leaf.dtype, []).append(i)
                 continue
-            shape = tuple(leaf.shape)  # read once: a tensor's .shape costs more than anything else here
+            shape = tuple(leaf.shape)  # read once, reused for identity, signature, carving and pickling
             ident = (leaf.data_ptr(), leaf.dtype, shape, leaf.stride(), device)
             index = by_identity.get(ident)
             if index is None:
