@@ -5,6 +5,7 @@ The writer subprocess imports this and not torch, so it starts in a fraction of 
 
 from __future__ import annotations
 
+import json
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,8 +36,18 @@ class PreparedCheckpoint:
 
     data_pkl: bytes
     records: list[Record]
-    key_paths: list[tuple[list, str]] = field(default_factory=list)  # (json-able key path, record key)
+    # (json-able key path, record key) pairs; pickled (to cross to the writer) as one JSON array in bytes
+    key_paths: list[tuple[Any, str]] | bytes = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+
+    def __getstate__(self) -> dict:
+        # A state of 100k tensors has 100k key paths: as Python objects in the writer they would cost more memory
+        # than the file's bytes; as JSON they cost a few bytes each and are written as they are. Encoded here,
+        # when the request is sent (after staging returned), not in ``stage``.
+        state = dict(self.__dict__)
+        if not isinstance(self.key_paths, bytes):
+            state["key_paths"] = json.dumps(self.key_paths, separators=(",", ":")).encode()
+        return state
 
     @property
     def nbytes(self) -> int:
@@ -44,8 +55,8 @@ class PreparedCheckpoint:
 
 
 def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | None = None, direct_io: bool = False,
-               opener: Callable[[int], int] | None = None, fsync: bool = False) -> ChecksumRecord:
-    """Write ``prepared`` as a torch zip at ``path``; returns the checksum record written.
+               opener: Callable[[int], int] | None = None, fsync: bool = False) -> None:
+    """Write ``prepared`` as a torch zip at ``path``, with its checksum record.
 
     Records with an ``offset`` are read from ``buffer`` (a staging buffer mapping), others from ``inline``. Each
     record is hashed from the same memory it is written from.
@@ -63,8 +74,7 @@ def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | Non
         writer.write_record(".format_version", b"1")
         writer.write_record(".storage_alignment", str(ALIGNMENT).encode())
         sums = _write_tensor_records(writer, prepared, buffer)
-        record = ChecksumRecord(checksum(prepared.data_pkl), sums, prepared.key_paths, prepared.metadata)
-        writer.write_record(CHECKSUM_RECORD, record.to_json())
+        writer.write_record(CHECKSUM_RECORD, _checksum_json(prepared, sums))
         writer.close(fsync=fsync)
     except OSError as e:
         writer.abort()
@@ -74,7 +84,21 @@ def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | Non
     except BaseException:
         writer.abort()
         raise
-    return record
+
+
+def _checksum_json(prepared: PreparedCheckpoint, sums: dict[str, RecordChecksum]) -> bytes:
+    """The checksum record's JSON; key paths that came encoded (``PreparedCheckpoint.__getstate__``) are spliced
+    in as they are (the only ``"key_paths": []`` in it comes before any caller-supplied text)."""
+    encoded = prepared.key_paths if isinstance(prepared.key_paths, bytes) else None
+    record = ChecksumRecord(checksum(prepared.data_pkl), sums, [] if encoded is not None else prepared.key_paths,
+                            prepared.metadata)
+    payload = record.to_json()
+    if encoded is None:
+        return payload
+    head, found, tail = payload.partition(b'"key_paths": []')
+    if not found:
+        raise ValueError("checksum record JSON without its key_paths field")
+    return b"".join((head, b'"key_paths": ', encoded, tail))  # one copy of the (large) key paths
 
 
 def _write_tensor_records(writer: TorchZipWriter, prepared: PreparedCheckpoint,

@@ -15,7 +15,7 @@ import torch
 
 from lightning_ckpt import layout, paths
 from lightning_ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
-from lightning_ckpt.serialization import iter_leaves, path_str
+from lightning_ckpt.tree import iter_leaves, map_leaves, path_str
 from lightning_ckpt.types import STATE_DICT, RankInfo
 from lightning_ckpt.verification import (
     ChecksumRecord, OpenedFile, copy_and_verify, is_temp, read_checksum_record, verify_tensor, verify_tree,
@@ -334,15 +334,8 @@ def _fill(target: Any, loaded: Any, path: str, record: ChecksumRecord | None, ma
 
 def _materialize(obj: Any, map_location: Any) -> Any:
     """Copy mmap-backed tensors out of the file mapping (so the result does not pin the file)."""
-    if isinstance(obj, torch.Tensor):
-        return _relocate(obj.clone(), map_location)
-    if isinstance(obj, dict):
-        for k in list(obj):
-            obj[k] = _materialize(obj[k], map_location)
-        return obj
-    if isinstance(obj, list):
-        return [_materialize(v, map_location) for v in obj]
-    return obj
+    return map_leaves(lambda leaf: _relocate(leaf.clone(), map_location) if isinstance(leaf, torch.Tensor) else leaf,
+                      obj)
 
 
 def _relocate(tensor: torch.Tensor, map_location: Any) -> torch.Tensor:

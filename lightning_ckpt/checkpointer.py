@@ -352,6 +352,17 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
                                              daemon=True)
             self._starter.start()
 
+    def prepare_staging(self, nbytes: int) -> Future | None:
+        """Allocate and pre-fault a staging buffer of ``nbytes`` in the background, so that the first save is no
+        slower than the later ones (``DefaultStager.prepare``); None with another stager.
+
+        Returns:
+            A future of whether a buffer was prepared, or None.
+        """
+        if self._closed:
+            raise CheckpointError("AsyncCheckpointer is closed")
+        return self.stager.prepare(nbytes) if self._pooled else None
+
     def _start_quietly(self) -> None:
         try:
             self.process.start()

@@ -286,7 +286,7 @@ def _record_or_none(opened: OpenedFile) -> Any:
 def _tensors(state: Any, record: Any) -> list[dict[str, Any]]:
     import torch
 
-    from lightning_ckpt.serialization import iter_leaves, path_str
+    from lightning_ckpt.tree import iter_leaves, path_str
 
     if state is not None:
         return [{"key": path_str(kp), "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),

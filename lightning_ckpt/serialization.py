@@ -11,16 +11,20 @@ from __future__ import annotations
 import ctypes
 import io
 import pickle
-from typing import Any, Iterator
+import types
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch._utils import _rebuild_tensor_v2
 from torch.serialization import location_tag, normalize_storage_type
 
 from lightning_ckpt import torch_zip
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint, Record
+from lightning_ckpt.tree import KeyPath, Tree, flatten, iter_leaves, json_key, path_str  # noqa: F401 - re-exported
 
 PICKLE_PROTOCOL = 2  # torch.save's default; keeps files loadable by every torch that reads the zip format
-KeyPath = tuple  # path of a leaf inside nested dicts/lists, e.g. ("state_dict", "layer.weight")
 
 
 def for_transfer(prepared: PreparedCheckpoint) -> PreparedCheckpoint:
@@ -46,26 +50,6 @@ def resolve_storages(prepared: PreparedCheckpoint) -> PreparedCheckpoint:
     return prepared
 
 
-def path_str(path: KeyPath | list) -> str:
-    return ".".join(str(p) for p in path)
-
-
-def json_key(key: Any) -> Any:
-    return key if isinstance(key, (str, int)) and not isinstance(key, bool) else repr(key)
-
-
-def iter_leaves(obj: Any, prefix: KeyPath = ()) -> Iterator[tuple[KeyPath, Any]]:
-    """Yield ``(key_path, leaf)`` for every leaf of nested dicts, lists and tuples (depth first, in order)."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from iter_leaves(v, prefix + (json_key(k),))
-    elif isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        for i, v in enumerate(obj):
-            yield from iter_leaves(v, prefix + (i,))
-    else:
-        yield prefix, obj
-
-
 def storage_view(storage: torch.UntypedStorage) -> memoryview:
     """A zero-copy memoryview of a CPU storage's bytes."""
     n = storage.nbytes()
@@ -81,21 +65,86 @@ def checksum(data: Any) -> str:
     return torch_zip.checksum(data)
 
 
-_NOT_STORAGE = frozenset({str, int, float, bool, type(None), bytes, dict, list, tuple, torch.Size, torch.dtype})
+@dataclass
+class StorageLayout:
+    """Tensors known to be plain views of a few storages (what staging made), so that pickling one of them needs
+    no per-tensor storage work: its reduction is written directly, naming its storage's precomputed persistent id.
+
+    Attributes:
+        storages: one tensor per storage, covering it whole (its dtype is the storage's).
+        members: ``id(tensor) -> (storage index, storage offset in elements, shape tuple)`` for every such
+            tensor; each is a plain ``torch.Tensor`` of that dtype without Python state, alive while pickling.
+    """
+
+    storages: list[torch.Tensor]
+    members: dict[int, tuple[int, int, tuple]]
+
+
+class _StorageRef:
+    """Stands for one storage of a ``StorageLayout`` in a tensor's reduction; pickled as its persistent id."""
+
+    __slots__ = ("pid",)
+
+    def __init__(self, pid: tuple) -> None:
+        self.pid = pid
+
+
+_NOT_STORAGE = frozenset({str, int, float, bool, type(None), bytes, dict, list, tuple, torch.Size, torch.dtype,
+                          torch.Tensor, torch.nn.Parameter, OrderedDict, type, types.FunctionType,
+                          types.BuiltinFunctionType})
+_EMPTY_ORDERED_DICT = (OrderedDict, ())  # a tensor's backward hooks, as torch.save writes them (a fresh one each)
 
 
 class _Pickler(pickle.Pickler):
     """``torch.save``'s pickling of storages as persistent ids, recording each storage instead of writing it."""
 
-    def __init__(self, buf: io.BytesIO, buffer_range: tuple[int, int] | None) -> None:
+    def __init__(self, buf: io.BytesIO, buffer_range: tuple[int, int] | None,
+                 layout: StorageLayout | None = None) -> None:
         super().__init__(buf, protocol=PICKLE_PROTOCOL)
         self.records: list[Record] = []
         self.keys_by_cdata: dict[int, str] = {}
         self._dtypes: dict[int, torch.dtype] = {}
         self._range = buffer_range
+        self.layout = layout
+        self.layout_keys: list[str] = []
+        self._refs: list[_StorageRef | None] = [self._ref(base) for base in layout.storages] if layout else []
+        self._members = layout.members if layout else {}
+        self._tuples: dict[tuple, tuple] = {}  # one object per distinct shape or stride: pickled once, then memo hits
+
+    def _ref(self, base: torch.Tensor) -> _StorageRef | None:
+        """The persistent id of a layout storage, as ``persistent_id`` would give its ``TypedStorage``."""
+        storage = base.untyped_storage()
+        key = self.keys_by_cdata[storage._cdata] = str(len(self.keys_by_cdata))
+        self.layout_keys.append(key)
+        self.records.append(self._record(key, storage))
+        if base.dtype in torch.storage._new_dtypes():  # pickled as untyped storages: left to torch's reduction
+            return None
+        self._dtypes[storage.data_ptr()] = base.dtype
+        typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=base.dtype, _internal=True)
+        return _StorageRef(("storage", getattr(torch, typed._pickle_storage_type()), key, location_tag(storage),
+                            typed._size()))
+
+    def reducer_override(self, obj: Any) -> Any:
+        member = self._members.get(id(obj))
+        if member is None:
+            if type(obj) is OrderedDict and not obj and not obj.__dict__:
+                return _EMPTY_ORDERED_DICT  # skips the generic reduction (copyreg's slot lookup on every call)
+            return NotImplemented
+        ref = self._refs[member[0]]
+        if ref is None:
+            return NotImplemented
+        # What torch's Tensor.__reduce_ex__ gives a plain CPU tensor, without building its TypedStorage.
+        tuples = self._tuples
+        shape = member[2]
+        stride = obj.stride()
+        return _rebuild_tensor_v2, (ref, member[1], tuples.setdefault(shape, shape), tuples.setdefault(stride, stride),
+                                    obj.requires_grad, OrderedDict())
 
     def persistent_id(self, obj: Any) -> Any:
-        if type(obj) in _NOT_STORAGE:  # called for every object pickled: answer the common ones at once
+        kind = type(obj)
+        if kind is _StorageRef:
+            return obj.pid
+        if kind in _NOT_STORAGE:  # called for every object pickled: answer the common ones at once
             return None
         if isinstance(obj, torch.storage.TypedStorage):
             storage, dtype = obj._untyped_storage, obj.dtype
@@ -126,30 +175,44 @@ class _Pickler(pickle.Pickler):
         return Record(key, nbytes, location, storage=storage)
 
 
-def prepare(obj: Any, buffer_range: tuple[int, int] | None = None, metadata: dict | None = None) -> PreparedCheckpoint:
+def prepare(obj: Any, buffer_range: tuple[int, int] | None = None, metadata: dict | None = None, *,
+            layout: StorageLayout | None = None, tree: Tree | None = None) -> PreparedCheckpoint:
     """Pickle ``obj`` like ``torch.save`` and list its storages as records.
 
     Args:
         obj: the state dict (any picklable object; tensors are found wherever they are).
         buffer_range: ``(start, end)`` addresses of a staging buffer; storages inside it become offset records.
         metadata: small json-able facts stored beside the checksums (e.g. ``step``).
+        layout: tensors of ``obj`` known to be views of a few storages (staging's), pickled without per-tensor
+            storage work; their storages come first among the records.
+        tree: ``flatten(obj, paths=True)`` when the caller has it (saves a walk).
 
     Raises:
         TypeError: an object in ``obj`` cannot be pickled; the message names its key path when known.
     """
     buf = io.BytesIO()
-    pickler = _Pickler(buf, buffer_range)
+    pickler = _Pickler(buf, buffer_range, layout)
     try:
         pickler.dump(obj)
     except (pickle.PicklingError, TypeError, AttributeError) as e:
         raise TypeError(f"cannot pickle the state dict: {_find_unpicklable(obj) or e}") from e
+    tree = tree if tree is not None else flatten(obj, paths=True)
+    return PreparedCheckpoint(buf.getvalue(), pickler.records, _key_paths(tree, pickler), dict(metadata or {}))
+
+
+def _key_paths(tree: Tree, pickler: _Pickler) -> list[tuple[tuple, str]]:
+    """``(key path, record key)`` of every tensor leaf whose storage was recorded."""
+    members, layout_keys, keys_by_cdata = pickler._members, pickler.layout_keys, pickler.keys_by_cdata
     key_paths = []
-    for path, leaf in iter_leaves(obj):
-        if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided:
-            key = pickler.keys_by_cdata.get(leaf.untyped_storage()._cdata)
+    for path, leaf in zip(tree.paths, tree.leaves):
+        member = members.get(id(leaf))
+        if member is not None:
+            key_paths.append((path, layout_keys[member[0]]))  # tuples: written as JSON lists
+        elif isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided:
+            key = keys_by_cdata.get(leaf.untyped_storage()._cdata)
             if key is not None:
-                key_paths.append((list(path), key))
-    return PreparedCheckpoint(buf.getvalue(), pickler.records, key_paths, dict(metadata or {}))
+                key_paths.append((path, key))
+    return key_paths
 
 
 def _find_unpicklable(obj: Any) -> str | None:

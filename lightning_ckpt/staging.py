@@ -19,8 +19,9 @@ import torch
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint
 from lightning_ckpt.futures import uncancellable_future
 from lightning_ckpt.picklable import PicklableBeforeUse
-from lightning_ckpt.serialization import for_transfer, prepare
-from lightning_ckpt.staging_buffer import BufferPool, StagingBuffer, StagingPlan, accelerator_available
+from lightning_ckpt.serialization import StorageLayout, for_transfer, prepare
+from lightning_ckpt.staging_buffer import BufferPool, StagingBuffer, accelerator_available
+from lightning_ckpt.staging_plan import _PLAIN_TENSORS, Scalars, StagingPlan, unstaged_copy
 from lightning_ckpt.types import STATE_DICT
 
 log = logging.getLogger(__name__)
@@ -224,12 +225,14 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
         buffer = shared.buffer if shared is not None else self._pool.acquire(max(plan.nbytes, 1), by_caller)
         copy_future: Future | None = None
         try:
-            staged_tensors = [buffer.tensor(off, n, src.dtype, src.shape) for src, off, n in plan.copies]
-            structure = plan.build(state_dict, staged_tensors)
+            staged_tensors, bases = plan.staged_tensors(buffer)
             if shared is None and self.config.use_async_staging:
                 # The copy starts first and runs (the GIL released) while this thread pickles the structure.
                 copy_future = self._submit_copy(plan, staged_tensors, buffer)
-            prepared = for_transfer(prepare(structure, buffer.range, metadata=kwargs.get("metadata")))
+            tree, layout = _staged_tree(plan, staged_tensors, bases)
+            structure = tree.rebuild()
+            prepared = for_transfer(prepare(structure, buffer.range, metadata=kwargs.get("metadata"), layout=layout,
+                                            tree=tree))
             if shared is None and copy_future is None:
                 self._copy(plan, staged_tensors, buffer)
         except BaseException:
@@ -243,6 +246,17 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
         if shared is None:
             self._remember(token, signature, buffer, copy_future)
         return self._after(shared.copy_future if shared is not None else copy_future, staged, start, by_caller)
+
+    def prepare(self, nbytes: int) -> Future:
+        """Allocate and pre-fault a staging buffer of ``nbytes`` in the background (the first save of a state that
+        fits then copies at full speed); a save meanwhile waits for it. ``StagingPlan(state).nbytes`` says how large.
+
+        Returns:
+            A future of whether a buffer was prepared (False: one that large is there already, or it would not fit).
+        """
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-stager")
+        return self._executor.submit(self._pool.prepare, max(int(nbytes), 1))
 
     def release(self, staged: STATE_DICT) -> None:
         """Give back the buffer of a dict staged with ``release_by_caller=True`` (idempotent)."""
@@ -308,10 +322,17 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
         non_blocking = stream is not None and buffer.pinned
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with torch.no_grad(), ctx:
+            cpu_dsts, cpu_srcs = [], []
             for (src, _, _), dst in zip(plan.copies, dsts):
+                if src.device.type == "cpu" and type(src) in _PLAIN_TENSORS:  # subclasses: copied one by one
+                    cpu_dsts.append(dst)
+                    cpu_srcs.append(src)
+                    continue
                 if src.is_cuda and stream is not None:
                     src.record_stream(stream)
                 dst.copy_(src.detach(), non_blocking=non_blocking and src.is_cuda)
+            if cpu_srcs:
+                torch._foreach_copy_(cpu_dsts, cpu_srcs)  # one call (the GIL released) for every CPU tensor
             if stream is not None:
                 stream.synchronize()
 
@@ -338,6 +359,24 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
         self._stream = None
         self._snapshot = None
         self._pool.forget_after_fork()
+
+
+def _staged_tree(plan: StagingPlan, staged: list[torch.Tensor], bases: list[torch.Tensor]) -> tuple:
+    """The staged state dict's ``Tree`` (staged tensors, 0-dim copies, clones, other leaves as they are) and the
+    ``StorageLayout`` its tensors are views of (the buffer's regions and one storage per dtype of 0-dim copies)."""
+    scalars, stacks = Scalars(plan).copy(plan.tree.leaves)
+    members = dict(zip(map(id, staged), plan.member_info))
+    out = []
+    for i, (leaf, copy_index) in enumerate(zip(plan.tree.leaves, plan.leaf_copy)):
+        if copy_index >= 0:
+            out.append(staged[copy_index])
+        elif i in scalars:
+            scalar, stack_index, position = scalars[i]
+            members[id(scalar)] = (len(bases) + stack_index, position, ())
+            out.append(scalar)
+        else:
+            out.append(unstaged_copy(leaf))
+    return plan.tree.with_leaves(out), StorageLayout(bases + stacks, members)
 
 
 _LIVE: "weakref.WeakSet[DefaultStager]" = weakref.WeakSet()

@@ -1,8 +1,7 @@
-"""Staging memory: buffers carved into per-tensor storages, and the plan of where each tensor goes."""
+"""Staging memory: the shared-memory buffers staged tensors are carved from, and the pool that reuses them."""
 
 from __future__ import annotations
 
-import copy
 import gc
 import logging
 import mmap
@@ -15,8 +14,6 @@ import torch
 
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError
 from lightning_ckpt.picklable import PicklableBeforeUse
-from lightning_ckpt.torch_zip import ALIGNMENT as STORAGE_ALIGNMENT
-from lightning_ckpt.torch_zip import DIRECT_IO_ALIGNMENT, DIRECT_IO_MIN_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +68,13 @@ class StagingBuffer:
         """A tensor whose own storage is exactly ``[offset, offset+nbytes)`` of this buffer."""
         flat = torch.frombuffer(self._mmap, dtype=torch.uint8, count=nbytes, offset=offset)
         return flat.view(dtype).view(shape)
+
+    def prefault(self) -> None:
+        """Touch every page now (one byte each), so that the first copy into this buffer does not fault them in.
+
+        ``fill_`` releases the GIL: run from a background thread, training goes on meanwhile."""
+        if self.base is not None and self.nbytes:
+            self.base[::mmap.PAGESIZE].fill_(0)
 
     def close(self) -> None:
         if self.base is None:
@@ -222,6 +226,31 @@ class BufferPool(PicklableBeforeUse):
                         f"(budget_bytes={budget}, max_buffers={self.max_buffers}, in use {self.buffer_bytes})")
                 self._cond.wait(remaining)
 
+    def prepare(self, nbytes: int) -> bool:
+        """Allocate a buffer of ``nbytes`` and fault its pages in now, so that a first save of that size neither
+        allocates nor page-faults (run it off the training thread). A save meanwhile waits for it, as for a
+        buffer held by a write in flight.
+
+        Returns:
+            False, doing nothing, when a free buffer that large exists, ``max_buffers`` are allocated, or the
+            budget or the memory left would refuse it (the first save then allocates, as without ``prepare``).
+        """
+        budget = self.config.budget_bytes
+        with self._cond:
+            if any(b.nbytes >= nbytes for b in self._free) or len(self.buffers) >= self.max_buffers \
+                    or (budget is not None and self.buffer_bytes + nbytes > budget):
+                return False
+            try:
+                buffer = self._allocate(nbytes, by_caller=True)
+            except StagingBufferTooLarge as e:
+                log.info("not preparing a staging buffer ahead of the first save: %s", e)
+                return False
+        try:
+            buffer.prefault()
+        finally:
+            self.release(buffer, by_caller=True)
+        return True
+
     def add_user(self, buffer: StagingBuffer, by_caller: bool) -> bool:
         """One more hold on ``buffer`` (a save sharing its staged copy); False if it was dropped meanwhile."""
         with self._cond:
@@ -286,71 +315,3 @@ class BufferPool(PicklableBeforeUse):
             buffer.pinned = False  # CUDA does not survive fork: nothing to unregister here
             buffer.close()
         self.buffers, self._free = [], []
-
-
-def _align(n: int, alignment: int = STORAGE_ALIGNMENT) -> int:
-    return (n + alignment - 1) // alignment * alignment
-
-
-def _stageable(t: torch.Tensor) -> bool:
-    """Whether ``t`` is copied into the staging buffer. 0-dim tensors (scores, step counters) are cloned at stage
-    time instead: they change between the saves of one step (ModelCheckpoint's best score), and keeping them out
-    of the buffer and of the snapshot signature lets such saves share the staged copy of everything else."""
-    return (t.layout == torch.strided and t.device.type != "meta" and not t.is_quantized and t.dim() > 0
-            and t.numel() > 0)
-
-
-class StagingPlan:
-    """Where each tensor of one state dict goes in a staging buffer, and the staged structure."""
-
-    def __init__(self, state_dict: Any) -> None:
-        self.copies: list[tuple[torch.Tensor, int, int]] = []  # (source, offset, nbytes)
-        self._by_identity: dict[tuple, int] = {}
-        self.nbytes = 0
-        self._collect(state_dict)
-
-    def _collect(self, obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            if _stageable(obj):
-                ident = (obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride(), obj.device)
-                if ident not in self._by_identity:
-                    nbytes = obj.numel() * obj.element_size()
-                    if nbytes >= DIRECT_IO_MIN_BYTES:  # page-aligned, so the writer can write it with O_DIRECT
-                        self.nbytes = _align(self.nbytes, DIRECT_IO_ALIGNMENT)
-                    self._by_identity[ident] = len(self.copies)
-                    self.copies.append((obj, self.nbytes, nbytes))
-                    self.nbytes += _align(nbytes)
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                self._collect(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                self._collect(v)
-
-    def signature(self) -> tuple | None:
-        """Identity and version counter of every source tensor; None when a tensor has no version counter."""
-        try:
-            return tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.stride(), t.device)
-                         for t, _, _ in self.copies)
-        except RuntimeError:  # inference-mode tensors track no version
-            return None
-
-    def build(self, obj: Any, staged: list[torch.Tensor]) -> Any:
-        """The state dict's structure with each stageable tensor replaced by its staged tensor."""
-        if isinstance(obj, torch.Tensor):
-            if _stageable(obj):
-                ident = (obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride(), obj.device)
-                return staged[self._by_identity[ident]]
-            return obj.detach().clone() if obj.device.type != "meta" else obj
-        if isinstance(obj, dict):
-            # copy.copy keeps the dict's type and attributes (e.g. an OrderedDict state_dict's _metadata).
-            out = copy.copy(obj) if type(obj) is not dict else {}
-            for k, v in obj.items():
-                out[k] = self.build(v, staged)
-            return out
-        if isinstance(obj, list):
-            return [self.build(v, staged) for v in obj]
-        if isinstance(obj, tuple):
-            items = [self.build(v, staged) for v in obj]
-            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-        return obj

@@ -17,7 +17,8 @@ import torch
 from lightning_ckpt import layout
 from lightning_ckpt.commit import is_temp_name
 from lightning_ckpt.errors import CorruptCheckpointError
-from lightning_ckpt.serialization import checksum, iter_leaves, json_key, path_str
+from lightning_ckpt.serialization import checksum
+from lightning_ckpt.tree import iter_leaves, map_leaves_with_paths, path_str
 from lightning_ckpt.torch_zip import record_spans
 
 log = logging.getLogger(__name__)
@@ -255,7 +256,7 @@ def copy_out_of_mapping(obj: Any, on_copy: Callable[[tuple, torch.Tensor], None]
     """Replace the file-mapped tensors of a ``torch.load(mmap=True)`` result with in-memory copies.
 
     Each storage is copied once, so tensors that shared a storage (views, tied weights) still share it.
-    ``on_copy(key_path, tensor)`` is told of every copied tensor reachable through dicts, lists and tuples.
+    ``on_copy(key_path, tensor)`` is told of every copied tensor reachable through dicts, lists, tuples and namedtuples.
     """
     copies: dict[tuple[int, int], torch.UntypedStorage] = {}
 
@@ -271,21 +272,12 @@ def copy_out_of_mapping(obj: Any, on_copy: Callable[[tuple, torch.Tensor], None]
         out = torch.empty(0, dtype=t.dtype).set_(dst, t.storage_offset(), t.size(), t.stride())
         return torch.nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else out
 
-    def visit(o: Any, key_path: tuple) -> Any:
-        if isinstance(o, torch.Tensor):
-            out = copy_tensor(o)
-            if on_copy is not None and out is not o:
-                on_copy(key_path, out)
-            return out
-        if isinstance(o, dict):
-            for k in list(o):
-                o[k] = visit(o[k], key_path + (json_key(k),))
+    def visit(key_path: tuple, o: Any) -> Any:
+        if not isinstance(o, torch.Tensor):
             return o
-        if isinstance(o, list):
-            o[:] = [visit(v, key_path + (i,)) for i, v in enumerate(o)]
-            return o
-        if isinstance(o, tuple) and not hasattr(o, "_fields"):
-            return type(o)(visit(v, key_path + (i,)) for i, v in enumerate(o))
-        return o
+        out = copy_tensor(o)
+        if on_copy is not None and out is not o:
+            on_copy(key_path, out)
+        return out
 
-    return visit(obj, ())
+    return map_leaves_with_paths(visit, obj)

@@ -10,6 +10,7 @@ from lightning_ckpt.builder import make_async_checkpointer
 from lightning_ckpt.checkpointer import AsyncCheckpointer
 from lightning_ckpt.lightning.base_io import LightningCkptIO
 from lightning_ckpt.lightning.ledger import _wait
+from lightning_ckpt.lightning.staging_size import checkpoint_staging_bytes
 from lightning_ckpt.types import RankInfo
 
 
@@ -46,6 +47,11 @@ class AsyncCheckpointIO(LightningCkptIO):
 
     def _warm_up(self) -> None:
         self._ensure_checkpointer().start(block=False)
+
+    def prepare_staging(self, module: Any, optimizers: list) -> None:
+        nbytes = checkpoint_staging_bytes(module, optimizers)
+        if nbytes is not None:
+            self.staging_prepared = self._ensure_checkpointer().prepare_staging(nbytes)
 
     def _ensure_checkpointer(self) -> AsyncCheckpointer:
         if self._checkpointer is None:

@@ -148,6 +148,8 @@ class AsyncCheckpointCallback(Callback):
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._last_save_time = time.monotonic()
+        if self._plugin is not None and trainer.global_rank == 0 and bypass_reason(trainer.strategy) is None:
+            self._plugin.prepare_staging(pl_module, trainer.optimizers)  # the first save then copies at full speed
         options = self.io.storage_options if self.io is not None else None
         self._saved = [p for _, p in matching_checkpoints(self._dirpath, self.filename, options)] \
             if self.keep_last_k else []

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, Iterable
 
 import torch
+
+from lightning_ckpt.tree import map_leaves
 
 
 class SnapshotWindow:
@@ -62,23 +63,16 @@ def clone_aliasing(obj: Any, pointers: set[int], cache: dict[tuple, torch.Tensor
 
     ``cache`` reuses the clone of an unchanged tensor (same storage, view and version counter).
     """
-    if isinstance(obj, torch.Tensor):
-        if obj.untyped_storage().data_ptr() not in pointers:
-            return obj
+
+    def clone(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor) or leaf.untyped_storage().data_ptr() not in pointers:
+            return leaf
         if cache is None:
-            return obj.detach().clone()
-        key = (obj.data_ptr(), obj.dtype, tuple(obj.shape), obj.stride(), obj._version)
-        clone = cache.get(key)
-        if clone is None:
-            clone = cache[key] = obj.detach().clone()
-        return clone
-    if isinstance(obj, dict):
-        out = copy.copy(obj) if type(obj) is not dict else {}  # keeps an OrderedDict's _metadata
-        for k, v in obj.items():
-            out[k] = clone_aliasing(v, pointers, cache)
-        return out
-    if isinstance(obj, list):
-        return [clone_aliasing(v, pointers, cache) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return type(obj)(clone_aliasing(v, pointers, cache) for v in obj)
-    return obj
+            return leaf.detach().clone()
+        key = (leaf.data_ptr(), leaf.dtype, tuple(leaf.shape), leaf.stride(), leaf._version)
+        copied = cache.get(key)
+        if copied is None:
+            copied = cache[key] = leaf.detach().clone()
+        return copied
+
+    return map_leaves(clone, obj)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from lightning_ckpt.errors import CheckpointWriteError
 from lightning_ckpt.lightning import AsyncCheckpointCallback, AsyncCheckpointIO
@@ -184,3 +185,24 @@ def test_exception_with_saves_in_flight_leaves_nothing_torn(exc, tmp_path):
     for name in files:
         assert is_complete(str(tmp_path / "ck" / name), verify=True)
         assert TinyModel.load_from_checkpoint(tmp_path / "ck" / name) is not None
+
+
+@pytest.mark.timeout(90)
+def test_the_staging_buffer_is_prepared_at_train_start_and_the_first_save_reuses_it(tmp_path):
+    """At train start (Adam's state not created yet) the plugin prepares a buffer sized for parameters plus Adam's
+    two moments; the first save allocates nothing more."""
+    plugin = AsyncCheckpointIO()
+    seen = {}
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:  # before the first save
+                seen["prepared"] = plugin.staging_prepared.result(timeout=30)
+            seen.setdefault("allocations", []).append(plugin._checkpointer.stager.allocations)
+
+    cb = AsyncCheckpointCallback(dirpath=str(tmp_path / "ck"), every_n_train_steps=1, save_on_train_end=False)
+    trainer = helpers.trainer(tmp_path, max_steps=3, callbacks=[cb, Watch()], plugins=[plugin])
+    trainer.fit(TinyModel(width=256), helpers.loader())
+    assert seen == {"prepared": True, "allocations": [1, 1, 1]}  # batches 1 and 2 start after saves
+    assert [s.step for s in cb.saves] == [1, 2, 3]
+    assert plugin.staging_prepared.result() is True

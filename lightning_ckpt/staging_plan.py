@@ -1,0 +1,182 @@
+"""Where each tensor of a state dict goes in a staging buffer: a storage per large tensor, one per run of small ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+from lightning_ckpt import tree
+from lightning_ckpt.torch_zip import ALIGNMENT as STORAGE_ALIGNMENT
+from lightning_ckpt.torch_zip import DIRECT_IO_ALIGNMENT, DIRECT_IO_MIN_BYTES
+
+# Tensors smaller than this share one storage with the other small tensors of their dtype (a "run"): one staging
+# region, one file record and one checksum for the run instead of one each, which is what keeps a state of 100k
+# small tensors (a large model's per-parameter optimizer state) cheap. Loaded back, they are views of that storage.
+SMALL_TENSOR_BYTES = 64 << 10
+RUN_BYTES = 4 << 20  # a run closes at this size (a partial load of one small tensor reads at most one run)
+
+
+def _align(n: int, alignment: int = STORAGE_ALIGNMENT) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+@dataclass
+class Region:
+    """One storage in the staging buffer: a large tensor of its own, or a run of small tensors of one dtype, packed
+    back to back (each starts where the previous one ends, so one ``split`` carves them all)."""
+
+    index: int  # in the plan's regions
+    dtype: torch.dtype
+    element_size: int
+    members: list[int] = field(default_factory=list)  # copy indices
+    numels: list[int] = field(default_factory=list)  # of each member, in order
+    nbytes: int = 0
+    offset: int = 0  # in the buffer, set once every region is known
+
+
+class StagingPlan:
+    """The staging layout of one state dict, computed from one walk over it (``tree.flatten``).
+
+    Attributes:
+        tree: the flattened state dict (leaves and key paths).
+        copies: ``(source, offset in the buffer, nbytes)`` per distinct stageable tensor.
+        leaf_copy: per leaf, the index of its copy, or -1 for a leaf that is not staged.
+        regions: the storages the copies are carved from, in buffer order.
+        nbytes: the buffer size the plan needs.
+
+    ``extra``: ``(dtype, shape)`` of tensors the state will hold but does not yet (e.g. optimizer moments before
+    the first step), counted in ``nbytes`` only: how large a buffer to prepare ahead of the first save.
+    """
+
+    def __init__(self, state_dict: Any, extra: Iterable[tuple[torch.dtype, torch.Size]] = ()) -> None:
+        self.tree = tree.flatten(state_dict, paths=True)
+        self.copies: list[tuple[torch.Tensor, int, int]] = []
+        self.leaf_copy: list[int] = []
+        self.regions: list[Region] = []
+        # per copy: (region index, storage offset in elements, shape)
+        self.member_info: list[tuple[int, int, tuple]] = []
+        self._idents: list[tuple] = []  # per copy: (data_ptr, dtype, shape, stride, device) of its source
+        self.scalars: dict[torch.dtype, list[int]] = {}  # leaf indices of 0-dim CPU tensors, per dtype
+        self._open_runs: dict[torch.dtype, Region] = {}
+        self._plan_regions()
+        for dtype, shape in extra:  # tensors not there yet (an estimate): laid out as if they followed the leaves
+            self._add_copy(torch.empty(shape, dtype=dtype, device="meta"), len(self.copies), tuple(shape))
+        self.nbytes = self._place_regions()
+
+    def _plan_regions(self) -> None:
+        """Which leaves are copied into the buffer: strided, non-empty, non-quantized, not on the meta device, and
+        not 0-dim. 0-dim tensors (scores, step counters) are copied at stage time instead, into one new storage per
+        dtype (``Scalars``): they change between the saves of one step (ModelCheckpoint's best score), and keeping
+        them out of the buffer and of the snapshot signature lets such saves share the staged copy of the rest."""
+        by_identity: dict[tuple, int] = {}
+        leaf_copy, strided = self.leaf_copy, torch.strided
+        for i, leaf in enumerate(self.tree.leaves):
+            if not isinstance(leaf, torch.Tensor):
+                leaf_copy.append(-1)
+                continue
+            device = leaf.device
+            if leaf.layout != strided or device.type == "meta" or leaf.is_quantized or leaf.numel() == 0:
+                leaf_copy.append(-1)
+                continue
+            if leaf.dim() == 0:
+                leaf_copy.append(-1)
+                if device.type == "cpu" and type(leaf) in _PLAIN_TENSORS:
+                    self.scalars.setdefault(leaf.dtype, []).append(i)
+                continue
+            shape = tuple(leaf.shape)  # read once, reused for identity, signature, carving and pickling
+            ident = (leaf.data_ptr(), leaf.dtype, shape, leaf.stride(), device)
+            index = by_identity.get(ident)
+            if index is None:
+                index = by_identity[ident] = len(self.copies)
+                self._idents.append(ident)
+                self._add_copy(leaf, index, shape)
+            leaf_copy.append(index)
+
+    def _add_copy(self, leaf: torch.Tensor, index: int, shape: tuple) -> None:
+        """Put copy ``index`` into a region: its own when large, else the open run of its dtype (or a new run)."""
+        open_runs = self._open_runs
+        numel, size = leaf.numel(), leaf.element_size()
+        nbytes = numel * size
+        small = nbytes < SMALL_TENSOR_BYTES
+        region = open_runs.get(leaf.dtype) if small else None
+        if region is None or region.nbytes + nbytes > RUN_BYTES:
+            region = Region(len(self.regions), leaf.dtype, size)
+            self.regions.append(region)
+            if small:
+                open_runs[leaf.dtype] = region
+        self.copies.append((leaf, region.nbytes, nbytes))  # the offset in the region until regions are placed
+        self.member_info.append((region.index, region.nbytes // size, shape))
+        region.members.append(index)
+        region.numels.append(numel)
+        region.nbytes += nbytes
+
+    def _place_regions(self) -> int:
+        offset = 0
+        copies = self.copies
+        for region in self.regions:
+            if region.nbytes >= DIRECT_IO_MIN_BYTES:  # page-aligned, so the writer can write it with O_DIRECT
+                offset = _align(offset, DIRECT_IO_ALIGNMENT)
+            region.offset = offset
+            for index in region.members:
+                src, in_region, nbytes = copies[index]
+                copies[index] = (src, offset + in_region, nbytes)
+            offset += _align(region.nbytes)
+        return offset
+
+    def signature(self) -> tuple | None:
+        """Identity and version counter of every source tensor; None when a tensor has no version counter."""
+        try:
+            return tuple((ident, t._version) for ident, (t, _, _) in zip(self._idents, self.copies))
+        except RuntimeError:  # inference-mode tensors track no version
+            return None
+
+    def staged_tensors(self, buffer: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The staged tensor of every copy (views of their region's storage) and each region's base tensor.
+
+        ``buffer`` is a ``StagingBuffer``: each region becomes one storage of it (``buffer.tensor``), and the
+        members of a run are carved from it in one ``split`` call rather than one view each.
+        """
+        staged: list[Any] = [None] * len(self.copies)
+        bases = []
+        info = self.member_info
+        for region in self.regions:
+            base = buffer.tensor(region.offset, region.nbytes, torch.uint8, (region.nbytes,)).view(region.dtype)
+            bases.append(base)
+            pieces = base.split(region.numels) if len(region.numels) > 1 else (base,)
+            for index, piece in zip(region.members, pieces):
+                shape = info[index][2]
+                staged[index] = piece if len(shape) == 1 else piece.view(shape)
+        return staged, bases
+
+
+class Scalars:
+    """The 0-dim CPU tensors of a state dict, copied at stage time into one new storage per dtype (one record
+    and one checksum each, rather than one per scalar); other non-staged tensors are cloned one by one."""
+
+    def __init__(self, plan: StagingPlan) -> None:
+        self.groups = list(plan.scalars.values())  # leaf indices per dtype
+
+    def copy(self, leaves: list) -> tuple[dict[int, tuple[torch.Tensor, int, int]], list[torch.Tensor]]:
+        """``{leaf index: (0-dim copy, stack index, position in it)}`` and the stacked tensor (one storage) per
+        dtype."""
+        out: dict[int, tuple[torch.Tensor, int, int]] = {}
+        stacks = []
+        with torch.no_grad():
+            for stack_index, group in enumerate(self.groups):
+                stacked = torch.stack([leaves[i] for i in group])
+                stacks.append(stacked)
+                for position, (leaf_index, view) in enumerate(zip(group, stacked.unbind())):
+                    out[leaf_index] = (view, stack_index, position)
+        return out, stacks
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # no Python-level behaviour: batched (stacked, foreach-copied)
+
+
+def unstaged_copy(leaf: Any) -> Any:
+    """A leaf that is not staged, as it goes into the staged structure (tensors cloned, meta tensors as they are)."""
+    if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+        return leaf.detach().clone()
+    return leaf
