@@ -55,8 +55,9 @@ class PreparedCheckpoint:
 
 
 def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | None = None, direct_io: bool = False,
-               opener: Callable[[int], int] | None = None, fsync: bool = False) -> None:
-    """Write ``prepared`` as a torch zip at ``path``, with its checksum record.
+               opener: Callable[[int], int] | None = None, fsync: bool = False) -> ChecksumRecord:
+    """Write ``prepared`` as a torch zip at ``path``, with its checksum record, and return that record (its
+    ``key_paths`` are empty when they came encoded: they were spliced into the file as they were).
 
     Records with an ``offset`` are read from ``buffer`` (a staging buffer mapping), others from ``inline``. Each
     record is hashed from the same memory it is written from.
@@ -74,8 +75,10 @@ def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | Non
         writer.write_record(".format_version", b"1")
         writer.write_record(".storage_alignment", str(ALIGNMENT).encode())
         sums = _write_tensor_records(writer, prepared, buffer)
-        writer.write_record(CHECKSUM_RECORD, _checksum_json(prepared, sums))
+        record, payload = _checksum_json(prepared, sums)
+        writer.write_record(CHECKSUM_RECORD, payload)
         writer.close(fsync=fsync)
+        return record
     except OSError as e:
         writer.abort()
         if e.filename is None:
@@ -86,7 +89,7 @@ def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | Non
         raise
 
 
-def _checksum_json(prepared: PreparedCheckpoint, sums: dict[str, RecordChecksum]) -> bytes:
+def _checksum_json(prepared: PreparedCheckpoint, sums: dict[str, RecordChecksum]) -> tuple[ChecksumRecord, bytes]:
     """The checksum record's JSON; key paths that came encoded (``PreparedCheckpoint.__getstate__``) are spliced
     in as they are (the only ``"key_paths": []`` in it comes before any caller-supplied text)."""
     encoded = prepared.key_paths if isinstance(prepared.key_paths, bytes) else None
@@ -94,11 +97,11 @@ def _checksum_json(prepared: PreparedCheckpoint, sums: dict[str, RecordChecksum]
                             prepared.metadata)
     payload = record.to_json()
     if encoded is None:
-        return payload
+        return record, payload
     head, found, tail = payload.partition(b'"key_paths": []')
     if not found:
         raise ValueError("checksum record JSON without its key_paths field")
-    return b"".join((head, b'"key_paths": ', encoded, tail))  # one copy of the (large) key paths
+    return record, b"".join((head, b'"key_paths": ', encoded, tail))  # one copy of the (large) key paths
 
 
 def _write_tensor_records(writer: TorchZipWriter, prepared: PreparedCheckpoint,
