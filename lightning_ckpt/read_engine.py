@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -13,14 +14,15 @@ import torch
 import xxhash
 
 from lightning_ckpt.errors import CheckpointTimeoutError, CorruptCheckpointError
-from lightning_ckpt.serialization import storage_view
+from lightning_ckpt.serialization import path_str, storage_view
 
-# A storage at least this large is read in pieces of PIECE_BYTES by several threads; smaller ones that lie close
-# together in the file are read as one batch (one preadv into all their storages, the headers between them into
-# scratch), at most BATCH_BYTES and BATCH_RECORDS (the iovec limit is 1024 buffers) per batch.
+# A storage at least this large is read in pieces of PIECE_BYTES by several threads; one of at least BATCH_BYTES is
+# read straight into its memory; smaller ones that lie close together in the file are read as one batch (one read
+# into the thread's scratch buffer, hashed there while hot, then copied into each storage), at most BATCH_BYTES and
+# BATCH_RECORDS per batch.
 PIECE_BYTES = 16 << 20
 BATCH_BYTES = 4 << 20
-BATCH_RECORDS = 500
+BATCH_RECORDS = 4096
 _MAX_GAP_BYTES = 64 << 10  # records further apart than this (a partial read skipping others) start a new batch
 DEFAULT_READ_THREADS = 4
 
@@ -30,13 +32,22 @@ class Check:
     """One recorded checksum: the xxh3 of the bytes of ``keys``' storages, concatenated in that order.
 
     Today's files record one per storage; a format that records one per run of small storages gives several keys.
-    ``label`` and ``key`` name it in errors (e.g. ``tensor 'model.w'`` and ``model.w``).
+    Errors name ``name`` if given, else the tensor at ``key_path``, else the record of the first key.
     """
 
-    label: str
-    key: str
     expected: str
     keys: list[str]
+    key_path: tuple | None = None
+    name: str | None = None
+
+    def describe(self) -> tuple[str, str]:
+        """``(label, key)`` for an error, e.g. ``("tensor 'model.w'", "model.w")`` (built only when one is raised)."""
+        if self.name is not None:
+            return self.name, self.name
+        if self.key_path is not None:
+            name = path_str(self.key_path)
+            return f"tensor '{name}'", name
+        return f"record data/{self.keys[0]}", f"data/{self.keys[0]}"
 
 
 @dataclass
@@ -71,9 +82,9 @@ class _Progress:
 class StorageReader:
     """Fills one fresh storage per wanted record of an opened torch zip, several reads in flight, hashing as it goes.
 
-    Reads go to the file descriptor given (the file opened once); each task is one ``os.preadv`` straight into the
-    destination storages, and the thread that read a range hashes it at once while it is hot in cache (xxhash and
-    ``preadv`` both release the GIL, so the hashing overlaps the other threads' reads). ``storages`` is usable right
+    Reads go to the file descriptor given (the file opened once), one ``os.preadv`` per task, and the thread that
+    read a range hashes it at once while it is hot in cache (xxhash and ``preadv`` both release the GIL, so the
+    hashing overlaps the other threads' reads). ``storages`` is usable right
     after ``start``, before the bytes arrive, so the pickle can be loaded while the reads run.
 
     Args:
@@ -91,7 +102,6 @@ class StorageReader:
         self.fd, self.path, self.threads = fd, path, threads
         self.storages = {key: torch.UntypedStorage(size) for key, (_, size) in spans.items()}
         self.stats = ReadStats(storages=len(spans))
-        self._views = {key: storage_view(s) for key, s in self.storages.items()}
         segments = _segments(spans)
         self._progress = _attach_checks(segments, checks, spans)
         self._checks = checks
@@ -107,7 +117,7 @@ class StorageReader:
         """Start the reads (returns at once)."""
         self._t0 = time.perf_counter()
         for i, p in enumerate(self._progress):
-            if not p.segments:
+            if p is not None and not p.segments:
                 self._compare(i, xxhash.xxh3_64_hexdigest(b""))
         if not self._tasks:
             return self
@@ -133,9 +143,9 @@ class StorageReader:
             self._shutdown()
         if self._error is not None:
             raise self._error
-        unchecked = [c for c, p in zip(self._checks, self._progress) if p.next < len(p.segments)]
-        if unchecked:  # only when a check names a key this reader was not asked to read
-            raise AssertionError(f"checks never completed: {[c.label for c in unchecked[:3]]}")
+        unchecked = [c for c, p in zip(self._checks, self._progress) if p is not None and p.next < len(p.segments)]
+        if unchecked:  # a bug, never a file's fault: every segment of every check was read
+            raise AssertionError(f"checks never completed: {[c.describe()[0] for c in unchecked[:3]]}")
         self.stats.seconds = time.perf_counter() - self._t0
         return self.stats
 
@@ -151,6 +161,7 @@ class StorageReader:
             self._pool = None
 
     def _work(self) -> None:
+        scratch: memoryview | None = None  # this thread's batch buffer, allocated once
         while True:
             with self._lock:
                 if self._error is not None or self._next_task >= len(self._tasks):
@@ -158,51 +169,58 @@ class StorageReader:
                 task = self._tasks[self._next_task]
                 self._next_task += 1
             try:
-                self._read(task)
-                self._verify(task)
+                if len(task) == 1 and task[0].length >= BATCH_BYTES:
+                    self._read_direct(task[0])
+                else:
+                    if scratch is None:
+                        scratch = memoryview(bytearray(BATCH_BYTES))
+                    self._read_batch(task, scratch)
             except BaseException as e:  # the first failure ends every worker and is raised by finish
                 with self._lock:
                     if self._error is None:
                         self._error = e
                 return
 
-    def _read(self, task: list[_Segment]) -> None:
-        buffers, scratch_sizes, pos = [], [], task[0].file_offset
-        for seg in task:
-            if seg.file_offset > pos:
-                scratch_sizes.append((len(buffers), seg.file_offset - pos))
-                buffers.append(None)
-            buffers.append(self._views[seg.key][seg.start:seg.start + seg.length])
-            pos = seg.file_offset + seg.length
-        if scratch_sizes:
-            scratch = memoryview(bytearray(sum(n for _, n in scratch_sizes)))
-            at = 0
-            for i, n in scratch_sizes:
-                buffers[i], at = scratch[at:at + n], at + n
-        want, offset, got = pos - task[0].file_offset, task[0].file_offset, 0
-        while got < want:  # preadv may return short (signals, huge requests): continue where it stopped
-            n = os.preadv(self.fd, _skip(buffers, got), offset + got)
+    def _pread(self, buffer: memoryview, offset: int, key: str) -> None:
+        got = 0
+        while got < buffer.nbytes:  # a read may return short (signals, huge requests): go on where it stopped
+            n = os.preadv(self.fd, [buffer[got:]], offset + got)
             if n == 0:
-                raise CorruptCheckpointError(f"corrupt checkpoint {self.path}: record data/{task[-1].key} is truncated",
-                                             path=self.path, key=f"data/{task[-1].key}")
+                raise CorruptCheckpointError(f"corrupt checkpoint {self.path}: record data/{key} is truncated",
+                                             path=self.path, key=f"data/{key}")
             got += n
-            with self._lock:
-                self.stats.reads += 1
         with self._lock:
+            self.stats.reads += 1
             self.stats.bytes_read += got
 
-    def _verify(self, task: list[_Segment]) -> None:
+    def _read_direct(self, seg: _Segment) -> None:
+        """A large storage (or a piece of one): read into its memory, then hashed there."""
+        view = storage_view(self.storages[seg.key])[seg.start:seg.start + seg.length]
+        self._pread(view, seg.file_offset, seg.key)
+        self._verify(seg, view)
+
+    def _read_batch(self, task: list[_Segment], scratch: memoryview) -> None:
+        """Neighbouring small storages: one read of their span (headers between them included) into ``scratch``,
+        each hashed from there and copied into its storage."""
+        base = task[0].file_offset
+        span = scratch[:task[-1].file_offset + task[-1].length - base]
+        self._pread(span, base, task[-1].key)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(span))
         for seg in task:
-            if seg.check is None:
-                continue
-            progress = self._progress[seg.check]
-            if len(progress.segments) == 1:  # the common case: only this thread ever touches it
-                progress.next = 1
-                self._compare(seg.check, xxhash.xxh3_64_hexdigest(self._views[seg.key][seg.start:seg.start + seg.length]))
-                continue
-            with self._lock:
-                seg.done = True
-            self._advance(seg.check, progress)
+            at = seg.file_offset - base
+            ctypes.memmove(self.storages[seg.key].data_ptr() + seg.start, address + at, seg.length)
+            self._verify(seg, span[at:at + seg.length])
+
+    def _verify(self, seg: _Segment, data: memoryview) -> None:
+        if seg.check is None:
+            return
+        progress = self._progress[seg.check]
+        if progress is None:  # a check of this one range: only this thread ever touches it
+            self._compare(seg.check, xxhash.xxh3_64_hexdigest(data))
+            return
+        with self._lock:
+            seg.done = True
+        self._advance(seg.check, progress)
 
     def _advance(self, index: int, progress: _Progress) -> None:
         with self._lock:  # segments of one check are hashed in order, by whichever thread finds the next one ready
@@ -210,7 +228,7 @@ class StorageReader:
                 s = progress.segments[progress.next]
                 if progress.hasher is None:
                     progress.hasher = xxhash.xxh3_64()
-                progress.hasher.update(self._views[s.key][s.start:s.start + s.length])
+                progress.hasher.update(storage_view(self.storages[s.key])[s.start:s.start + s.length])
                 progress.next += 1
             if progress.next == len(progress.segments):
                 self._compare(index, progress.hasher.hexdigest() if progress.hasher else xxhash.xxh3_64_hexdigest(b""))
@@ -218,21 +236,10 @@ class StorageReader:
     def _compare(self, index: int, actual: str) -> None:
         check = self._checks[index]
         if actual != check.expected:
+            label, key = check.describe()
             raise CorruptCheckpointError(
-                f"corrupt checkpoint {self.path}: {check.label} checksum mismatch (expected {check.expected}, "
-                f"got {actual})", path=self.path, key=check.key, expected=check.expected, actual=actual)
-
-
-def _skip(buffers: list[memoryview], n: int) -> list[memoryview]:
-    """``buffers`` without their first ``n`` bytes."""
-    out = []
-    for b in buffers:
-        if n >= b.nbytes:
-            n -= b.nbytes
-            continue
-        out.append(b[n:] if n else b)
-        n = 0
-    return out
+                f"corrupt checkpoint {self.path}: {label} checksum mismatch (expected {check.expected}, "
+                f"got {actual})", path=self.path, key=key, expected=check.expected, actual=actual)
 
 
 def _segments(spans: dict[str, tuple[int, int]]) -> list[_Segment]:
@@ -250,20 +257,30 @@ def _segments(spans: dict[str, tuple[int, int]]) -> list[_Segment]:
 
 
 def _attach_checks(segments: list[_Segment], checks: list[Check],
-                   spans: dict[str, tuple[int, int]]) -> list[_Progress]:
+                   spans: dict[str, tuple[int, int]]) -> list[_Progress | None]:
+    """Marks each segment with its check; a check over more than one segment (or none) gets a ``_Progress``."""
     by_key: dict[str, list[_Segment]] = {}
     for seg in segments:
-        by_key.setdefault(seg.key, []).append(seg)
-    progress = []
+        found = by_key.get(seg.key)
+        if found is None:
+            by_key[seg.key] = [seg]
+        else:
+            found.append(seg)
+    progress: list[_Progress | None] = [None] * len(checks)
     for i, check in enumerate(checks):
-        p = _Progress()
         for key in check.keys:
             if key not in spans:
-                raise ValueError(f"check {check.label} names storage {key!r}, which is not read")
+                raise ValueError(f"check {check.describe()[0]} names storage {key!r}, which is not read")
+        if len(check.keys) == 1:
+            segs = by_key.get(check.keys[0])
+            if segs is not None and len(segs) == 1:
+                segs[0].check = i
+                continue
+        p = progress[i] = _Progress()
+        for key in check.keys:
             for seg in by_key.get(key, ()):
                 seg.check = i
                 p.segments.append(seg)
-        progress.append(p)
     return progress
 
 

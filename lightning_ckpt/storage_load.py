@@ -9,8 +9,8 @@ from typing import Any
 
 from lightning_ckpt.errors import CorruptCheckpointError
 from lightning_ckpt.read_engine import Check, ReadStats, StorageReader
-from lightning_ckpt.serialization import json_key, path_str
-from lightning_ckpt.torch_unpickle import Refused, unpickle
+from lightning_ckpt.serialization import json_key
+from lightning_ckpt.torch_unpickle import unpickle
 from lightning_ckpt.verification import ChecksumRecord, OpenedFile
 
 log = logging.getLogger(__name__)
@@ -99,14 +99,9 @@ def _requested_paths(target: Any, prefix: tuple) -> Any:
 
 
 def _checks(record: ChecksumRecord, wanted: dict) -> list[Check]:
-    """One check per recorded checksum of a wanted storage, named by the first key path that reaches it."""
-    names: dict[str, str] = {}
+    """One check per recorded checksum of a wanted storage, named in errors by the first key path reaching it."""
+    first: dict[str, tuple] = {}
     for key_path, key in record.by_key_path.items():
-        names.setdefault(key, path_str(key_path))
-    checks = []
-    for key in wanted:
-        expected = record.records[key]["xxh3"]
-        name = names.get(key)
-        checks.append(Check(f"tensor '{name}'", name, expected, [key]) if name is not None
-                      else Check(f"record data/{key}", f"data/{key}", expected, [key]))
-    return checks
+        first.setdefault(key, key_path)
+    records = record.records
+    return [Check(records[key]["xxh3"], [key], first.get(key)) for key in wanted]

@@ -27,7 +27,7 @@ def _mixed_state() -> dict:
 def tiny_pieces(monkeypatch):
     """Pieces and batches small enough that a 200 KB tensor is read in pieces and 40 small ones in a few batches."""
     monkeypatch.setattr(read_engine, "PIECE_BYTES", 16 << 10)
-    monkeypatch.setattr(read_engine, "BATCH_BYTES", 2 << 10)
+    monkeypatch.setattr(read_engine, "BATCH_BYTES", 2 << 10)  # also: records of 2 KiB and more are read directly
     monkeypatch.setattr(read_engine, "BATCH_RECORDS", 8)
 
 
@@ -36,7 +36,7 @@ def _storage_spans(opened: OpenedFile) -> dict:
 
 
 def _checks(record) -> list[Check]:
-    return [Check(f"record data/{k}", f"data/{k}", r["xxh3"], [k]) for k, r in record.records.items()]
+    return [Check(r["xxh3"], [k]) for k, r in record.records.items()]
 
 
 def test_storages_match_the_file_bytes_with_batched_and_pieced_reads(tmp_path, tiny_pieces):
@@ -81,12 +81,12 @@ def test_one_check_over_a_run_of_storages_hashes_them_in_order(tmp_path, tiny_pi
         spans = _storage_spans(opened)
         ordered = sorted(spans, key=lambda k: spans[k][0])
         run = b"".join(opened.read_span(spans[k]) for k in ordered)
-        good = Check("run 0", "run:0", xxhash.xxh3_64_hexdigest(run), ordered)
+        good = Check(xxhash.xxh3_64_hexdigest(run), ordered, name="run 0")
         StorageReader(opened.fd, path, spans, [good], threads=4).start().finish(timeout_secs=60)
-        swapped = Check("run 0", "run:0", good.expected, ordered[1:] + ordered[:1])  # same bytes, wrong order
+        swapped = Check(good.expected, ordered[1:] + ordered[:1], name="run 0")  # same bytes, wrong order
         with pytest.raises(lc.CorruptCheckpointError, match="run 0 checksum mismatch") as info:
             StorageReader(opened.fd, path, spans, [swapped], threads=4).start().finish(timeout_secs=60)
-    assert info.value.key == "run:0"
+    assert info.value.key == "run 0"
 
 
 def test_a_record_past_the_end_of_the_file_is_truncated(tmp_path):
