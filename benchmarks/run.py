@@ -179,6 +179,7 @@ def evaluate_micro(rows: list[dict[str, Any]], device: str, state_bytes: int) ->
     copy = _med(by.get("floor.d2h_pinned" if gpu else "floor.memcpy"), "stall_s")
     write = _med(by.get("floor.write_fsync"), "durable_s")
     read = _med(by.get("floor.read_cold"), "load_s")
+    read_fresh = _med(by.get("floor.read_cold_fresh"), "load_s")
     dcp = _med(by.get("anchor.dcp_async_process"), "stall_s")
     state_mib = state_bytes / MiB
     for r in rows:
@@ -191,6 +192,7 @@ def evaluate_micro(rows: list[dict[str, Any]], device: str, state_bytes: int) ->
             else _check(_ratio(stall, dcp), TARGETS["stall_vs_dcp"]),
             "durable_vs_write": _check(_ratio(_med(r, "durable_s"), write), TARGETS["durable_vs_write"]),
             "load_vs_read": _check(_ratio(_med(r, "load_s"), read), TARGETS["load_vs_read"]),
+            "load_vs_read_fresh": _check(_ratio(_med(r, "load_s"), read_fresh), TARGETS["load_vs_read"]),
             "mem_vs_state": _check(_ratio(r.get("extra_host_mib"), state_mib), TARGETS["mem_vs_state"]),
             "mem_flat": None,
         }
@@ -270,6 +272,10 @@ def micro_table(rows: list[dict[str, Any]]) -> str:
     text = _render(header, body)
     if any(((r.get("machine") or {}).get("foreign_cpu") or 0) > NOISY for r in rows):
         text += f"\n* other processes used more than {NOISY:.0%} of the CPU while this row ran: treat it as noisy"
+    fresh = [f"{r['name']} {r['targets']['load_vs_read_fresh']['value']:.2f}" for r in rows
+             if (r.get("targets") or {}).get("load_vs_read_fresh")]
+    if fresh:
+        text += "\nload / floor.read_cold_fresh (a cold read into newly allocated memory): " + ", ".join(fresh)
     consec = [r for r in rows if r.get("consecutive")]
     for r in consec:
         peaks = " ".join(f"{v:.0f}" for v in r["consecutive"]["extra_host_mib"])
