@@ -57,6 +57,9 @@ def load_storages(opened: OpenedFile, record: ChecksumRecord | None, state_dict:
         reader.cancel()
         log.debug("%s: loading through torch.load (%s: %s)", opened.path, type(e).__name__, e)
         return None
+    except BaseException:  # KeyboardInterrupt: stop the reads before it propagates
+        reader.cancel()
+        raise
     try:
         stats = reader.finish(READ_TIMEOUT_SECS)
     except OSError as e:
