@@ -324,6 +324,8 @@ def _fill(target: Any, loaded: Any, path: str, record: ChecksumRecord | None, ma
         if isinstance(src, torch.Tensor):
             check(prefix, src)
             if isinstance(dst, torch.Tensor) and dst.shape == src.shape and dst.dtype == src.dtype:
+                if owned and dst.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+                    return dst  # read into in place
                 with torch.no_grad():
                     dst.copy_(src)
                 return dst

@@ -93,14 +93,21 @@ class StorageReader:
         spans: ``{storage key: (file offset, size)}`` of the records to read.
         checks: the checksums to verify (each over one or more of those keys, in order).
         threads: reads in flight.
+        destinations: storages to read some keys into (of their exact size) instead of new ones.
     """
 
     def __init__(self, fd: int, path: str, spans: dict[str, tuple[int, int]], checks: list[Check],
-                 threads: int = DEFAULT_READ_THREADS) -> None:
+                 threads: int = DEFAULT_READ_THREADS,
+                 destinations: dict[str, torch.UntypedStorage] | None = None) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.fd, self.path, self.threads = fd, path, threads
-        self.storages = {key: torch.UntypedStorage(size) for key, (_, size) in spans.items()}
+        into = destinations or {}
+        for key, storage in into.items():
+            if storage.nbytes() != spans[key][1]:
+                raise ValueError(f"destination for {key!r} holds {storage.nbytes()} bytes, the record {spans[key][1]}")
+        self.storages = {key: into[key] if key in into else torch.UntypedStorage(size)
+                         for key, (_, size) in spans.items()}
         self.stats = ReadStats(storages=len(spans))
         segments = _segments(spans)
         self._progress = _attach_checks(segments, checks, spans)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections import Counter
 from typing import Any
+
+import torch
 
 from lightning_ckpt.errors import CorruptCheckpointError
 from lightning_ckpt.read_engine import Check, ReadStats, StorageReader
-from lightning_ckpt.serialization import json_key
+from lightning_ckpt.serialization import iter_leaves, json_key
 from lightning_ckpt.torch_unpickle import unpickle
 from lightning_ckpt.verification import ChecksumRecord, OpenedFile
 
@@ -28,6 +31,8 @@ def load_storages(opened: OpenedFile, record: ChecksumRecord | None, state_dict:
         record: its validated checksum record (None: read unverified).
         state_dict: for a partial read, the requested structure: only the storages its leaves reach are read
             (those of other keys become meta tensors, which the caller drops). Needs ``record`` (its key paths).
+            A requested contiguous CPU tensor laid out exactly as the saved one is read into in place (no copy;
+            after a checksum mismatch it holds the damaged bytes).
         weights_only: as in ``torch.load``.
         threads: reads in flight.
 
@@ -49,10 +54,19 @@ def load_storages(opened: OpenedFile, record: ChecksumRecord | None, state_dict:
     storage_spans = {name[len("data/"):]: span for name, span in spans.items() if name.startswith("data/")}
     wanted = storage_spans if state_dict is None else _wanted(state_dict, record, storage_spans)
     checks = [] if record is None else _checks(record, wanted)
-    reader = StorageReader(opened.fd, opened.path, wanted, checks, threads).start()
+    meta = frozenset(storage_spans.keys() - wanted.keys())
+    into = {} if state_dict is None else _destinations(state_dict, record, wanted)
+    reader = StorageReader(opened.fd, opened.path, wanted, checks, threads, destinations=into)
+    if not into:
+        reader.start()  # the reads run while the pickle loads
     try:
         data_pkl = opened.read_span(spans["data.pkl"])
-        loaded = unpickle(data_pkl, reader.storages, weights_only, frozenset(storage_spans.keys() - wanted.keys()))
+        loaded = unpickle(data_pkl, reader.storages, weights_only, meta)
+        if into:  # the targets' memory is only written once the file's tensors are known to match them
+            if not _laid_out_as(loaded, state_dict, record, into):
+                reader = StorageReader(opened.fd, opened.path, wanted, checks, threads)
+                loaded = unpickle(data_pkl, reader.storages, weights_only, meta)
+            reader.start()
     except Exception as e:  # noqa: BLE001 - any refusal or damage: torch.load says what is wrong, as before
         reader.cancel()
         log.debug("%s: loading through torch.load (%s: %s)", opened.path, type(e).__name__, e)
@@ -90,6 +104,47 @@ def _wanted(state_dict: dict, record: ChecksumRecord, storage_spans: dict) -> di
         if any(key_path[:n] in requested for n in range(len(key_path) + 1)):
             keep.add(key)
     return {k: span for k, span in storage_spans.items() if k in keep or k not in reached}
+
+
+def _requested_leaves(target: Any, prefix: tuple) -> Any:
+    """``(key path, leaf)`` of the requested leaves."""
+    if not isinstance(target, dict):
+        yield prefix, target
+        return
+    for k, v in target.items():
+        yield from _requested_leaves(v, prefix + (json_key(k),))
+
+
+def _destinations(state_dict: dict, record: ChecksumRecord, wanted: dict) -> dict[str, torch.UntypedStorage]:
+    """Storages of requested tensors that the file's bytes can be read into directly: contiguous CPU tensors that
+    own their whole storage, of the recorded size, for storages reached by that one key path only."""
+    reached = Counter(record.by_key_path.values())
+    into: dict[str, torch.UntypedStorage] = {}
+    seen: set[int] = set()
+    for key_path, dst in _requested_leaves(state_dict, ()):
+        key = record.by_key_path.get(key_path)
+        if (key is None or key not in wanted or reached[key] != 1 or not isinstance(dst, torch.Tensor)
+                or dst.device.type != "cpu" or dst.layout != torch.strided or not dst.is_contiguous()
+                or dst.storage_offset() != 0):
+            continue
+        storage = dst.untyped_storage()
+        if storage.nbytes() == wanted[key][1] == dst.numel() * dst.element_size() and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())  # two requested tensors sharing memory: only the first is read into
+            into[key] = storage
+    return into
+
+
+def _laid_out_as(loaded: Any, state_dict: dict, record: ChecksumRecord, into: dict) -> bool:
+    """Whether every tensor built on a target's storage has that target's dtype, shape and strides."""
+    targets = dict(_requested_leaves(state_dict, ()))
+    for key_path, tensor in iter_leaves(loaded):
+        key = record.by_key_path.get(key_path) if isinstance(tensor, torch.Tensor) else None
+        if key in into:
+            dst = targets.get(key_path)
+            if not (isinstance(dst, torch.Tensor) and tensor.dtype == dst.dtype and tensor.shape == dst.shape
+                    and tensor.stride() == dst.stride() and tensor.storage_offset() == 0):
+                return False
+    return True
 
 
 def _requested_paths(target: Any, prefix: tuple) -> Any:

@@ -280,3 +280,13 @@ def test_the_parallel_load_reads_the_file_it_opened_when_the_path_is_replaced(tm
     reader = lc.CheckpointReader()
     assert_equal_state(reader.read(path)[0], _state(1.0))
     assert reader.last_read_stats is not None and not os.path.exists(newer)
+
+
+def test_a_partial_read_reads_into_matching_target_tensors_in_place(tmp_path):
+    state = {"w": torch.arange(4096, dtype=torch.float32), "m": torch.full((8, 16), 3.0), "other": torch.ones(10)}
+    path = write_ours(tmp_path / "a.ckpt", state)
+    w, reshaped = torch.zeros(4096), torch.zeros(16, 8)  # same bytes as "m", other shape: not read into
+    address = w.data_ptr()
+    out, _ = lc.CheckpointReader().read(path, {"w": w, "m": reshaped})
+    assert out["w"] is w and w.data_ptr() == address and torch.equal(w, state["w"])
+    assert out["m"] is not reshaped and torch.equal(out["m"], state["m"]) and torch.count_nonzero(reshaped) == 0
