@@ -133,6 +133,16 @@ def run_e2e(a: argparse.Namespace, scratch: str, logs: str) -> list[dict[str, An
     return out
 
 
+def run_sharded(a: argparse.Namespace, scratch: str, logs: str) -> list[dict[str, Any]] | dict[str, Any]:
+    """The sharded (DCP) rows on 2 gloo ranks, in their own processes (``benchmarks.sharded``)."""
+    args = ["--size-mib", str(a.sharded_mib), "--reps", str(a.reps), "--scratch", scratch]
+    out, facts = run_child("benchmarks.sharded", args, os.path.join(logs, "sharded.json"),
+                           os.path.join(logs, "sharded.log"), 2 * a.row_timeout)
+    for r in out if isinstance(out, list) else []:
+        r["machine"] = facts
+    return out
+
+
 def _status(r: dict[str, Any]) -> str:
     """One word about a row: ok, skipped or error."""
     return "skipped" if r.get("skipped") else "ERROR" if r.get("error") else "ok"
@@ -333,6 +343,8 @@ def plot(result: dict[str, Any], path: str) -> str | None:
     tables = result["micro"]
     panels = len(tables) + (1 if result.get("consecutive_plot") else 0) + (1 if result.get("e2e") else 0)
     panels += 1 if result.get("small") else 0
+    if not panels:
+        return "nothing to plot (no micro or e2e rows)"
     fig, axes = plt.subplots(panels, 1, figsize=(11, 4.2 * panels), squeeze=False)
     axes = list(axes[:, 0])
     for device, table in tables.items():
@@ -415,6 +427,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from benchmarks import small_rows
 
     small_rows.add_args(ap)
+    ap.add_argument("--sharded", action="store_true", help="also run the sharded (DCP) rows on 2 gloo ranks")
+    ap.add_argument("--sharded-mib", type=float, default=256, help="sharded: tensor MiB per rank")
+    ap.add_argument("--remote", action="store_true",
+                    help="also the remote row (an S3 server on 127.0.0.1; benchmarks.remote)")
+    ap.add_argument("--remote-size-mib", type=float, default=128, help="remote: tensor MiB of the checkpoint")
     return ap.parse_args(argv)
 
 
@@ -479,14 +496,21 @@ def main(argv: list[str] | None = None) -> int:
             _progress(f"e2e: {a.e2e_param_mib:.0f} MiB params + Adam, {a.e2e_steps} steps, save every {a.e2e_every}")
             result["e2e"] = run_e2e(a, scratch, logs)
             evaluate_e2e(result["e2e"])
-        if not a.skip_small:
+        if not a.skip_small and not a.skip_micro:  # part of the micro suite
             from benchmarks import small_rows
 
             _progress(f"small tensors: counts {small_rows.counts(a)}; partial load of the {a.size_gib} GiB state")
             result["small"] = small_rows.run_small(a, scratch, logs, run_child, _progress)
+        if a.sharded:
+            _progress(f"sharded: 2 gloo ranks, {a.sharded_mib:.0f} MiB per rank, reps={a.reps}")
+            result["sharded"] = run_sharded(a, scratch, logs)
     finally:
         if not a.keep_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
+    if a.remote:
+        remote_args = ["--size-mib", str(a.remote_size_mib), "--reps", str(a.reps)]
+        result["remote"], _ = run_child("benchmarks.remote", remote_args, os.path.join(logs, "remote.json"),
+                                        os.path.join(logs, "remote.log"), a.row_timeout)
     result["meta"]["wall_s"] = time.perf_counter() - t0
     result["consecutive_plot"] = {
         f"{d}:{r['name']}": r["consecutive"]["extra_host_mib"]
@@ -505,6 +529,17 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"\n== many small tensors (largest count; targets vs {small_rows.TORCH}) and partial load ==")
         print(small_rows.table(result["small"], _render))
+    if result.get("sharded"):
+        from benchmarks.sharded import table as sharded_table
+
+        print(f"\n== sharded [2 gloo ranks, {a.sharded_mib:.0f} MiB per rank] "
+              "(times: slowest rank, median (min-max) s) ==")
+        rows = result["sharded"]
+        print(sharded_table(rows) if isinstance(rows, list) else f"ERROR: {rows['error']}")
+    if result.get("remote"):
+        from benchmarks.remote import table as remote_table
+
+        print("\n" + (remote_table(result["remote"]) if "rows" in result["remote"] else f"remote: {result['remote']}"))
     json_path = os.path.join(a.out, f"bench-{stamp}.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)

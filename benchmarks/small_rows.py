@@ -19,7 +19,7 @@ TORCH = "anchor.torch_save"
 
 def add_args(ap: argparse.ArgumentParser) -> None:
     """The CLI options of these rows."""
-    ap.add_argument("--skip-small", action="store_true", help="skip the many-small-tensors and partial-load rows")
+    ap.add_argument("--skip-small", action="store_true", help="skip the many-small-tensors and partial-load rows (--skip-micro skips them too)")
     ap.add_argument("--small-count", type=int, default=None,
                     help="tensors in the small-tensor row (default 100000; 20000 when --size-gib < 1)")
     ap.add_argument("--small-base-count", type=int, default=10_000,

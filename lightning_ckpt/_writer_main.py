@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import logging
 import mmap
@@ -13,6 +14,7 @@ import socket
 import sys
 import traceback
 from multiprocessing.connection import Connection
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from lightning_ckpt.barriers import KeyedBarrier, barrier_report_error, barrier_wait
@@ -87,7 +89,7 @@ class _Server:
             RequestType.INIT: self._init, RequestType.PING: lambda r: None,
             RequestType.WRITE_CHECKPOINT: self._write_checkpoint, RequestType.WRITE_PREPARED: self._write_prepared,
             RequestType.ADD_BUFFER: self._add_buffer, RequestType.DROP_BUFFER: self._drop_buffer,
-            RequestType.TERMINATE_PROCESS: lambda r: None,
+            RequestType.TERMINATE_PROCESS: lambda r: None, RequestType.WRITE_SHARDS: self._write_shards,
         }
 
     def serve(self) -> None:
@@ -184,17 +186,29 @@ class _Server:
 
     def _write_prepared(self, request: WorkerRequest) -> dict[str, Any]:
         p = request.payload
-        buffer_id = p["buffer_id"]
+        with self._staged_view(p["buffer_id"]) as view:
+            stats = self.writer.write_prepared(p["path"], p["prepared"], view, save_key=p["save_key"],
+                                               defer_cleanup=True, after_commit=p["after_commit"])
+        return {"stats": stats}
+
+    def _write_shards(self, request: WorkerRequest) -> dict[str, Any]:
+        p = request.payload
+        direct_io = getattr(getattr(self.writer, "config", None), "use_direct_io", True)
+        with self._staged_view(p["buffer_id"]) as view:
+            return {"files": write_shard_files(p["path"], p["token"], p["items"], view, fsync=p["fsync"],
+                                               direct_io=direct_io)}
+
+    @contextlib.contextmanager
+    def _staged_view(self, buffer_id: int | None) -> Iterator[memoryview | None]:
+        """A view of staging buffer ``buffer_id`` (None: no buffer) for one write, released after it."""
         if buffer_id in self.unmapped:
             raise StagingBufferMapError(self.unmapped.pop(buffer_id))
         view = memoryview(self.buffers[buffer_id]) if buffer_id is not None else None
         try:
-            stats = self.writer.write_prepared(p["path"], p["prepared"], view, save_key=p["save_key"],
-                                               defer_cleanup=True, after_commit=p["after_commit"])
+            yield view
         finally:
             if view is not None:
                 _release(view)
-        return {"stats": stats}
 
     def _add_buffer(self, request: WorkerRequest) -> None:
         buffer_id, nbytes = request.payload["buffer_id"], request.payload["nbytes"]
@@ -239,6 +253,34 @@ class _Server:
         mapping = self.buffers.pop(request.payload["buffer_id"], None)
         if mapping is not None:
             mapping.close()
+
+
+def write_shard_files(final_path: str, token: str, items: list[tuple[str, Any]], buffer: memoryview | None, *,
+                      fsync: bool, direct_io: bool) -> list[dict[str, Any]]:
+    """Write staged DCP chunks, one file each, into the directory temp ``token`` of ``final_path`` (which the
+    coordinator created and commits).
+
+    An item is ``(file name, bytes)`` (written as is) or ``(file name, PreparedCheckpoint)``: a ``torch.save``
+    zip whose tensor bytes are read from ``buffer`` (large staged records with O_DIRECT), each record hashed
+    from the memory it is written from. Returns, per file, its ``name``, ``nbytes`` and either the ``xxh3`` of
+    its bytes or the xxh3 of each zip record (``records``: ``data.pkl``, ``data/<key>``).
+    """
+    from lightning_ckpt.checkpoint_file import write_file
+    from lightning_ckpt.commit import Commit
+    from lightning_ckpt.torch_zip import checksum
+
+    files = []
+    with Commit.join(final_path, token, fsync=fsync) as commit:
+        for name, data in items:
+            if isinstance(data, (bytes, bytearray)):
+                commit.write_bytes(name, data)
+                files.append({"name": name, "nbytes": len(data), "xxh3": checksum(data)})
+                continue
+            record = write_file(os.path.join(commit.path, name), data, buffer, direct_io=direct_io,
+                                opener=commit.opener(name), fsync=fsync)
+            sums = {"data.pkl": record.data_pkl_xxh3, **{f"data/{k}": r.xxh3 for k, r in record.records.items()}}
+            files.append({"name": name, "nbytes": commit.size(name), "records": sums})
+    return files
 
 
 def _error_text(exc: BaseException, context: str | None = None) -> str:

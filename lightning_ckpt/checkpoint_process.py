@@ -215,16 +215,40 @@ class CheckpointProcess(PicklableBeforeUse):
         """
         with self._lock:
             link = self._usable_link()
-            buffer_id = buffer.id if buffer is not None else None
-            if buffer is not None and buffer.id not in self._buffers:
-                link.submit(WorkerRequest(RequestType.ADD_BUFFER, {"buffer_id": buffer.id, "nbytes": buffer.nbytes}),
-                            f"mapping staging buffer {buffer.id}", fd=buffer.fd)
-                self._buffers.add(buffer.id)
+            buffer_id = self._map_buffer(link, buffer)
             request = WorkerRequest(RequestType.WRITE_PREPARED, {
                 "path": path, "prepared": prepared, "buffer_id": buffer_id, "save_key": save_key,
                 "after_commit": after_commit}, next(self._ids))
             return link.submit(request, f"writing {path}", self.config.write_timeout_secs, "write_timeout_secs",
                                _write_result(path, lambda: self._buffers.discard(buffer_id)))
+
+    def write_shards(self, path: str, token: str, items: list[tuple[str, Any]], buffer: "StagingBuffer | None",
+                     fsync: bool = True) -> Future:
+        """Send one rank's staged DCP chunks (``_writer_main.write_shard_files``: ``items`` are ``(file name,
+        bytes or PreparedCheckpoint)``, written into the directory temp ``token`` of ``path``); returns at once.
+
+        Returns:
+            A future of the written files (name, size, checksums), or failing with the writer's error.
+        """
+        with self._lock:
+            link = self._usable_link()
+            buffer_id = self._map_buffer(link, buffer)
+            request = WorkerRequest(RequestType.WRITE_SHARDS, {
+                "path": path, "token": token, "items": items, "buffer_id": buffer_id, "fsync": fsync},
+                next(self._ids))
+            return link.submit(request, f"writing the shards of {path}", self.config.write_timeout_secs,
+                               "write_timeout_secs",
+                               _write_result(path, lambda: self._buffers.discard(buffer_id), result_key="files"))
+
+    def _map_buffer(self, link: WriterLink, buffer: "StagingBuffer | None") -> int | None:
+        """Send ``buffer`` to the writer unless it has it mapped (call with ``_lock`` held); returns its id."""
+        if buffer is None:
+            return None
+        if buffer.id not in self._buffers:
+            link.submit(WorkerRequest(RequestType.ADD_BUFFER, {"buffer_id": buffer.id, "nbytes": buffer.nbytes}),
+                        f"mapping staging buffer {buffer.id}", fd=buffer.fd)
+            self._buffers.add(buffer.id)
+        return buffer.id
 
     def drop_buffer(self, buffer_id: int) -> None:
         """Tell the writer to unmap a buffer the stager freed."""
@@ -354,10 +378,11 @@ def _init_result(response: WorkerResponse) -> None:
                                    f"functions):\n{response.error_msg}")
 
 
-def _write_result(path: str, on_unmapped: Callable[[], None] | None) -> Callable[[WorkerResponse], Any]:
-    def interpret(response: WorkerResponse) -> WriteStats | None:
+def _write_result(path: str, on_unmapped: Callable[[], None] | None,
+                  result_key: str = "stats") -> Callable[[WorkerResponse], Any]:
+    def interpret(response: WorkerResponse) -> WriteStats | Any:
         if response.success:
-            return (response.payload or {}).get("stats")
+            return (response.payload or {}).get(result_key)
         if response.error_type == BUFFER_MAP_ERROR and on_unmapped is not None:
             on_unmapped()  # sent again with the next write
         raise CheckpointWriteError(f"writing {path} failed in the writer process ({response.error_type}):\n"

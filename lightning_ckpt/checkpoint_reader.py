@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lightning_ckpt import layout
+from lightning_ckpt import layout, paths
 from lightning_ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
 from lightning_ckpt.read_engine import DEFAULT_READ_THREADS, ReadStats
 from lightning_ckpt.serialization import iter_leaves, path_str
@@ -72,7 +72,10 @@ class CheckpointReader:
         """Read a checkpoint.
 
         Args:
-            path: a checkpoint directory (``checkpoint_<rank>.pt`` inside) or a checkpoint file.
+            path: a checkpoint directory (``checkpoint_<rank>.pt`` inside) or a checkpoint file; or a remote URL
+                (``s3://``; endpoint from ``AWS_ENDPOINT_URL`` and the like, or a ``paths.RemotePath`` with its
+                storage options): a directory's manifest names this rank's object, which is downloaded and read
+                like a local file.
             state_dict: for a partial read, the keys to load: its tensors are filled in place (same shape) and
                 other leaves replaced; only those tensors' bytes are read. None reads everything.
             map_location: as in ``torch.load``.
@@ -93,6 +96,8 @@ class CheckpointReader:
             _log_once(f"kwargs:{sorted(kwargs)}", logging.WARNING,
                       "CheckpointReader.read ignores unknown keyword arguments %s", sorted(kwargs))
         verify = self.verify if verify is None else verify
+        if paths.is_remote(path):
+            return self._read_remote(paths.resolve(path), state_dict, map_location, weights_only, verify)
         path = os.fspath(path)
         for attempt in range(_DIRECTORY_ATTEMPTS):
             before = _identity(path)
@@ -121,6 +126,28 @@ class CheckpointReader:
                     return loaded, []
                 return state_dict, _fill(state_dict, loaded, source.opened.path, None, map_location, owned=True)
         return _read_with_torch_load(source.opened, record, state_dict, map_location, weights_only, verify)
+
+
+    def _read_remote(self, location: Any, state_dict: STATE_DICT | None, map_location: Any,
+                     weights_only: bool | None, verify: bool) -> tuple[STATE_DICT, list[str]]:
+        """A remote checkpoint: download this rank's object (a directory's requires its manifest), then read the
+        download like a local file, checked against the manifest's size and digest."""
+        from lightning_ckpt import remote_dirs
+        from lightning_ckpt.commit import remove_path
+
+        local, url, entry = remote_dirs.fetch_for_read(location, self.rank_info.global_rank)
+        dir_fd = os.open(os.path.dirname(local), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            name = os.path.basename(local)
+            shown = url.rsplit("/", 1)[0]
+            opened = open_rank_file(shown, dir_fd, name, entry) if entry else OpenedFile(url, dir_fd=dir_fd, name=name)
+        finally:
+            os.close(dir_fd)
+            remove_path(local)  # the descriptor keeps the bytes until the read ends
+        try:
+            return _read_source(_Source(url, opened, entry), state_dict, map_location, weights_only, verify)
+        finally:
+            opened.close()
 
 
 def _identity(path: str) -> tuple[int, int] | None:

@@ -8,12 +8,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from lightning_ckpt import commit, layout, paths
+from lightning_ckpt import commit, layout, paths, remote_dirs
 from lightning_ckpt.barriers import Barrier, KeyedBarrier, barrier_report_error, barrier_wait
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint, read_checksum_record, write_file
 from lightning_ckpt.commit import Commit
 from lightning_ckpt.errors import IncompleteCheckpointError
 from lightning_ckpt.manifest import Manifest, ManifestFile
+from lightning_ckpt.remote import RemoteUpload
 from lightning_ckpt.types import STATE_DICT, RankInfo
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,10 @@ class CheckpointWriter:
                 after reporting the commit, so the caller does not wait for it).
             after_commit: called with the committed path (e.g. ``remote.RemoteUpload``); what it returns goes into
                 ``WriteStats.extra`` (its ``"path"``, where the checkpoint now is, replaces ``WriteStats.path``),
-                and when it raises the write fails.
+                and when it raises the write fails. A ``RemoteUpload`` names the checkpoint's real place: with
+                layout ``"dir"`` each rank uploads its object into a fresh generation and rank 0 writes the
+                manifest last (``remote_dirs``); with ``stream_from_staging`` the parts are serialized from
+                ``buffer`` straight into the upload and nothing is written locally.
             hook_kwargs: keyword arguments for the commit hook.
         """
         path = paths.local_path(path)
@@ -150,8 +154,13 @@ class CheckpointWriter:
         key = save_key or f"{os.path.basename(path)}-{self._seq}"
         hook_kwargs = {k: v for k, v in (hook_kwargs or {}).items() if k not in ("save_key", "after_commit")}
         hook_kwargs["rank_info"] = self.rank_info
+        upload = after_commit if isinstance(after_commit, RemoteUpload) else None
+        if upload is not None and not (self.config.layout == layout.LAYOUT_DIR or upload.config.stream_from_staging):
+            upload = None  # committed locally first, then uploaded by after_commit
         try:
-            if self.config.layout == layout.LAYOUT_FILE:
+            if upload is not None:
+                stats = self._write_remote(upload, prepared, buffer, key, hook_kwargs)
+            elif self.config.layout == layout.LAYOUT_FILE:
                 stats = self._write_single(path, prepared, buffer, key, hook_kwargs)
             else:
                 stats = self._write_dir(path, prepared, buffer, key, hook_kwargs)
@@ -162,7 +171,7 @@ class CheckpointWriter:
         finally:
             if not defer_cleanup:
                 self.remove_replaced()
-        if after_commit is not None:
+        if after_commit is not None and upload is None:
             stats.extra.update(after_commit(stats.path) or {})
             stats.path = stats.extra.get("path", stats.path)
         self.last_write_stats = stats
@@ -250,6 +259,83 @@ class CheckpointWriter:
         self._hook("post_commit", path, hook_kwargs)
         return WriteStats(path, nbytes, written - start, time.perf_counter() - written)
 
+    # ------------------------------------------------------------------ remote (no local commit of the checkpoint)
+
+    def _write_remote(self, upload: RemoteUpload, prepared: PreparedCheckpoint, buffer: memoryview | None,
+                      key: str, hook_kwargs: dict) -> WriteStats:
+        """Layout file: one object streamed from ``buffer``. Layout dir: this rank's object in a fresh generation
+        (named by rank 0 at barrier point temp), then rank 0 writes the manifest, the commit, after every rank's
+        upload completed (barrier point written); a failure on any rank leaves the manifest as it was."""
+        url, rank, world = upload.target.url, self.rank_info.global_rank, self.rank_info.global_world_size
+        start = time.perf_counter()
+        if self.config.layout == layout.LAYOUT_FILE:
+            nbytes = remote_dirs.stream_prepared(upload, prepared, buffer,
+                                                 before_complete=lambda: self._hook("pre_commit", url, hook_kwargs))
+            self._hook("post_commit", url, hook_kwargs)
+            elapsed = time.perf_counter() - start
+            return WriteStats(url, nbytes, elapsed, 0.0, {"path": url, "upload_secs": elapsed})
+        generation = remote_dirs.new_generation() if rank == 0 else None
+        if world > 1:
+            self._check_keyed_barrier()
+            generation = self.barrier.share(generation, key=f"{key}/temp")
+
+        def put_rank_object() -> int:
+            nbytes = self._put_rank_object(remote_dirs.rank_upload(upload, generation, rank), prepared, buffer)
+            self._hook("pre_commit", url, hook_kwargs)
+            return nbytes
+
+        nbytes = self._report_failure(f"{key}/written", put_rank_object)
+        written = time.perf_counter()
+        if world > 1:
+            self._barrier_wait(f"{key}/written")
+        if rank == 0:
+            self._commit_remote_dir(upload, generation, prepared.metadata, key)
+        if world > 1:
+            barrier_wait(self.barrier, f"{key}/committed")
+        self._hook("post_commit", url, hook_kwargs)
+        return WriteStats(url, nbytes, written - start, time.perf_counter() - written,
+                          {"path": url, "generation": generation})
+
+    def _put_rank_object(self, upload: RemoteUpload, prepared: PreparedCheckpoint, buffer: memoryview | None) -> int:
+        """Upload this rank's object: streamed from ``buffer``, or committed in the local cache, uploaded, freed."""
+        if upload.config.stream_from_staging:
+            return remote_dirs.stream_prepared(upload, prepared, buffer)
+        local = upload.target.cache_path()
+        self._prepare_dir(os.path.dirname(local))
+        c = Commit.create(local, fsync=self.config.enable_fsync)
+        try:
+            nbytes = self._write_rank_file(c, None, prepared, buffer)
+            c.publish()
+        except BaseException:
+            c.abort()
+            raise
+        self._done(c)
+        try:
+            upload(local)  # removes the local copy once the object is complete
+        except BaseException:
+            commit.remove_path(local)  # a failed generation's copy is never uploaded again
+            raise
+        return nbytes
+
+    def _commit_remote_dir(self, upload: RemoteUpload, generation: str, metadata: dict, key: str) -> None:
+        """Rank 0: every rank's object is there; the manifest naming them goes up in one PUT (the commit)."""
+        world = self.rank_info.global_world_size
+        try:
+            files = remote_dirs.collect_files(upload, generation, world)
+            remote_dirs.publish_manifest(upload, Manifest(world, files, metadata, _version(), _torch_version()))
+        except BaseException as e:
+            if world > 1:
+                barrier_report_error(self.barrier, f"{key}/committed", f"commit failed: {type(e).__name__}: {e}")
+            raise
+        self._published.append(remote_dirs.ReplacedGenerations(upload, generation))
+
+    def _check_keyed_barrier(self) -> None:
+        if not isinstance(self.barrier, KeyedBarrier):
+            raise ValueError(
+                f"a {self.rank_info.global_world_size}-rank checkpoint needs a barrier that can share the temp "
+                f"directory's name ('dist' or 'tcp_store', or a KeyedBarrier), got {type(self.barrier).__name__}"
+            )
+
     def _report_failure(self, point: str, step: Any) -> Any:
         """Run ``step``; if it raises, tell the other ranks waiting at barrier ``point`` before re-raising."""
         try:
@@ -264,11 +350,8 @@ class CheckpointWriter:
         if os.path.lexists(path) and not os.path.isdir(path):
             raise NotADirectoryError(f"checkpoint directory path exists and is not a directory: {path}")
         self._prepare_dir(os.path.dirname(path))
-        if self.rank_info.global_world_size > 1 and not isinstance(self.barrier, KeyedBarrier):
-            raise ValueError(
-                f"a {self.rank_info.global_world_size}-rank checkpoint needs a barrier that can share the temp "
-                f"directory's name ('dist' or 'tcp_store', or a KeyedBarrier), got {type(self.barrier).__name__}"
-            )
+        if self.rank_info.global_world_size > 1:
+            self._check_keyed_barrier()
         if self.rank_info.global_rank != 0:
             return None
         return Commit.create(path, directory=True, fsync=self.config.enable_fsync)

@@ -13,7 +13,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lightning_ckpt import paths
+from lightning_ckpt import paths, remote_dirs
 from lightning_ckpt.checkpoint_process import CheckpointProcess
 from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpoint_writer import CheckpointWriter
@@ -91,9 +91,10 @@ class SyncCheckpointer(Checkpointer):
         """Write and commit ``state_dict`` at ``path`` (what it cost: ``last_save_stats``).
 
         Args:
-            path: final path.
+            path: final path: local, or remote (``s3://bucket/ckpt``, see ``remote_dirs``: one object, or with
+                layout ``"dir"`` a generation of rank objects committed by its manifest).
             state_dict: what to save.
-            **kwargs: passed to the writer's ``write`` (and its hooks); ours: ``metadata``.
+            **kwargs: passed to the writer's ``write`` (and its hooks); ours: ``metadata``, ``after_commit``.
 
         Raises:
             CheckpointError: the checkpointer is closed.
@@ -102,6 +103,10 @@ class SyncCheckpointer(Checkpointer):
         if self._closed:
             raise CheckpointError("SyncCheckpointer is closed")
         start = time.perf_counter()
+        path, after_commit = remote_dirs.remote_destination(path, kwargs.get("after_commit"),
+                                                            remote_dirs.SYNC_REMOTE_TIMEOUT_SECS)
+        if after_commit is not None:
+            kwargs = {**kwargs, "after_commit": after_commit}
         stats = _written(self.writer, self.writer.write(path, state_dict, **kwargs))
         elapsed = time.perf_counter() - start
         self.last_save_stats = SaveStats(getattr(stats, "path", None) or os.fspath(path), getattr(stats, "nbytes", 0), elapsed, elapsed,
@@ -225,7 +230,11 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
             self._wait_for_slot()
         self._seq += 1
         save_key = new_save_key()
-        path = paths.local_path(path)
+        # A remote path: its local cache path, and the upload (or, for a directory, the generation and manifest).
+        path, after_commit = remote_dirs.remote_destination(path, kwargs.get("after_commit"),
+                                                            0.8 * self.process.config.write_timeout_secs)
+        if after_commit is not None:
+            kwargs = {**kwargs, "after_commit": after_commit}
         start = time.perf_counter()
         try:
             staged = self._stage(state_dict, kwargs)
@@ -364,7 +373,8 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
 
     def wait_for_path(self, path: str | os.PathLike, timeout_secs: float | None = None) -> None:
         """Block until no save of ``path`` is pending (its error, if any, stays pending for ``check_for_errors``)."""
-        path = os.path.abspath(os.fspath(path))
+        location = paths.resolve(path)
+        path = location.cache_path() if isinstance(location, paths.RemotePath) else location
         with self._lock:
             entries = [e for e in self._inflight if e.path == path]
         for entry in entries:

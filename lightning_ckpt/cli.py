@@ -71,6 +71,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def _format(info: dict[str, Any]) -> str:
     lines = [f"path:     {info['path']}", f"status:   {info['status']}" + (f" ({info['detail']})" if info["detail"] else "")]
     lines.append(f"bytes:    {info['bytes']} in {len(info['files'])} file(s)")
+    if "chunks" in info:
+        lines.append(f"chunks:   {info['chunks']} ({info['chunk_bytes']} bytes; a sharded DCP checkpoint)")
     for key in ("world_size", "epoch", "global_step", "step"):
         if key in info:
             lines.append(f"{key + ':':<9} {info[key]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import stat
@@ -14,6 +15,13 @@ from lightning_ckpt.checkpoint_reader import (
 )
 from lightning_ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
 from lightning_ckpt.verification import OpenedFile, is_temp, read_checksum_record, verify_records
+
+# A DCP directory's manifest says ``"layout": "dcp"`` (``lightning_ckpt.dcp.manifest``, not imported here: it pulls
+# in torch.distributed.checkpoint); DCP names its pickled metadata ``.metadata``.
+_DCP_LAYOUT, _DCP_METADATA_NAME = "dcp", ".metadata"
+# Lightning's non-tensor state in a sharded checkpoint directory (``lightning.fabric.utilities.load``'s
+# ``_METADATA_FILENAME``).
+_LIGHTNING_META_NAME = "meta.pt"
 
 VERIFIED, COMPLETE, UNVERIFIED = "verified", "complete", "unverified"
 INCOMPLETE, CORRUPT, MISSING, UNREADABLE = "incomplete", "corrupt", "missing", "unreadable"
@@ -87,6 +95,8 @@ def _check_directory(path: str, deep: bool) -> CheckResult:
         if layout.MANIFEST_NAME not in names:
             return _check_unmanifested(path, dir_fd, names)
         manifest = read_manifest(path, dir_fd)
+        if manifest.get("layout") == _DCP_LAYOUT:
+            return _check_dcp_directory(path, dir_fd, names, manifest, deep)
         result = CheckResult(path, VERIFIED if deep else COMPLETE, manifest=manifest)
         world = manifest.get("world_size")
         ranks = range(world) if isinstance(world, int) and world > 0 else ()
@@ -109,7 +119,75 @@ def _check_directory(path: str, deep: bool) -> CheckResult:
         os.close(dir_fd)
 
 
+def _check_dcp_directory(path: str, dir_fd: int, names: set[str], manifest: dict, deep: bool) -> CheckResult:
+    """A committed DCP directory (``lightning_ckpt.dcp.StorageWriter``): every file it lists with its size, the
+    whole-file checksums (DCP's pickled ``.metadata``, Lightning's ``meta.pt``: hashed, never unpickled), every
+    chunk inside its file, and with ``deep`` every chunk's bytes against its xxh3."""
+    from lightning_ckpt.dcp.manifest import METADATA_NAME
+
+    files, chunks = manifest["files"], _dcp_chunks(path, manifest)
+    if METADATA_NAME not in files:
+        raise CorruptCheckpointError(f"corrupt checkpoint {path}: its manifest lists no {METADATA_NAME}",
+                                     path=os.path.join(path, layout.MANIFEST_NAME), key="files")
+    result = CheckResult(path, VERIFIED if deep else COMPLETE, manifest=manifest)
+    for name, entry in sorted(files.items()):
+        if name not in names:
+            raise IncompleteCheckpointError(f"incomplete checkpoint: {path} lacks {name}, which its manifest lists")
+        with open_rank_file(path, dir_fd, name, entry) as opened:
+            result.hashed_bytes += _check_dcp_file(opened, name, entry, chunks.get(name, []), deep)
+        result.files.append(opened.path)
+    unlisted = sorted(set(chunks) - set(files))
+    if unlisted:
+        raise CorruptCheckpointError(f"corrupt checkpoint {path}: chunks in {unlisted}, which its manifest does not "
+                                     "list as files", path=os.path.join(path, layout.MANIFEST_NAME), key=unlisted[0])
+    return result
+
+
+def _dcp_chunks(path: str, manifest: dict) -> dict[str, list[tuple[int, int, dict]]]:
+    """``{file name: [(offset, nbytes, entry)]}`` from a DCP manifest's chunk records (keys ``<file>@<offset>``);
+    an entry holds the chunk's xxh3, or (a chunk the writer process wrote as a torch zip) each record's."""
+    chunks: dict[str, list[tuple[int, int, dict]]] = {}
+    raw = manifest.get("chunks")
+    for key, entry in (raw.items() if isinstance(raw, dict) else [(None, None)]):
+        name, _, offset = str(key).rpartition("@")
+        if not (name and offset.isdigit() and isinstance(entry, dict) and isinstance(entry.get("nbytes"), int)
+                and (isinstance(entry.get("xxh3"), str) or _is_record_map(entry.get("records")))):
+            raise CorruptCheckpointError(f"malformed manifest {os.path.join(path, layout.MANIFEST_NAME)}: chunk "
+                                         f"record {key!r}: {entry!r}", path=path, key="chunks")
+        chunks.setdefault(name, []).append((int(offset), entry["nbytes"], entry))
+    return chunks
+
+
+def _is_record_map(records: Any) -> bool:
+    return isinstance(records, dict) and bool(records) and all(isinstance(v, str) for v in records.values())
+
+
+def _check_dcp_file(opened: OpenedFile, name: str, entry: dict, chunks: list[tuple[int, int, dict]],
+                    deep: bool) -> int:
+    """Checks one file of a DCP directory (its size was checked on opening); returns the bytes hashed."""
+    from lightning_ckpt.dcp.manifest import chunk_key, verify_bytes, verify_chunk
+
+    if "xxh3" in entry:  # a small whole file (.metadata, meta.pt): always hashed, as a file's data.pkl is
+        verify_bytes(opened.path, name, opened.read_span((0, opened.size)), entry["xxh3"])
+    for offset, nbytes, _ in chunks:
+        if offset + nbytes > opened.size:
+            raise CorruptCheckpointError(f"corrupt checkpoint {opened.path}: chunk at {offset} ({nbytes} bytes) "
+                                         f"ends past the file's {opened.size} bytes", path=opened.path,
+                                         key=chunk_key(name, offset))
+    if not deep or not chunks or opened.size == 0:
+        return opened.size if "xxh3" in entry else 0
+    with mmap.mmap(opened.fd, 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+        for offset, nbytes, chunk_entry in sorted(chunks, key=lambda c: c[0]):
+            with view[offset:offset + nbytes] as chunk:
+                verify_chunk(opened.path, chunk_key(name, offset), chunk, chunk_entry)
+    return sum(n for _, n, _ in chunks) + (opened.size if "xxh3" in entry else 0)
+
+
 def _check_unmanifested(path: str, dir_fd: int, names: set[str]) -> CheckResult:
+    if _DCP_METADATA_NAME in names or any(n.endswith(".distcp") for n in names):
+        raise IncompleteCheckpointError(
+            f"incomplete checkpoint: {path} is a DCP directory without {layout.MANIFEST_NAME} (a sharded save that "
+            "never committed, or one by plain torch.distributed.checkpoint or a stock Lightning strategy)")
     files = []
     rank = 0
     while rank == 0 or f"checkpoint_{rank}.pt" in names:
@@ -135,6 +213,8 @@ def describe_checkpoint(path: str | os.PathLike, rank: int = 0) -> dict[str, Any
     if check.manifest is not None:
         out["world_size"] = check.manifest.get("world_size")
         out["versions"] = {k: check.manifest.get(k) for k in ("format", "lightning_ckpt_version", "torch_version")}
+    if check.manifest is not None and check.manifest.get("layout") == _DCP_LAYOUT:
+        return _describe_dcp(path, check.manifest, out)
     file_path = _rank_file(path, check, rank)
     if file_path is None:
         return out
@@ -148,6 +228,11 @@ def describe_checkpoint(path: str | os.PathLike, rank: int = 0) -> dict[str, Any
             out["structure"] = f"not loaded: {str(e).splitlines()[0][:300]}"
             state = None
     out["tensors"] = _tensors(state, record)
+    _add_state_fields(state, out)
+    return out
+
+
+def _add_state_fields(state: Any, out: dict[str, Any]) -> None:
     if isinstance(state, dict):
         for key in ("epoch", "global_step", "step"):
             if isinstance(state.get(key), (int, float)):
@@ -155,6 +240,23 @@ def describe_checkpoint(path: str | os.PathLike, rank: int = 0) -> dict[str, Any
         if "pytorch-lightning_version" in state:
             out.setdefault("versions", {})["lightning"] = str(state["pytorch-lightning_version"])
         out["top_level_keys"] = [str(k) for k in state]
+
+
+def _describe_dcp(path: str, manifest: dict, out: dict[str, Any]) -> dict[str, Any]:
+    """A DCP directory: its chunks, and epoch/step from Lightning's ``meta.pt`` (``weights_only``) when it has one."""
+    import torch
+
+    chunks = manifest.get("chunks") or {}
+    out["chunks"] = len(chunks)
+    out["chunk_bytes"] = sum(c.get("nbytes", 0) for c in chunks.values() if isinstance(c, dict))
+    if _LIGHTNING_META_NAME not in manifest.get("files", {}):
+        return out
+    try:
+        state = torch.load(os.path.join(path, _LIGHTNING_META_NAME), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError) as e:
+        out["structure"] = f"{_LIGHTNING_META_NAME} not loaded: {str(e).splitlines()[0][:300]}"
+        return out
+    _add_state_fields(state, out)
     return out
 
 

@@ -7,7 +7,7 @@ import os
 import re
 from typing import Callable
 
-from lightning_ckpt import paths, remote_files
+from lightning_ckpt import paths, remote_dirs
 from lightning_ckpt.integrity import check_checkpoint
 from lightning_ckpt.paths import RemotePath
 from lightning_ckpt.verification import is_temp
@@ -27,16 +27,17 @@ def pattern_regex(filename: str) -> re.Pattern:
 
 
 def is_complete(path: str, verify: bool = False, storage_options: dict | None = None) -> bool:
-    """True iff ``path`` is a committed checkpoint of ours: a file (or directory of rank files) with valid checksums.
+    """True iff ``path`` is a committed checkpoint of ours with valid checksums: a file, a directory of rank files,
+    or a sharded (DCP) directory of ``lightning_ckpt.dcp.StorageWriter`` (FSDP/ModelParallel strategies).
 
     Nothing is unpickled: the pickle bytes and, with ``verify=True``, every storage are checked against the
     checksum record straight from the file. What cannot be used (a temp name, a dangling symlink, a file removed
     meanwhile, a malformed record, a mismatch) is False, logged. A remote object's record is read with one ranged
-    GET of its tail (``verify`` downloads it).
+    GET of its tail (``verify`` downloads it); a remote directory's, from its manifest and a listing.
     """
     location = paths.resolve(path, storage_options)
     if isinstance(location, RemotePath):
-        return remote_files.is_complete(location, verify)
+        return remote_dirs.is_complete(location, verify)
     if is_temp(os.path.basename(path.rstrip(os.sep))):
         return False
     result = check_checkpoint(path, deep=verify)
@@ -73,7 +74,7 @@ def _listing(dirpath: str, storage_options: dict | None) -> list[tuple[str, str,
     """``(name, path, modified)`` of the entries of a local directory or of a remote prefix."""
     location = paths.resolve(dirpath, storage_options)
     if isinstance(location, RemotePath):
-        return [(o.path.name, o.path.url, lambda o=o: o.modified) for o in remote_files.list_checkpoints(location)]
+        return [(o.path.name, o.path.url, lambda o=o: o.modified) for o in remote_dirs.list_checkpoints(location)]
     try:
         names = os.listdir(location)
     except FileNotFoundError:
@@ -86,7 +87,8 @@ def find_latest_checkpoint(dirpath: str, filename: str = "step={step}", verify: 
     """The newest complete checkpoint in ``dirpath`` named by ``filename``, or None (usable as ``ckpt_path``).
 
     ``dirpath`` may be a remote prefix (``s3://bucket/run``; ``storage_options`` as the plugin's). ``verify=True``
-    also hashes every storage; neither unpickles anything from the files.
+    also hashes every storage (every chunk of a sharded directory); neither unpickles anything from the files.
+    A sharded directory without its manifest (never committed, or saved by plain DCP) is skipped, logged.
     """
     for _, path in reversed(matching_checkpoints(dirpath, filename, storage_options)):
         if is_complete(path, verify=verify, storage_options=storage_options):

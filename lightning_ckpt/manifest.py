@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from lightning_ckpt.errors import CorruptCheckpointError
 from lightning_ckpt.layout import FORMAT_VERSION
@@ -57,10 +57,8 @@ class ChecksumRecord:
         raw = _loads(data, path, "checksum record")
         check = _Checker(path, "checksum record")
         records = {}
-        for key, entry in check.dict(raw, "records").items():
-            entry = check.dict_value(entry, f"records[{key!r}]")
-            records[key] = RecordChecksum(check.int(entry, "nbytes", f"records[{key!r}]."),
-                                          check.str(entry, "xxh3", f"records[{key!r}]."))
+        for key, entry, prefix in check.entries(raw, "records"):
+            records[key] = RecordChecksum(check.int(entry, "nbytes", prefix), check.str(entry, "xxh3", prefix))
         key_paths = []
         for i, pair in enumerate(check.list(raw, "key_paths")):
             if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], list) and pair[1] in records):
@@ -109,12 +107,11 @@ class Manifest:
         raw = _loads(data, path, "manifest")
         check = _Checker(path, "manifest")
         files = {}
-        for name, entry in check.dict(raw, "files").items():
-            entry = check.dict_value(entry, f"files[{name!r}]")
+        for name, entry, prefix in check.entries(raw, "files"):
             digest = entry.get("data_pkl_xxh3")
             if digest is not None and not isinstance(digest, str):
-                check.fail(f"files[{name!r}].data_pkl_xxh3", "a string or null")
-            files[name] = ManifestFile(check.int(entry, "nbytes", f"files[{name!r}]."), digest)
+                check.fail(prefix + "data_pkl_xxh3", "a string or null")
+            files[name] = ManifestFile(check.int(entry, "nbytes", prefix), digest)
         created = raw.get("created_unix", 0.0)
         if not isinstance(created, (int, float)) or isinstance(created, bool):
             check.fail("created_unix", "a number")
@@ -177,7 +174,9 @@ class _Checker:
             self.fail(name, "a list")
         return value
 
-    def dict_value(self, value: Any, name: str) -> dict:
-        if not isinstance(value, dict):
-            self.fail(name, "an object")
-        return value
+    def entries(self, raw: dict, name: str) -> Iterator[tuple[str, dict, str]]:
+        """The ``(key, entry, field prefix)`` triples of an object of objects (each entry checked to be one)."""
+        for key, entry in self.dict(raw, name).items():
+            if not isinstance(entry, dict):
+                self.fail(f"{name}[{key!r}]", "an object")
+            yield key, entry, f"{name}[{key!r}]."

@@ -8,8 +8,10 @@ from typing import Any, Union
 
 # Protocols that name this machine's filesystem (``file:///abs/k`` is ``/abs/k``).
 LOCAL_PROTOCOLS = ("file", "local")
-# Remote protocols we write to, and the pip extra that brings their client.
-REMOTE_PROTOCOLS = {"s3": "s3", "s3a": "s3"}
+# Remote protocols we write to, and the protocol they are normalised to.
+REMOTE_PROTOCOLS = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs"}
+# Per normalised protocol: the pip extra and the module its client needs.
+REMOTE_EXTRAS = {"s3": ("s3", "aiobotocore"), "gs": ("gcs", "gcsfs")}
 # Local directory where remote checkpoints are committed before their upload and downloaded before loading.
 CACHE_DIR_ENV = "LIGHTNING_CKPT_CACHE_DIR"
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "lightning_ckpt")
@@ -19,12 +21,13 @@ _PROCESS_LOCAL = ("memory",)  # stores that live inside one process: the writer 
 
 @dataclass(frozen=True)
 class RemotePath:
-    """An object in a remote store: ``s3://bucket/key`` and the fsspec ``storage_options`` to reach it.
+    """An object in a remote store: ``s3://bucket/key`` or ``gs://bucket/key``, and the fsspec ``storage_options``
+    to reach it.
 
     It is deliberately not ``os.PathLike``: nothing may turn it into a local path by accident.
     """
 
-    protocol: str  # normalised: "s3"
+    protocol: str  # normalised: "s3" or "gs"
     bucket: str
     key: str
     storage_options: dict = field(default_factory=dict, compare=False, hash=False)
@@ -80,8 +83,8 @@ def resolve(path: Any, storage_options: dict | None = None) -> Location:
     """Resolve a checkpoint path once: a local absolute path (str), or a ``RemotePath``.
 
     Args:
-        path: a local path, ``file://`` URL, ``s3://bucket/key``, or a ``RemotePath`` (returned as is, with
-            ``storage_options`` merged over its own).
+        path: a local path, ``file://`` URL, ``s3://bucket/key``, ``gs://bucket/key`` (or ``gcs://``), or a
+            ``RemotePath`` (returned as is, with ``storage_options`` merged over its own).
         storage_options: fsspec options for a remote store (endpoint, credentials, client and config kwargs).
 
     Raises:
@@ -114,7 +117,7 @@ def _check_supported(protocol: str, text: str) -> None:
     if protocol in _PROCESS_LOCAL:
         raise ValueError(
             f"checkpoint path {text!r}: fsspec's {protocol}:// store lives inside one process, and checkpoints are "
-            "written from a separate writer process; use a local path, file://, or s3://"
+            "written from a separate writer process; use a local path, file://, s3:// or gs://"
         )
     if protocol not in REMOTE_PROTOCOLS:
         from fsspec.registry import known_implementations, registry
@@ -122,14 +125,14 @@ def _check_supported(protocol: str, text: str) -> None:
         known = protocol in known_implementations or protocol in registry
         what = "unsupported" if known else "unknown"
         raise ValueError(
-            f"checkpoint path {text!r}: {what} protocol {protocol!r}; lightning_ckpt writes local paths, file:// "
-            "and s3:// (any S3-compatible store, e.g. GCS through its XML API, MinIO, SeaweedFS)"
+            f"checkpoint path {text!r}: {what} protocol {protocol!r}; lightning_ckpt writes local paths, file://, "
+            "s3:// (any S3-compatible store: AWS, MinIO, SeaweedFS ...) and gs:// (Google Cloud Storage)"
         )
     import importlib.util
 
-    if importlib.util.find_spec("aiobotocore") is None:
-        extra = REMOTE_PROTOCOLS[protocol]
-        raise ImportError(f"checkpoint path {text!r} needs aiobotocore: pip install 'lightning_ckpt[{extra}]'")
+    extra, module = REMOTE_EXTRAS[REMOTE_PROTOCOLS[protocol]]
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"checkpoint path {text!r} needs {module}: pip install 'lightning_ckpt[{extra}]'")
 
 
 def is_remote(path: Any) -> bool:

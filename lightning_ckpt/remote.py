@@ -1,21 +1,21 @@
-"""Remote checkpoint objects on S3-compatible stores: a multipart upload is the commit; ranged download, copy, delete.
+"""Remote checkpoint objects (s3://, gs://): the protocol-independent upload, with a per-protocol store underneath.
 
-Every call goes through aiobotocore (``pip install 'lightning_ckpt[s3]'``), imported only in the process that makes
-the call, on a private event loop that is closed afterwards (no background threads remain). Endpoint and
-credentials come from ``storage_options`` (s3fs's names: ``endpoint_url``, ``key``, ``secret``, ``token``,
-``client_kwargs``, ``config_kwargs``) or else from botocore's standard places (``AWS_ENDPOINT_URL``,
-``AWS_ACCESS_KEY_ID``, ``~/.aws``).
+An upload is the commit: the object appears only when its store completes the upload (S3: CompleteMultipartUpload;
+GCS: the final chunk of a resumable session), and every failure, ``BaseException`` included, aborts it. Deadlines,
+part planning, the concurrency of parts and the sweep of stale uploads live here, once; ``remote_s3`` and
+``remote_gcs`` say how one request is made on their store (imported only in the process that makes a call).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 from lightning_ckpt.errors import CheckpointTimeoutError, CheckpointWriteError
 from lightning_ckpt.paths import RemotePath
@@ -28,9 +28,10 @@ MAX_PARTS = 10_000
 MAX_COPY_OBJECT_BYTES = 5 << 30  # larger objects are copied part by part
 _ABORT_TIMEOUT_SECS = 30.0
 _LIST_PAGES = 100  # at most 100k objects or uploads listed under one prefix
+STORES = {"s3": "lightning_ckpt.remote_s3", "gs": "lightning_ckpt.remote_gcs"}  # protocol -> store module
+STREAMING_PROTOCOLS = ("s3",)  # stores that take an upload of unknown total size (remote_stream)
 
-_swept_prefixes: set[tuple] = set()
-_sessions: dict[str | None, Any] = {}  # prefixes whose stale uploads this process already aborted
+_swept_prefixes: set[tuple] = set()  # prefixes whose stale uploads this process already aborted
 
 
 @dataclass
@@ -40,11 +41,16 @@ class RemoteConfig:
     Args:
         part_size_bytes: multipart part size (>= 5 MiB, S3's minimum; raised for files over 10,000 parts).
         max_concurrency: parts uploaded or ranges downloaded at once (each holds one part in memory).
-        max_attempts: attempts per request (botocore's standard retry mode: 5xx, throttling, dropped connections).
+        max_attempts: attempts per request (5xx, throttling, dropped connections are retried).
         connect_timeout_secs: None: derived from ``process_config.write_timeout_secs`` (at most 10 s).
         read_timeout_secs: None: derived from ``process_config.write_timeout_secs`` (at most 60 s).
-        no_overwrite_pattern: a regex; file names it matches (step-named ones) are completed with
-            ``If-None-Match: *``, so two runs never clobber each other's checkpoint ("" disables it).
+        no_overwrite_pattern: a regex; file names it matches (step-named ones) are completed only if no object
+            is there (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``), so two runs never clobber each
+            other's checkpoint ("" disables it).
+        stream_from_staging: upload parts straight from the staged bytes, with no commit to the local cache
+            first (for nodes without scratch disk; s3:// only). The staging buffer is then held until the upload
+            completes, not only until the local commit: the next save may wait longer for it, and memory stays
+            taken longer.
     """
 
     part_size_bytes: int = 32 << 20
@@ -53,6 +59,7 @@ class RemoteConfig:
     connect_timeout_secs: float | None = None
     read_timeout_secs: float | None = None
     no_overwrite_pattern: str = r"step=\d+"
+    stream_from_staging: bool = False
 
     def __post_init__(self) -> None:
         if not MIN_PART_BYTES <= self.part_size_bytes <= MAX_PART_BYTES:
@@ -69,21 +76,35 @@ class RemoteConfig:
     def no_overwrite(self, name: str) -> bool:
         return bool(self.no_overwrite_pattern) and re.search(self.no_overwrite_pattern, name) is not None
 
+    def timeouts(self, timeout_secs: float) -> tuple[float, float]:
+        """``(connect, read)`` timeouts of one request under a call's ``timeout_secs``."""
+        return (self.connect_timeout_secs or min(10.0, max(1.0, timeout_secs / 10)),
+                self.read_timeout_secs or min(60.0, max(1.0, timeout_secs / 4)))
+
 
 @dataclass
 class RemoteUpload:
     """Runs in the writer process once the checkpoint is committed locally: upload it to ``target``, then free the
-    local copy. The object appears only when CompleteMultipartUpload succeeds; every failure aborts the upload.
+    local copy. The object appears only when the store completes the upload; every failure aborts it.
 
     Args:
         target: the final object.
         config: part size, concurrency, retries.
         timeout_secs: the whole upload's deadline (the writer is killed at ``write_timeout_secs``).
+        sweep_stale: first abort uploads that killed writers left in the target's prefix (False for a fresh
+            prefix that live peers share, such as a multi-rank checkpoint's generation).
     """
 
     target: RemotePath
     config: RemoteConfig
     timeout_secs: float
+    sweep_stale: bool = True
+
+    def __post_init__(self) -> None:
+        if self.config.stream_from_staging and self.target.protocol not in STREAMING_PROTOCOLS:
+            raise ValueError(f"RemoteConfig.stream_from_staging=True cannot upload to {self.target.url}: "
+                             f"streamed uploads need a store that takes parts of unknown total size "
+                             f"({', '.join(STREAMING_PROTOCOLS)}://)")
 
     def __call__(self, local_path: str) -> dict:
         start = time.monotonic()
@@ -94,8 +115,44 @@ class RemoteUpload:
     async def _upload(self, local_path: str) -> None:
         deadline = time.monotonic() + self.timeout_secs
         async with _client(self.target, self.config, self.timeout_secs) as client:
-            await _abort_stale_uploads(client, self.target, self.timeout_secs)
+            if self.sweep_stale:
+                await _abort_stale_uploads(client, self.target, self.timeout_secs)
             await upload_file(client, local_path, self.target, self.config, deadline)
+
+
+@dataclass
+class RemoteObject:
+    """One listed object: its path, size and modification time (unix seconds)."""
+
+    path: RemotePath
+    nbytes: int
+    modified: float
+
+
+class Store(Protocol):
+    """A session on one store (``open_store`` in ``remote_s3``/``remote_gcs``); every request passes ``_call``.
+
+    An upload handle has a ``target``; ``abort_upload`` is bounded and never raises (a failure is logged: the
+    next writer of the prefix or a lifecycle rule cleans up).
+    """
+
+    part_align: int  # part sizes are multiples of this (GCS: 256 KiB)
+    parallel_parts: bool  # S3 parts go concurrently; a GCS resumable session takes its chunks in order
+
+    async def begin_upload(self, target: RemotePath, parts: list["Part"], no_overwrite: bool,
+                           deadline: float) -> Any: ...
+    async def upload_part(self, upload: Any, part: "Part", body: bytes, deadline: float) -> Any: ...
+    async def complete_upload(self, upload: Any, sent: list[Any], deadline: float) -> None: ...
+    async def abort_upload(self, upload: Any) -> None: ...
+    async def list_uploads(self, prefix: RemotePath, deadline: float) -> list[tuple[Any, float]]: ...
+    async def put(self, target: RemotePath, data: bytes, no_overwrite: bool, deadline: float) -> None: ...
+    async def head(self, target: RemotePath, deadline: float) -> tuple[int, str]: ...
+    async def get_range(self, target: RemotePath, version: str, first: int, last: int, deadline: float) -> bytes: ...
+    async def read_tail(self, target: RemotePath, nbytes: int, deadline: float) -> tuple[int, bytes]: ...
+    async def copy(self, source: RemotePath, dest: RemotePath, deadline: float) -> None: ...
+    async def delete(self, target: RemotePath, deadline: float) -> None: ...
+    async def list_objects(self, directory: RemotePath, deadline: float,
+                           recursive: bool = False) -> list[RemoteObject]: ...
 
 
 # ---------------------------------------------------------------------- running and calling
@@ -115,45 +172,27 @@ def run(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         return pool.submit(lambda: asyncio.run(fn(*args))).result()
 
 
+def store_module(protocol: str) -> Any:
+    """The module that speaks ``protocol``'s API (imported on first use)."""
+    try:
+        return importlib.import_module(STORES[protocol])
+    except KeyError:
+        raise ValueError(f"no remote store for protocol {protocol!r} (known: {sorted(STORES)})") from None
+
+
 def _client(target: RemotePath, config: RemoteConfig, timeout_secs: float) -> Any:
-    """An aiobotocore S3 client context for ``target``'s storage options (s3fs's option names)."""
-    from aiobotocore.config import AioConfig
-    from aiobotocore.session import get_session
-
-    opts = dict(target.storage_options)
-    client_kwargs = dict(opts.pop("client_kwargs", None) or {})
-    config_kwargs = dict(opts.pop("config_kwargs", None) or {})
-    for ours, theirs in (("endpoint_url", "endpoint_url"), ("key", "aws_access_key_id"),
-                         ("secret", "aws_secret_access_key"), ("token", "aws_session_token")):
-        value = opts.pop(ours, None)
-        if value is not None:
-            client_kwargs.setdefault(theirs, value)
-    settings: dict[str, Any] = {
-        "connect_timeout": config.connect_timeout_secs or min(10.0, max(1.0, timeout_secs / 10)),
-        "read_timeout": config.read_timeout_secs or min(60.0, max(1.0, timeout_secs / 4)),
-        "retries": {"max_attempts": config.max_attempts, "mode": "standard"},
-        "max_pool_connections": max(10, config.max_concurrency),
-    }
-    if opts.pop("anon", False):
-        from botocore import UNSIGNED
-
-        settings["signature_version"] = UNSIGNED
-    settings.update(config_kwargs)
-    profile = opts.pop("profile", None)
-    session = _sessions.get(profile)
-    if session is None:  # one per profile and process: it caches the service model (0.5 s to load)
-        session = _sessions[profile] = get_session()
-        if profile:
-            session.set_config_variable("profile", profile)
-    if opts:
-        log.debug("storage_options not used by lightning_ckpt's S3 client: %s", sorted(opts))
-    return session.create_client("s3", config=AioConfig(**settings), **client_kwargs)
+    """An async context manager yielding a session on ``target``'s store (``remote_s3.S3Store``,
+    ``remote_gcs.GCSStore``): the one object every call below goes through."""
+    return store_module(target.protocol).open_store(target, config, timeout_secs)
 
 
 async def _call(what: str, target: RemotePath, awaitable: Awaitable[Any], deadline: float) -> Any:
-    """Await one S3 request before ``deadline``; errors name the operation and the object."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    """Await one store request before ``deadline``; its store turns errors into ours, naming operation and object.
 
+    Raises:
+        CheckpointTimeoutError: the deadline passed. FileNotFoundError, FileExistsError, CheckpointWriteError:
+            as the store's ``translate_error`` says.
+    """
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         if asyncio.iscoroutine(awaitable):
@@ -164,20 +203,11 @@ async def _call(what: str, target: RemotePath, awaitable: Awaitable[Any], deadli
     except asyncio.TimeoutError as e:
         raise CheckpointTimeoutError(
             f"{what} of {target.url} did not finish before its deadline ({remaining:.1f} s left)") from e
-    except ClientError as e:
-        error = e.response.get("Error", {})
-        code, message = error.get("Code", "?"), error.get("Message", "")
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in ("NoSuchKey", "404") and what in ("HeadObject", "GetObject"):
-            raise FileNotFoundError(f"Checkpoint file not found: {target.url}") from e
-        if code == "PreconditionFailed" and what == "CompleteMultipartUpload":
-            raise FileExistsError(
-                f"{target.url} already exists (another run wrote it?); step-named checkpoints are never "
-                "overwritten (RemoteConfig.no_overwrite_pattern)"
-            ) from e
-        raise CheckpointWriteError(f"{what} of {target.url} failed: {code} (HTTP {status}) {message}") from e
-    except BotoCoreError as e:
-        raise CheckpointWriteError(f"{what} of {target.url} failed: {type(e).__name__}: {e}") from e
+    except Exception as e:
+        translated = store_module(target.protocol).translate_error(what, target, e)
+        if translated is None:
+            raise
+        raise translated from e
 
 
 async def _gather_or_cancel(coros: list[Awaitable[Any]]) -> list[Any]:
@@ -198,83 +228,127 @@ async def _gather_or_cancel(coros: list[Awaitable[Any]]) -> list[Any]:
 # ---------------------------------------------------------------------- upload
 
 
+@dataclass(frozen=True)
+class Part:
+    """One part of an upload: its 1-based number, offset and length, and whether it is the last."""
+
+    number: int
+    offset: int
+    nbytes: int
+    last: bool
+
+
+def plan_parts(size: int, config: RemoteConfig, align: int = 1) -> list[Part]:
+    """The parts of a ``size``-byte upload: ``config.part_size_bytes`` (raised to fit in 10,000 parts, rounded up to
+    a multiple of ``align``), at least one part (an empty file is one empty part)."""
+    part_size = max(config.part_size_bytes, -(-size // MAX_PARTS))
+    part_size = -(-part_size // align) * align
+    offsets = range(0, max(size, 1), part_size)
+    return [Part(n + 1, off, min(part_size, size - off), n == len(offsets) - 1) for n, off in enumerate(offsets)]
+
+
 async def upload_file(client: Any, local_path: str, target: RemotePath, config: RemoteConfig,
                       deadline: float) -> None:
-    """Multipart-upload ``local_path`` to ``target``; only CompleteMultipartUpload makes the object visible.
+    """Upload ``local_path`` to ``target`` through the store session ``client`` (from ``_client``); only the
+    store's completion makes the object visible.
 
     Raises:
-        FileExistsError: a step-named object exists already (``If-None-Match``).
+        FileExistsError: a step-named object exists already (``RemoteConfig.no_overwrite_pattern``).
         CheckpointWriteError, CheckpointTimeoutError: the store refused, or the deadline passed; the upload is
             aborted (nothing is published, no parts stay billed).
     """
     size = os.path.getsize(local_path)
-    part_size = max(config.part_size_bytes, -(-size // MAX_PARTS))
-    bucket, key = target.bucket, target.key
-    created = await _call("CreateMultipartUpload", target,
-                          client.create_multipart_upload(Bucket=bucket, Key=key), deadline)
-    upload_id = created["UploadId"]
+    fd = os.open(local_path, os.O_RDONLY)
+    try:
+        async def read(offset: int, nbytes: int) -> bytes:
+            return await asyncio.to_thread(os.pread, fd, nbytes, offset)
+
+        await upload_from(client, read, size, target, config, deadline)
+    finally:
+        os.close(fd)
+
+
+async def upload_from(client: Any, read: Callable[[int, int], Awaitable[Any]], size: int, target: RemotePath,
+                      config: RemoteConfig, deadline: float) -> None:
+    """Upload ``size`` bytes that ``await read(offset, nbytes)`` returns (a file, or staging memory) to ``target``:
+    begin, send the parts (concurrently where the store allows), complete; abort on every failure."""
+    parts = plan_parts(size, config, client.part_align)
+    upload = await client.begin_upload(target, parts, config.no_overwrite(target.name), deadline)
     completed = False
     try:
-        limit = asyncio.Semaphore(config.max_concurrency)
-        fd = os.open(local_path, os.O_RDONLY)
-        try:
-            offsets = range(0, max(size, 1), part_size)
-            parts = await _gather_or_cancel([
-                _upload_part(client, target, upload_id, fd, n + 1, off, min(part_size, size - off), limit, deadline)
-                for n, off in enumerate(offsets)
-            ])
-        finally:
-            os.close(fd)
-        extra = {"IfNoneMatch": "*"} if config.no_overwrite(target.name) else {}
-        await _call("CompleteMultipartUpload", target, client.complete_multipart_upload(
-            Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}, **extra), deadline)
+        if client.parallel_parts and len(parts) > 1:
+            limit = asyncio.Semaphore(config.max_concurrency)
+            sent = await _gather_or_cancel([_upload_part(client, upload, read, part, limit, deadline)
+                                            for part in parts])
+        else:
+            limit = asyncio.Semaphore(1)
+            sent = [await _upload_part(client, upload, read, part, limit, deadline) for part in parts]
+        await client.complete_upload(upload, sent, deadline)
         completed = True
     finally:
         if not completed:
-            await _abort(client, target, upload_id)
+            await client.abort_upload(upload)
 
 
-async def _upload_part(client: Any, target: RemotePath, upload_id: str, fd: int, number: int, offset: int,
-                       nbytes: int, limit: asyncio.Semaphore, deadline: float) -> dict:
+async def _upload_part(client: Any, upload: Any, read: Callable[[int, int], Awaitable[Any]], part: Part,
+                       limit: asyncio.Semaphore, deadline: float) -> Any:
     async with limit:
-        body = await asyncio.to_thread(os.pread, fd, nbytes, offset)
-        if len(body) != nbytes:
-            raise CheckpointWriteError(f"{target.url}: the local file changed during the upload (part {number})")
-        response = await _call(f"UploadPart {number}", target, client.upload_part(
-            Bucket=target.bucket, Key=target.key, UploadId=upload_id, PartNumber=number, Body=body), deadline)
-        return {"PartNumber": number, "ETag": response["ETag"]}
-
-
-async def _abort(client: Any, target: RemotePath, upload_id: str) -> None:
-    """Abort an upload of ours (bounded; a failure is logged: the next writer or a lifecycle rule cleans up)."""
-    try:
-        await _call("AbortMultipartUpload", target, client.abort_multipart_upload(
-            Bucket=target.bucket, Key=target.key, UploadId=upload_id), time.monotonic() + _ABORT_TIMEOUT_SECS)
-        log.info("aborted the upload of %s", target.url)
-    except BaseException as e:  # noqa: BLE001 - the upload's own error is what propagates
-        log.warning("could not abort the upload %s of %s: %s", upload_id, target.url, e)
+        body = await read(part.offset, part.nbytes)
+        if len(body) != part.nbytes:
+            raise CheckpointWriteError(
+                f"{upload.target.url}: the source changed during the upload (part {part.number})")
+        return await client.upload_part(upload, part, body, deadline)
 
 
 async def _abort_stale_uploads(client: Any, target: RemotePath, older_than_secs: float) -> None:
     """Abort uploads left in ``target``'s prefix by killed writers: older than the write timeout (a live writer
     of ours is killed by then), direct children of the prefix only, once per prefix and process."""
     prefix = target.key.rsplit("/", 1)[0] + "/" if "/" in target.key else ""
-    marker = (target.storage_options.get("endpoint_url"), target.bucket, prefix)
+    marker = (target.protocol, target.storage_options.get("endpoint_url"), target.bucket, prefix)
     if marker in _swept_prefixes:
         return
     deadline = time.monotonic() + _ABORT_TIMEOUT_SECS
     now = time.time()
-    kwargs: dict[str, Any] = {"Bucket": target.bucket, "Prefix": prefix}
-    for _ in range(_LIST_PAGES):
-        page = await _call("ListMultipartUploads", target, client.list_multipart_uploads(**kwargs), deadline)
-        for upload in page.get("Uploads", []):
-            key = upload["Key"]
-            age = now - upload["Initiated"].timestamp()
-            if "/" in key[len(prefix):] or age <= older_than_secs:
-                continue
-            log.warning("aborting a dangling upload of %s (%.0f s old; its writer was killed)", key, age)
-            await _abort(client, target.sibling(key[len(prefix):]), upload["UploadId"])
-        if not page.get("IsTruncated"):
-            break
-        kwargs.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
+    for upload, initiated in await client.list_uploads(target.sibling(""), deadline):
+        key = upload.target.key
+        age = now - initiated
+        if "/" in key[len(prefix):] or age <= older_than_secs:
+            continue
+        log.warning("aborting a dangling upload of %s (%.0f s old; its writer was killed)", upload.target.url, age)
+        await client.abort_upload(upload)
     _swept_prefixes.add(marker)
+
+
+# ---------------------------------------------------------------------- trees, leftovers of dead ranks
+
+
+def list_tree(directory: RemotePath, config: RemoteConfig, timeout_secs: float) -> list[tuple[str, int, float]]:
+    """Every object under ``directory`` (a prefix, at any depth): ``(key below the prefix, size, mtime)``."""
+    async def listing() -> list[tuple[str, int, float]]:
+        prefix = directory.key.rstrip("/") + "/"
+        async with _client(directory, config, timeout_secs) as client:
+            found = await client.list_objects(directory, time.monotonic() + timeout_secs, recursive=True)
+        return [(o.path.key[len(prefix):], o.nbytes, o.modified) for o in found]
+
+    return run(listing)
+
+
+def abort_stale_uploads_below(directory: RemotePath, config: RemoteConfig, older_than_secs: float,
+                              match: Callable[[str], bool]) -> list[str]:
+    """Abort the uploads under ``directory`` (any depth) whose key below it ``match`` accepts and that are older
+    than ``older_than_secs`` (their writers are dead by then); returns their keys. For a multi-rank checkpoint's
+    generations, whose killed ranks leave uploads in prefixes that no later save writes to again."""
+    async def sweep() -> list[str]:
+        prefix = directory.key.rstrip("/") + "/"
+        now, aborted = time.time(), []
+        async with _client(directory, config, _ABORT_TIMEOUT_SECS) as client:
+            listed = await client.list_uploads(directory.child(""), time.monotonic() + _ABORT_TIMEOUT_SECS)
+            for upload, initiated in listed:
+                below = upload.target.key[len(prefix):]
+                if match(below) and now - initiated > older_than_secs:
+                    log.warning("aborting a dangling upload of %s (its writer was killed)", upload.target.url)
+                    await client.abort_upload(upload)
+                    aborted.append(below)
+        return aborted
+
+    return run(sweep)

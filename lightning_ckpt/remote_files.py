@@ -1,4 +1,5 @@
-"""Operations on committed remote checkpoints: ranged parallel download, server-side copy, delete, list."""
+"""Operations on committed remote checkpoints (any store of ``remote.STORES``): ranged parallel download, tail read,
+server-side copy, delete, list, one-request put."""
 
 from __future__ import annotations
 
@@ -8,41 +9,31 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from lightning_ckpt.commit import Commit, remove_path
 from lightning_ckpt.errors import CheckpointError
 from lightning_ckpt.paths import RemotePath
-from lightning_ckpt.remote import (
-    MAX_COPY_OBJECT_BYTES, MAX_PARTS, RemoteConfig, _abort, _call, _client, _gather_or_cancel, run,
-)
+from lightning_ckpt.remote import RemoteConfig, RemoteObject, _client, _gather_or_cancel, run
 
 log = logging.getLogger(__name__)
 
-_LIST_PAGES = 100  # at most 100k objects listed under one prefix
-_COPY_PART_BYTES = 512 << 20
+# fsspec filesystems that cache listings, per protocol: (module, class)
+_FSSPEC_CLASSES = {"s3": (("s3fs", "S3FileSystem"),),
+                   "gs": (("gcsfs", "GCSFileSystem"), ("gcsfs.core", "GCSFileSystem"))}
 LOOKUP_TIMEOUT_SECS = 300.0  # listing and checking checkpoints to resume from
 TAIL_BYTES = 1 << 20  # holds the checksum record and the zip's central directory of up to ~10k tensors
 
 
-@dataclass
-class RemoteObject:
-    """One listed object: its path, size and modification time (unix seconds)."""
-
-    path: RemotePath
-    nbytes: int
-    modified: float
-
-
 def forget_listings(target: RemotePath) -> None:
-    """Drop what fsspec's S3 filesystems in this process cached about ``target``'s prefix: they cache listings
-    (Lightning's ``ckpt_path="last"`` and ModelCheckpoint use them), and we changed the store behind their back."""
-    s3fs = sys.modules.get("s3fs")  # never imported here: if nobody uses it, nothing is cached
-    if s3fs is None:
-        return
-    for fs in list(getattr(s3fs.S3FileSystem, "_cache", {}).values()):
-        fs.invalidate_cache(f"{target.bucket}/{target.key}")
+    """Drop what fsspec's filesystems for ``target``'s store in this process cached about its prefix: they cache
+    listings (Lightning's ``ckpt_path="last"`` and ModelCheckpoint use them), and we changed the store behind
+    their back."""
+    for module_name, class_name in _FSSPEC_CLASSES.get(target.protocol, ()):
+        module = sys.modules.get(module_name)  # never imported here: if nobody uses it, nothing is cached
+        cls = getattr(module, class_name, None)
+        for fs in list(getattr(cls, "_cache", {}).values()):
+            fs.invalidate_cache(f"{target.bucket}/{target.key}")
 
 
 def download(target: RemotePath, dest: str, config: RemoteConfig, timeout_secs: float) -> str:
@@ -65,28 +56,20 @@ def download(target: RemotePath, dest: str, config: RemoteConfig, timeout_secs: 
 
 async def _download(target: RemotePath, fd: int, config: RemoteConfig, timeout_secs: float) -> None:
     deadline = time.monotonic() + timeout_secs
-    async with _client(target, config, timeout_secs) as client:
-        head = await _call("HeadObject", target, client.head_object(Bucket=target.bucket, Key=target.key), deadline)
-        size, etag = int(head["ContentLength"]), head["ETag"]
+    async with _client(target, config, timeout_secs) as store:
+        size, version = await store.head(target, deadline)
         limit = asyncio.Semaphore(config.max_concurrency)
         os.ftruncate(fd, size)
         step = config.part_size_bytes
-        await _gather_or_cancel([_get_range(client, target, etag, fd, off, min(size, off + step) - 1, limit,
+        await _gather_or_cancel([_get_range(store, target, version, fd, off, min(size, off + step) - 1, limit,
                                             deadline) for off in range(0, size, step)])
 
 
-async def _get_range(client: Any, target: RemotePath, etag: str, fd: int, first: int, last: int,
+async def _get_range(store: Any, target: RemotePath, version: str, fd: int, first: int, last: int,
                      limit: asyncio.Semaphore, deadline: float) -> None:
+    """One range of the object's version ``version`` (a replaced object fails: the download is of one version)."""
     async with limit:
-        try:
-            response = await _call("GetObject", target, client.get_object(
-                Bucket=target.bucket, Key=target.key, Range=f"bytes={first}-{last}", IfMatch=etag), deadline)
-        except CheckpointError as e:
-            if "PreconditionFailed" in str(e):
-                raise CheckpointError(f"{target.url} was replaced during its download; load it again") from e
-            raise
-        async with response["Body"] as stream:
-            data = await _call("GetObject body", target, stream.read(), deadline)
+        data = await store.get_range(target, version, first, last, deadline)
         if len(data) != last - first + 1:
             raise CheckpointError(f"{target.url}: bytes {first}-{last} came back short ({len(data)} bytes)")
         await asyncio.to_thread(os.pwrite, fd, data, first)
@@ -179,13 +162,8 @@ def read_tail(target: RemotePath, nbytes: int, config: RemoteConfig, timeout_sec
 
 
 async def _read_tail(target: RemotePath, nbytes: int, config: RemoteConfig, timeout_secs: float) -> tuple[int, bytes]:
-    deadline = time.monotonic() + timeout_secs
-    async with _client(target, config, timeout_secs) as client:
-        response = await _call("GetObject", target, client.get_object(
-            Bucket=target.bucket, Key=target.key, Range=f"bytes=-{nbytes}"), deadline)
-        size = int(response.get("ContentRange", "/0").rsplit("/", 1)[-1] or response["ContentLength"])
-        async with response["Body"] as stream:
-            return size, await _call("GetObject body", target, stream.read(), deadline)
+    async with _client(target, config, timeout_secs) as store:
+        return await store.read_tail(target, nbytes, time.monotonic() + timeout_secs)
 
 
 def copy(source: RemotePath, dest: RemotePath, config: RemoteConfig, timeout_secs: float) -> None:
@@ -194,8 +172,8 @@ def copy(source: RemotePath, dest: RemotePath, config: RemoteConfig, timeout_sec
     Raises:
         FileNotFoundError: ``source`` is missing. CheckpointError: the store refused.
     """
-    if (source.bucket, source.storage_options.get("endpoint_url")) != (dest.bucket,
-                                                                       dest.storage_options.get("endpoint_url")):
+    if (source.protocol, source.bucket, source.storage_options.get("endpoint_url")) != (
+            dest.protocol, dest.bucket, dest.storage_options.get("endpoint_url")):
         raise ValueError(f"server-side copy needs one store and bucket: {source.url} -> {dest.url}")
     try:
         run(_copy, source, dest, config, timeout_secs)
@@ -204,40 +182,8 @@ def copy(source: RemotePath, dest: RemotePath, config: RemoteConfig, timeout_sec
 
 
 async def _copy(source: RemotePath, dest: RemotePath, config: RemoteConfig, timeout_secs: float) -> None:
-    deadline = time.monotonic() + timeout_secs
-    copy_source = {"Bucket": source.bucket, "Key": source.key}
-    async with _client(dest, config, timeout_secs) as client:
-        head = await _call("HeadObject", source, client.head_object(Bucket=source.bucket, Key=source.key), deadline)
-        size = int(head["ContentLength"])
-        if size <= MAX_COPY_OBJECT_BYTES:
-            await _call("CopyObject", dest, client.copy_object(Bucket=dest.bucket, Key=dest.key,
-                                                               CopySource=copy_source), deadline)
-            return
-        await _copy_parts(client, copy_source, dest, size, deadline)
-
-
-async def _copy_parts(client: Any, copy_source: dict, dest: RemotePath, size: int, deadline: float) -> None:
-    """A copy of an object over 5 GiB: UploadPartCopy ranges, completed (the commit) or aborted."""
-    step = max(_COPY_PART_BYTES, -(-size // MAX_PARTS))
-    created = await _call("CreateMultipartUpload", dest, client.create_multipart_upload(
-        Bucket=dest.bucket, Key=dest.key), deadline)
-    upload_id = created["UploadId"]
-    completed = False
-    try:
-        async def part(number: int, first: int) -> dict:
-            last = min(size, first + step) - 1
-            response = await _call(f"UploadPartCopy {number}", dest, client.upload_part_copy(
-                Bucket=dest.bucket, Key=dest.key, UploadId=upload_id, PartNumber=number, CopySource=copy_source,
-                CopySourceRange=f"bytes={first}-{last}"), deadline)
-            return {"PartNumber": number, "ETag": response["CopyPartResult"]["ETag"]}
-
-        parts = await _gather_or_cancel([part(n + 1, off) for n, off in enumerate(range(0, size, step))])
-        await _call("CompleteMultipartUpload", dest, client.complete_multipart_upload(
-            Bucket=dest.bucket, Key=dest.key, UploadId=upload_id, MultipartUpload={"Parts": parts}), deadline)
-        completed = True
-    finally:
-        if not completed:
-            await _abort(client, dest, upload_id)
+    async with _client(dest, config, timeout_secs) as store:
+        await store.copy(source, dest, time.monotonic() + timeout_secs)
 
 
 def delete(target: RemotePath, config: RemoteConfig, timeout_secs: float) -> None:
@@ -255,9 +201,11 @@ def delete(target: RemotePath, config: RemoteConfig, timeout_secs: float) -> Non
 
 
 async def _delete(target: RemotePath, config: RemoteConfig, timeout_secs: float) -> None:
-    async with _client(target, config, timeout_secs) as client:
-        await _call("DeleteObject", target, client.delete_object(Bucket=target.bucket, Key=target.key),
-                    time.monotonic() + timeout_secs)
+    async with _client(target, config, timeout_secs) as store:
+        try:
+            await store.delete(target, time.monotonic() + timeout_secs)
+        except FileNotFoundError:
+            pass
 
 
 def list_dir(directory: RemotePath, config: RemoteConfig, timeout_secs: float) -> list[RemoteObject]:
@@ -266,18 +214,24 @@ def list_dir(directory: RemotePath, config: RemoteConfig, timeout_secs: float) -
 
 
 async def _list_dir(directory: RemotePath, config: RemoteConfig, timeout_secs: float) -> list[RemoteObject]:
-    deadline = time.monotonic() + timeout_secs
-    prefix = directory.key.rstrip("/") + "/"
-    found: list[RemoteObject] = []
-    kwargs: dict[str, Any] = {"Bucket": directory.bucket, "Prefix": prefix, "Delimiter": "/"}
-    async with _client(directory, config, timeout_secs) as client:
-        for _ in range(_LIST_PAGES):
-            page = await _call("ListObjectsV2", directory, client.list_objects_v2(**kwargs), deadline)
-            for item in page.get("Contents", []):
-                found.append(RemoteObject(directory.child(item["Key"][len(prefix):]), int(item["Size"]),
-                                          item["LastModified"].timestamp()))
-            if not page.get("IsTruncated"):
-                return found
-            kwargs["ContinuationToken"] = page["NextContinuationToken"]
-    log.warning("listed only the first %d objects of %s", len(found), directory.url)
-    return found
+    async with _client(directory, config, timeout_secs) as store:
+        return await store.list_objects(directory, time.monotonic() + timeout_secs)
+
+
+def put_bytes(target: RemotePath, data: bytes, config: RemoteConfig, timeout_secs: float,
+              no_overwrite: bool = False) -> None:
+    """Store a small object (a manifest) in one request: it appears whole or not at all.
+
+    Raises:
+        FileExistsError: ``no_overwrite`` and an object is there. CheckpointError: the store refused.
+    """
+    try:
+        run(_put, target, data, config, timeout_secs, no_overwrite)
+    finally:
+        forget_listings(target)
+
+
+async def _put(target: RemotePath, data: bytes, config: RemoteConfig, timeout_secs: float,
+               no_overwrite: bool) -> None:
+    async with _client(target, config, timeout_secs) as store:
+        await store.put(target, data, no_overwrite, time.monotonic() + timeout_secs)

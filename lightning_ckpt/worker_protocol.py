@@ -26,6 +26,7 @@ class RequestType(Enum):
     DROP_BUFFER = "drop_buffer"  # unmap a staging buffer the stager freed; no response
     WRITE_PREPARED = "write_prepared"  # an already pickled checkpoint whose tensor bytes are in a staging buffer
     PROGRESS = "progress"  # writer -> trainer only: a phase change within a request (e.g. waiting at a barrier)
+    WRITE_SHARDS = "write_shards"  # files of staged DCP chunks into another process's directory temp; their xxh3
 
 
 # Payload keys each request must carry; extra keys are allowed (PyTorch's design puts free-form data there).
@@ -39,11 +40,12 @@ PAYLOAD_KEYS: dict[RequestType, tuple[str, ...]] = {
     RequestType.DROP_BUFFER: ("buffer_id",),
     RequestType.WRITE_PREPARED: ("path", "prepared", "buffer_id", "save_key", "after_commit"),
     RequestType.PROGRESS: ("phase",),
+    RequestType.WRITE_SHARDS: ("path", "token", "items", "buffer_id", "fsync"),
 }
 
 # Requests the writer answers with exactly one WorkerResponse carrying the same request_id.
 ANSWERED = frozenset({RequestType.PING, RequestType.WRITE_CHECKPOINT, RequestType.TERMINATE_PROCESS,
-                      RequestType.INIT, RequestType.WRITE_PREPARED})
+                      RequestType.INIT, RequestType.WRITE_PREPARED, RequestType.WRITE_SHARDS})
 
 # error_type of a failed write whose staging buffer the writer could not map: the trainer sends it again.
 BUFFER_MAP_ERROR = "StagingBufferMapError"
@@ -77,7 +79,8 @@ class WorkerResponse:
         request_type: the type of the request answered.
         success: whether it succeeded.
         error_msg: the writer's ``traceback.format_exc()`` text when it failed.
-        payload: results (``WRITE_PREPARED``: ``{"stats": WriteStats}``; ``PROGRESS``: ``{"phase": ...}``).
+        payload: results (``WRITE_PREPARED``: ``{"stats": WriteStats}``; ``WRITE_SHARDS``: ``{"files": [...]}``;
+            ``PROGRESS``: ``{"phase": ...}``).
         request_id: the request answered.
         error_type: the exception class name when it failed.
     """

@@ -15,7 +15,8 @@ from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
 from torch.distributed.checkpoint.storage import StorageReader as _DCPStorageReader
 from torch.distributed.checkpoint.storage import StorageWriter as _DCPStorageWriter
 
-from lightning_ckpt.dcp.failures import unwrapped_failures
+from lightning_ckpt.dcp.async_save import AsyncShardedSaver
+from lightning_ckpt.dcp.failures import name_lost_ranks, unwrapped_failures
 from lightning_ckpt.dcp.storage_reader import StorageReader
 from lightning_ckpt.dcp.storage_writer import StorageWriter
 from lightning_ckpt.errors import CheckpointTimeoutError
@@ -28,8 +29,9 @@ class DistributedCheckpointer:
 
     Better than the PyTorch original: a path is enough (our ``StorageWriter``/``StorageReader`` by default, so
     checkpoints commit atomically and are verified on load); errors gathered from the ranks are raised as our
-    own, on every rank, naming the failed rank; ``async_save`` stages on the caller's thread and runs DCP's
-    collectives on a dedicated gloo group, never on the default group from a background thread; one save is in
+    own, on every rank, naming the failed rank; ``async_save`` plans and stages on the caller's thread (into
+    reused shared memory), its bytes are written by a persistent writer process, and the collectives after the
+    write run on a dedicated gloo group, never on the default group from a background thread; one save is in
     flight at a time and ``close`` joins it.
 
     Args:
@@ -65,6 +67,7 @@ class DistributedCheckpointer:
         self._executor: ThreadPoolExecutor | None = None
         self._async_group: dist.ProcessGroup | None = None
         self._pending: Future | None = None
+        self._saver: AsyncShardedSaver | None = None
         self._lock = threading.Lock()
 
     @property
@@ -90,10 +93,13 @@ class DistributedCheckpointer:
     def _save(self, state_dict: dict[str, Any], checkpoint_id: Any, group: Any) -> Metadata:
         try:
             return self._dcp_save(state_dict, checkpoint_id, group)
-        except BaseException:
+        except BaseException as e:
             if isinstance(self.storage_writer, StorageWriter):
                 self.storage_writer.abort()  # a failed rank left the coordinator's temp open
-            raise
+            lost = name_lost_ranks(e, "saving", str(checkpoint_id or self.storage_writer.checkpoint_id), group)
+            if lost is e:
+                raise
+            raise lost from e
 
     def _dcp_save(self, state_dict: dict[str, Any], checkpoint_id: Any, group: Any) -> Metadata:
         with unwrapped_failures(f"saving {checkpoint_id or self.storage_writer.checkpoint_id}", writing=True):
@@ -107,13 +113,29 @@ class DistributedCheckpointer:
                 no_dist=self.no_dist, planner=self.save_planner)
 
     def async_save(self, state_dict: dict[str, Any], *, checkpoint_id: str | os.PathLike | None = None) -> Future:
-        """Stage ``state_dict`` into CPU memory, then save it in the background; returns a future of the metadata.
+        """Plan and stage ``state_dict`` now, write and commit it in the background; returns a future of the
+        metadata (on every rank; a failure on any rank fails every rank's future, naming the rank).
 
-        The caller may change the state as soon as this returns. The previous save is waited for first.
+        The caller may change the state as soon as this returns. The previous save is waited for first. With our
+        ``StorageWriter``, DCP plans on this thread, the local shards are copied into lightning_ckpt's reused
+        shared-memory staging and written by this rank's persistent writer process (``AsyncShardedSaver``);
+        another storage writer is staged by DCP's stager and saved by a background thread on a gloo group.
         """
+        self._wait_pending()
+        if isinstance(self.storage_writer, StorageWriter) and not self.no_dist:
+            if checkpoint_id is not None:
+                self.storage_writer.reset(checkpoint_id)
+            with self._lock:
+                if self._saver is None:
+                    self._saver = AsyncShardedSaver(self.process_group, self.coordinator_rank,
+                                                    timeout_secs=self.timeout_secs)
+            self._pending = self._saver.save(state_dict, self.storage_writer, self.save_planner)
+            return self._pending
+        return self._async_save_foreign(state_dict, checkpoint_id)
+
+    def _async_save_foreign(self, state_dict: dict[str, Any], checkpoint_id: Any) -> Future:
         from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
-        self._wait_pending()
         group = self._background_group()
         staged = BlockingAsyncStager().stage(state_dict)
         with self._lock:
@@ -173,6 +195,9 @@ class DistributedCheckpointer:
                 executor, self._executor = self._executor, None
             if executor is not None:
                 executor.shutdown(wait=True)
+            saver, self._saver = self._saver, None
+            if saver is not None:
+                saver.close()
             group, self._async_group = self._async_group, None
             if group is not None and dist.is_initialized():
                 dist.destroy_process_group(group)

@@ -15,18 +15,22 @@ from lightning_ckpt.errors import CorruptCheckpointError, IncompleteCheckpointEr
 METADATA_NAME = ".metadata"
 # One data file per rank, named as DCP's FileSystemWriter names them.
 DATA_FILE_TEMPLATE = "__{rank}_0.distcp"
+# One file per chunk, as the writer process writes an async save (DCP's ``single_file_per_rank=False`` layout).
+CHUNK_FILE_TEMPLATE = "__{rank}_{item}.distcp"
 # Marks a manifest written for a DCP directory (rank-file directories have no ``layout`` field).
 MANIFEST_LAYOUT = "dcp"
 
 
 @dataclass(frozen=True)
 class ChunkInfo:
-    """Where one chunk landed (the fields of DCP's ``_StorageInfo``) and the xxh3 of its bytes."""
+    """Where one chunk landed (the fields of DCP's ``_StorageInfo``) and the xxh3 of its bytes, or (a chunk
+    the writer process wrote as a torch zip, hashing each record as it wrote it) the xxh3 of each record."""
 
     relative_path: str
     offset: int
     length: int
-    xxh3: str
+    xxh3: str | None
+    records: dict[str, str] | None = None
 
 
 def is_local_checkpoint_id(checkpoint_id: Any) -> bool:
@@ -48,11 +52,17 @@ def build_manifest(chunks: list[ChunkInfo], files: dict[str, dict], world_size: 
         "layout": MANIFEST_LAYOUT,
         "world_size": world_size,
         "files": files,
-        "chunks": {chunk_key(c.relative_path, c.offset): {"nbytes": c.length, "xxh3": c.xxh3} for c in chunks},
+        "chunks": {chunk_key(c.relative_path, c.offset): _chunk_entry(c) for c in chunks},
         "lightning_ckpt_version": _version(),
         "torch_version": _torch_version(),
         "created_unix": time.time(),
     }
+
+
+def _chunk_entry(chunk: ChunkInfo) -> dict:
+    if chunk.records is not None:
+        return {"nbytes": chunk.length, "records": dict(chunk.records)}
+    return {"nbytes": chunk.length, "xxh3": chunk.xxh3}
 
 
 def read_manifest(path: str) -> dict:
@@ -96,3 +106,34 @@ def verify_bytes(path: str, key: str, data: Any, expected: str | None) -> None:
             f"corrupt checkpoint {path}: {key} checksum mismatch (expected {expected}, got {actual})",
             path=path, key=key, expected=expected, actual=actual,
         )
+
+
+def verify_chunk(path: str, key: str, data: Any, entry: dict) -> None:
+    """Check one chunk's bytes against its manifest entry: the xxh3 of the whole chunk, or of each zip record.
+
+    Raises:
+        CorruptCheckpointError: a checksum differs, a record is missing, or the zip is unreadable (names ``path``
+            and ``key``).
+    """
+    records = entry.get("records")
+    if records is None:
+        verify_bytes(path, key, data, entry.get("xxh3"))
+        return
+    import io
+    import zipfile
+
+    from lightning_ckpt.torch_zip import record_spans
+
+    try:
+        spans = record_spans(io.BytesIO(data), path, set(records))
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"corrupt checkpoint {path}: chunk {key} is not a readable torch zip: {e}",
+                                     path=path, key=key) from e
+    with memoryview(data) as view:  # released on the way out, also when a mismatch raises (the caller may be a mmap)
+        for name, expected in sorted(records.items()):
+            start, size = spans.get(name, (0, -1))
+            if size < 0 or start + size > len(view):
+                raise CorruptCheckpointError(f"corrupt checkpoint {path}: chunk {key} lacks its record {name}",
+                                             path=path, key=f"{key}:{name}")
+            with view[start:start + size] as record:
+                verify_bytes(path, f"{key}:{name}", record, expected)

@@ -14,7 +14,14 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.futures import Future
 
-from lightning_ckpt.dcp.manifest import METADATA_NAME, chunk_key, is_local_checkpoint_id, read_manifest, verify_bytes
+from lightning_ckpt.dcp.manifest import (
+    METADATA_NAME,
+    chunk_key,
+    is_local_checkpoint_id,
+    read_manifest,
+    verify_bytes,
+    verify_chunk,
+)
 
 
 class StorageReader(_DCPStorageReader):
@@ -110,7 +117,7 @@ class StorageReader(_DCPStorageReader):
         data = f.read(info.length)
         if self.verify:
             entry = self._manifest["chunks"].get(chunk_key(info.relative_path, info.offset), {})
-            verify_bytes(file_path, item.storage_index.fqn, data, entry.get("xxh3"))
+            verify_chunk(file_path, item.storage_index.fqn, data, entry)
         if item.type == LoadItemType.BYTE_IO:
             planner.load_bytes(item, io.BytesIO(data))
             return

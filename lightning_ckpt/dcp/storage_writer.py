@@ -119,10 +119,7 @@ class StorageWriter(_DCPStorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Write this rank's chunks into its file in the temp directory, hashing each chunk's bytes."""
-        target = plan.storage_data
-        if not isinstance(target, _RankTarget):
-            raise CheckpointError(f"StorageWriter.write_data for {self.path}: the plan has no target directory "
-                                  "(prepare_global_plan did not run)")
+        target = rank_target(plan, self.path)
         with self._rank_commit(target.token) as commit:
             with os.fdopen(commit.open_new(target.file_name), "wb") as f:
                 results = self._write_chunks(f, target.file_name, plan, planner)
@@ -199,6 +196,19 @@ class StorageWriter(_DCPStorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return is_local_checkpoint_id(checkpoint_id)
+
+
+def rank_target(plan: SavePlan, path: str) -> _RankTarget:
+    """This rank's part of the coordinator's plan: the directory temp's token and this rank's file name.
+
+    Raises:
+        CheckpointError: the plan carries none (our ``prepare_global_plan`` did not run).
+    """
+    target = plan.storage_data
+    if not isinstance(target, _RankTarget):
+        raise CheckpointError(f"StorageWriter.write_data for {path}: the plan has no target directory "
+                              "(prepare_global_plan did not run)")
+    return target
 
 
 def is_committed(path: str | os.PathLike) -> bool:

@@ -73,6 +73,8 @@ class LightningCkptIO(CheckpointIO):
     upload whose completion is the commit; the save counts as done (removals, ``last.ckpt``, ``load``) only then.
     A remote save of the same step and unchanged weights as the previous remote save (ModelCheckpoint's
     ``save_last=True``) becomes a server-side copy of that object once it is complete, never a second upload.
+    With ``RemoteConfig(stream_from_staging=True)`` nothing is written locally: the parts are serialized from the
+    staging memory into the upload, which holds that memory until the upload completes.
 
     Raises:
         ValueError: a bad ``config`` field or ``error_policy`` (named).
@@ -131,7 +133,8 @@ class LightningCkptIO(CheckpointIO):
                 return
             local, after_commit = location.cache_path(), RemoteUpload(location, self.remote_config,
                                                                       self._remote_timeout())
-        ensure_directory(local)
+        if after_commit is None or not self.remote_config.stream_from_staging:
+            ensure_directory(local)  # a streamed upload writes nothing locally
         commit_now = self.binding.commits_before_return(trainer, local)
         start = time.perf_counter()
         try:

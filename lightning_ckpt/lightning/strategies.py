@@ -114,9 +114,12 @@ class ShardedSaves:
     optimizer shards from every rank and ``meta.pt`` (everything else) from global rank 0, in one commit.
 
     Synchronous, unless the strategy's CheckpointIO is our ``AsyncCheckpointIO`` and the trainer is fitting: then
-    ``save`` returns once the shards are staged into CPU memory, and the write and commit run on a background thread whose collectives use
-    a dedicated gloo group (``DistributedCheckpointer.async_save``). One save is in flight; the next save, a
-    load, a removal and teardown wait for it, and raise its error (on every rank, once).
+    ``save`` returns once DCP planned (on the training thread) and the local shards are staged into reused shared
+    memory; each rank's persistent writer process writes them, and the commit runs on a background thread whose
+    collectives use a dedicated gloo group (``DistributedCheckpointer.async_save``, ``AsyncShardedSaver``). One
+    save is in flight; the next save, a load, a removal and teardown wait for it, and raise its error (on every
+    rank, once). Teardown also stops the writer processes and frees the staging buffers (restarted by the next
+    save).
 
     Args:
         timeout_secs: how long a wait for the save in flight may take.

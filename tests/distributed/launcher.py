@@ -40,8 +40,12 @@ def free_port() -> int:
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_secs: float = 120.0,
-              init_process_group: bool = True, env: dict[str, str] | None = None) -> list[Any]:
+              init_process_group: bool = True, env: dict[str, str] | None = None,
+              may_die: frozenset[int] = frozenset()) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; returns their results by rank.
+
+    ``may_die``: ranks that are expected to be killed (a fault test's victims); such a rank that dies without a
+    result gets ``None`` as its result instead of failing the launch.
 
     Raises:
         RanksFailed: a rank raised (its traceback is in the message), died, or ran past ``timeout_secs``.
@@ -58,7 +62,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_secs:
         for proc in procs:
             proc.start()
         fates = _wait_all(procs, out_dir, timeout_secs)
-        return _results(fates, out_dir, world_size)
+        return _results(fates, out_dir, world_size, may_die)
     finally:
         for proc in procs:
             if proc.is_alive():
@@ -96,7 +100,8 @@ def _wait_all(procs: list, out_dir: str, timeout_secs: float) -> dict[int, str]:
     return fates
 
 
-def _results(fates: dict[int, str], out_dir: str, world_size: int) -> list[Any]:
+def _results(fates: dict[int, str], out_dir: str, world_size: int,
+             may_die: frozenset[int] = frozenset()) -> list[Any]:
     results, problems = [], []
     for rank in range(world_size):
         error_file = os.path.join(out_dir, f"{rank}.error")
@@ -108,7 +113,7 @@ def _results(fates: dict[int, str], out_dir: str, world_size: int) -> list[Any]:
             with open(result_file, "rb") as f:
                 results.append(pickle.load(f))
             continue
-        else:
+        elif rank not in may_die or not fates.get(rank, "").startswith("died"):
             problems.append(f"--- rank {rank}: {fates.get(rank, 'unknown')} without a result")
         results.append(None)
     if problems:

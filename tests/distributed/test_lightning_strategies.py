@@ -147,7 +147,9 @@ def _check_same_training(results: list[dict], root: str) -> None:
         assert "MANIFEST.json" not in stock["files"]
         assert out["corrupt_resume"] == "CorruptCheckpointError"  # on every rank
     with open(os.path.join(root, "ours_async", "step=2.ckpt", "MANIFEST.json")) as f:
-        assert "meta.pt" in json.load(f)["files"]  # meta.pt joined the commit, with its checksum
+        manifest = json.load(f)
+    assert "meta.pt" in manifest["files"]  # meta.pt joined the commit, with its checksum
+    assert any("records" in c for c in manifest["chunks"].values())  # async: shards written by the writer process
     for variant in VARIANTS:
         assert not [n for n in os.listdir(os.path.join(root, variant)) if n.startswith(".lckpt-")]
 

@@ -215,3 +215,21 @@ def _answers(client) -> bool:
         return True
     except Exception:  # noqa: BLE001 - not up yet
         return False
+
+
+@pytest.fixture
+def installed_entry_points(tmp_path, monkeypatch):
+    """The entry points of pyproject.toml, registered as ``pip install`` does (a dist-info on ``sys.path``): the
+    shared test environment's install may predate them."""
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    site = tmp_path / "site"
+    dist = site / "lightning_ckpt_entry_points-0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: lightning_ckpt_entry_points\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in entries.items())
+        for group, entries in project.get("entry-points", {}).items()))
+    monkeypatch.syspath_prepend(str(site))

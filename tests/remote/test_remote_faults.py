@@ -52,10 +52,10 @@ def test_a_part_refused_after_two_parts_publishes_nothing_and_aborts_the_upload(
 def test_an_interrupt_in_the_middle_of_the_upload_aborts_it(s3, monkeypatch):
     real = remote._upload_part
 
-    async def interrupted(client, target, upload_id, fd, number, *args):
-        if number == 2:
+    async def interrupted(client, upload, read, part, *args):
+        if part.number == 2:
             raise KeyboardInterrupt
-        return await real(client, target, upload_id, fd, number, *args)
+        return await real(client, upload, read, part, *args)
 
     monkeypatch.setattr(remote, "_upload_part", interrupted)
     plugin = plugin_for(SyncCheckpointIO, max_concurrency=1)

@@ -82,3 +82,36 @@ def test_callback_keeps_the_last_two_remote_checkpoints_and_resumes_from_the_new
     for name, value in first.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
     assert os.listdir(empty_cwd) == []
+
+
+@pytest.mark.timeout(180)
+def test_fit_with_ckpt_path_last_resumes_from_the_remote_last_ckpt(s3, empty_cwd, tmp_path, installed_entry_points):
+    dirpath = f"{s3.url}/run"
+    first = TinyModel()
+    trainer(tmp_path / "a", max_steps=3, plugins=[AsyncCheckpointIO()], enable_checkpointing=True,
+            callbacks=[ModelCheckpoint(dirpath=dirpath, save_last=True, every_n_train_steps=1)]).fit(first, loader())
+
+    resumed = TinyModel()
+    again = trainer(tmp_path / "b", max_steps=3, plugins=[AsyncCheckpointIO()], enable_checkpointing=True,
+                    callbacks=[ModelCheckpoint(dirpath=dirpath, save_last=True, every_n_train_steps=1)])
+    again.fit(resumed, loader(), ckpt_path="last")  # Lightning lists the dirpath itself
+    assert again.ckpt_path == f"{dirpath}/last.ckpt" and again.global_step == 3
+    for name, value in first.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    assert os.listdir(empty_cwd) == []
+
+
+def test_the_entry_point_changes_only_remote_model_checkpoints_of_trainers_using_our_plugin(installed_entry_points,
+                                                                                              tmp_path):
+    from lightning.pytorch import Trainer
+
+    from lightning_ckpt.lightning.resume import RemoteLastCheckpoints
+
+    options = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    theirs = ModelCheckpoint(dirpath="s3://bucket/a")
+    Trainer(callbacks=[theirs], **options)  # Lightning's own CheckpointIO: left alone
+    local, remote = ModelCheckpoint(dirpath=str(tmp_path / "local")), ModelCheckpoint(dirpath="s3://bucket/b",
+                                                                                     monitor="loss")
+    Trainer(callbacks=[local, remote], plugins=[AsyncCheckpointIO()], **options)
+    assert "_find_last_checkpoints" not in theirs.__dict__ and "_find_last_checkpoints" not in local.__dict__
+    assert isinstance(remote.__dict__["_find_last_checkpoints"], RemoteLastCheckpoints)

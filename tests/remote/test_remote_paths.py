@@ -95,12 +95,14 @@ def test_unwritable_protocols_are_rejected_at_once(plugin_cls, url, match, empty
     assert os.listdir(empty_cwd) == []
 
 
-def test_core_checkpointers_refuse_remote_paths_instead_of_writing_a_local_folder(empty_cwd):
+def test_core_checkpointers_write_remote_paths_to_the_store_not_a_local_folder(s3, empty_cwd, tmp_path):
     checkpointer = make_sync_checkpointer()
-    with pytest.raises(ValueError, match="remote path"):
-        checkpointer.save("s3://bucket/run/x.ckpt", {"w": torch.zeros(2)})
+    checkpointer.save(f"{s3.url}/run/x.ckpt", {"w": torch.arange(4.0)})
+    loaded = checkpointer.load(f"{s3.url}/run/x.ckpt")
     checkpointer.close()
-    assert os.listdir(empty_cwd) == []
+    assert torch.equal(loaded["w"], torch.arange(4.0))
+    assert [k.rsplit("/", 1)[-1] for k in s3.keys()] == ["MANIFEST.json", "checkpoint_0.pt"]  # layout "dir"
+    assert os.listdir(empty_cwd) == [] and all_files(tmp_path / "cache") == []
 
 
 def test_paths_resolve_in_one_place(tmp_path):
@@ -136,3 +138,23 @@ def test_the_s3_client_is_imported_only_by_the_process_that_calls_the_store(s3, 
                             capture_output=True, text=True, timeout=110)
     assert result.returncode == 0, result.stderr[-3000:]
     assert s3.keys() == ["lazy/x.ckpt"]
+
+
+@pytest.mark.parametrize("size, align", [(0, 1), (1, 1), (PART, 1), (PART + 1, 256 << 10),
+                                         (10_000 * PART + 3, 256 << 10)])
+def test_upload_parts_cover_the_file_once_within_the_store_limits(size, align):
+    from lightning_ckpt.remote import MAX_PARTS, plan_parts
+
+    parts = plan_parts(size, RemoteConfig(part_size_bytes=PART), align)
+    assert [p.number for p in parts] == list(range(1, len(parts) + 1)) and len(parts) <= MAX_PARTS
+    assert parts[0].offset == 0 and parts[-1].offset + parts[-1].nbytes == size
+    assert all(p.offset + p.nbytes == q.offset for p, q in zip(parts, parts[1:]))
+    assert [p.last for p in parts] == [False] * (len(parts) - 1) + [True]
+    assert all(p.nbytes % align == 0 and p.nbytes >= PART for p in parts[:-1])  # GCS: 256 KiB multiples
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/run/x.ckpt", "gcs://bucket/run/x.ckpt"])
+def test_gs_and_gcs_urls_name_one_gcs_object(url):
+    resolved = paths.resolve(url, {"token": "anon"})
+    assert isinstance(resolved, paths.RemotePath) and resolved.url == "gs://bucket/run/x.ckpt"
+    assert resolved.storage_options == {"token": "anon"} and paths.path_key(url) == "gs://bucket/run/x.ckpt"
