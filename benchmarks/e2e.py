@@ -19,7 +19,9 @@ every step with every save's stall, but not the final drain), ``drain_s`` (the r
 writes in ``on_train_end`` or in the plugin's ``teardown``, plus Lightning's own teardown), ``io_teardown_s`` (the
 plugin's ``teardown`` alone), ``hook_s`` (time inside the checkpoint callbacks' hooks during training, i.e. excluding
 ``on_train_end``/``teardown``: what the training loop saw), per-save ``save_call_s`` (each
-``trainer.save_checkpoint`` call) and ``stall_per_save_s`` = ``hook_s / saves``.
+``trainer.save_checkpoint`` call) and ``stall_per_save_s`` = ``hook_s / saves``. The ``none`` configuration also
+measures ``memcpy_floor_s``: a copy of the checkpoint's tensors (parameters and optimizer state after the fit) into one
+reused buffer, the floor the per-save loop overhead is divided by.
 """
 
 from __future__ import annotations
@@ -158,6 +160,24 @@ def build_checkpointing(config: str, every: int, ckdir: str, anchor_fsync: bool)
     return [OursIO()], [mc, AsyncCheckpointCallback(**kwargs)], True, notes
 
 
+def memcpy_floor(model: Any, optimizers: list, reps: int = 3) -> tuple[float, int]:
+    """``(median seconds, bytes)`` of copying every parameter, buffer and optimizer-state tensor into a reused buffer."""
+    from benchmarks.common import iter_tensors
+    from benchmarks.floors import copy_into
+
+    tensors = [t for t in iter_tensors(model.state_dict()) if t.is_contiguous()]
+    tensors += [t for opt in optimizers for t in iter_tensors(opt.state_dict()["state"]) if t.is_contiguous()]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    copy_into(buf, tensors)  # warm-up: faults the buffer in
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        copy_into(buf, tensors)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], nbytes
+
+
 def run_config(config: str, param_mib: float, hidden: int, batch: int, steps: int, every: int, scratch: str,
                anchor_fsync: bool) -> dict[str, Any]:
     """Run one fit and return its measurements."""
@@ -200,7 +220,10 @@ def run_config(config: str, param_mib: float, hidden: int, batch: int, steps: in
                  ".on_fit_end", ".teardown")))
     files = sorted(os.listdir(ckdir)) if os.path.isdir(ckdir) else []
     n_params = sum(p.numel() for p in model.parameters())
+    floor = memcpy_floor(model, trainer.optimizers) if config == "none" else None
     return {
+        "memcpy_floor_s": floor[0] if floor else None,
+        "checkpoint_bytes": floor[1] if floor else None,
         "config": config,
         "fit_s": fit_s,
         "loop_s": loop_end - marks.get("train_start", t0),

@@ -6,6 +6,8 @@
 * ``floor.read_cold``   read the file back into a reused buffer after evicting it from the page cache
                         (``posix_fadvise(POSIX_FADV_DONTNEED)`` after fsync).
 * ``floor.read_warm``   the same read with the file in the page cache.
+* ``floor.read_cold_fresh`` the cold read into a buffer allocated inside the timed region (what any load that returns
+                        new tensors pays on top: the kernel faults in and zeroes every page it copies into).
 """
 
 from __future__ import annotations
@@ -112,14 +114,17 @@ def run_floors(
 
     # -- cold and warm sequential reads of that file
     last = paths._made[-1]
-    cold, warm_t, can_drop = [], [], True
+    cold, warm_t, fresh, can_drop = [], [], [], True
     for _ in range(reps):
         can_drop = drop_cache([last])
         cold.append(timed(lambda: read_into(last, buf))[0])
         warm_t.append(timed(lambda: read_into(last, buf))[0])
+        drop_cache([last])
+        fresh.append(timed(lambda: read_into(last, torch.empty(nbytes, dtype=torch.uint8)))[0])
     for name, label, vals in (
         ("floor.read_cold", "raw read, page cache dropped", cold),
         ("floor.read_warm", "raw read, page cache warm", warm_t),
+        ("floor.read_cold_fresh", "raw read, page cache dropped, into fresh memory", fresh),
     ):
         row = new_row(name, "floor", label)
         row["load_s"] = summarize(vals)

@@ -33,6 +33,7 @@ TARGETS = {
     "mem_vs_state": 1.1,  # steady extra host memory <= 1.1x state size
     "mem_growth_vs_state": 0.05,  # flat: growth over consecutive saves <= 5% of state size
     "e2e_overhead": 0.05,  # fit with checkpoints <= 5% slower than without
+    "e2e_per_save_vs_copy": 2.0,  # loop overhead per save <= 2x the memcpy floor of the checkpoint's bytes
 }
 
 DEFAULT_CONSECUTIVE_ROWS = "ours.async,ours.plugin_async"
@@ -188,6 +189,7 @@ def evaluate_micro(rows: list[dict[str, Any]], device: str, state_bytes: int) ->
     copy = _med(by.get("floor.d2h_pinned" if gpu else "floor.memcpy"), "stall_s")
     write = _med(by.get("floor.write_fsync"), "durable_s")
     read = _med(by.get("floor.read_cold"), "load_s")
+    read_fresh = _med(by.get("floor.read_cold_fresh"), "load_s")
     dcp = _med(by.get("anchor.dcp_async_process"), "stall_s")
     state_mib = state_bytes / MiB
     for r in rows:
@@ -200,6 +202,7 @@ def evaluate_micro(rows: list[dict[str, Any]], device: str, state_bytes: int) ->
             else _check(_ratio(stall, dcp), TARGETS["stall_vs_dcp"]),
             "durable_vs_write": _check(_ratio(_med(r, "durable_s"), write), TARGETS["durable_vs_write"]),
             "load_vs_read": _check(_ratio(_med(r, "load_s"), read), TARGETS["load_vs_read"]),
+            "load_vs_read_fresh": _check(_ratio(_med(r, "load_s"), read_fresh), TARGETS["load_vs_read"]),
             "mem_vs_state": _check(_ratio(r.get("extra_host_mib"), state_mib), TARGETS["mem_vs_state"]),
             "mem_flat": None,
         }
@@ -227,6 +230,10 @@ def evaluate_e2e(results: list[dict[str, Any]]) -> None:
         r["overhead_loop"] = r["loop_s"] / base["loop_s"] - 1
         r["overhead_fit"] = r["fit_s"] / base["fit_s"] - 1
         r["targets"] = {"e2e_overhead": _check(r["overhead_loop"], TARGETS["e2e_overhead"])}
+        if r.get("saves") and base.get("memcpy_floor_s"):
+            r["overhead_per_save_s"] = (r["loop_s"] - base["loop_s"]) / r["saves"]
+            r["targets"]["e2e_per_save_vs_copy"] = _check(r["overhead_per_save_s"] / base["memcpy_floor_s"],
+                                                          TARGETS["e2e_per_save_vs_copy"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -275,6 +282,10 @@ def micro_table(rows: list[dict[str, Any]]) -> str:
     text = _render(header, body)
     if any(((r.get("machine") or {}).get("foreign_cpu") or 0) > NOISY for r in rows):
         text += f"\n* other processes used more than {NOISY:.0%} of the CPU while this row ran: treat it as noisy"
+    fresh = [f"{r['name']} {r['targets']['load_vs_read_fresh']['value']:.2f}" for r in rows
+             if (r.get("targets") or {}).get("load_vs_read_fresh")]
+    if fresh:
+        text += "\nload / floor.read_cold_fresh (a cold read into newly allocated memory): " + ", ".join(fresh)
     consec = [r for r in rows if r.get("consecutive")]
     for r in consec:
         peaks = " ".join(f"{v:.0f}" for v in r["consecutive"]["extra_host_mib"])
@@ -284,11 +295,12 @@ def micro_table(rows: list[dict[str, Any]]) -> str:
 
 def e2e_table(results: list[dict[str, Any]]) -> str:
     """The end-to-end table."""
-    header = ["config", "fit s", "loop s", "overhead", "drain s", "saves", "stall/save s", "save calls s", "<=5%"]
+    header = ["config", "fit s", "loop s", "overhead", "drain s", "saves", "stall/save s", "save calls s", "<=5%",
+              "ovh/save s", "ovh/save/copy"]
     body = []
     for r in results:
         if "loop_s" not in r:
-            body.append([r["config"], "skipped" if r.get("skipped") else "ERROR"] + ["-"] * 7)
+            body.append([r["config"], "skipped" if r.get("skipped") else "ERROR"] + ["-"] * 9)
             continue
         ov = r.get("overhead_loop")
         calls = " ".join(f"{x:.2f}" for x in r.get("save_call_s", []))
@@ -298,8 +310,14 @@ def e2e_table(results: list[dict[str, Any]]) -> str:
             f"{r['drain_s']:.2f}", str(r["saves"]),
             f"{r['stall_per_save_s']:.3f}" if r.get("stall_per_save_s") is not None else "-", calls or "-",
             _fmt_check((r.get("targets") or {}).get("e2e_overhead")),
+            f"{r['overhead_per_save_s']:.3f}" if r.get("overhead_per_save_s") is not None else "-",
+            _fmt_check((r.get("targets") or {}).get("e2e_per_save_vs_copy")),
         ])
     text = _render(header, body)
+    base = next((r for r in results if r.get("memcpy_floor_s")), None)
+    if base:
+        text += (f"\nmemcpy floor of one checkpoint ({base['checkpoint_bytes'] / 2**30:.2f} GiB into a reused buffer): "
+                 f"{base['memcpy_floor_s']:.3f} s; ovh/save = (loop s - loop s of none) / saves")
     if any(((r.get("machine") or {}).get("foreign_cpu") or 0) > NOISY for r in results):
         text += f"\n* other processes used more than {NOISY:.0%} of the CPU while this fit ran: treat it as noisy"
     for r in results:
@@ -324,6 +342,7 @@ def plot(result: dict[str, Any], path: str) -> str | None:
         return "matplotlib not installed: plot skipped"
     tables = result["micro"]
     panels = len(tables) + (1 if result.get("consecutive_plot") else 0) + (1 if result.get("e2e") else 0)
+    panels += 1 if result.get("small") else 0
     if not panels:
         return "nothing to plot (no micro or e2e rows)"
     fig, axes = plt.subplots(panels, 1, figsize=(11, 4.2 * panels), squeeze=False)
@@ -339,12 +358,19 @@ def plot(result: dict[str, Any], path: str) -> str | None:
             hi = [(r.get(key) or {}).get("max", m) - m for m, r in zip(meds, rows)]
             ys = [i + (j - 1) * 0.27 for i in range(len(rows))]
             ax.barh(ys, meds, height=0.25, xerr=[lo, hi], color=colour, label=key.replace("_s", ""))
+        floors = {r["name"]: r for r in table["rows"] if r.get("kind") == "floor"}
+        for floor, key, colour in (("floor.d2h_pinned" if device.startswith("cuda") else "floor.memcpy", "stall_s",
+                                    "tab:blue"), ("floor.write_fsync", "durable_s", "tab:orange"),
+                                   ("floor.read_cold", "load_s", "tab:green")):
+            value = ((floors.get(floor) or {}).get(key) or {}).get("median")
+            if value:
+                ax.axvline(value, color=colour, linestyle="--", linewidth=1, label=f"{floor} ({key[:-2]})")
         ax.set_yticks(range(len(rows)), names)
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.set_xlabel("seconds (median, min-max)")
         ax.set_title(f"micro, {device}, state {table['state']['bytes'] / 2**30:.2f} GiB")
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower right", fontsize=8)
     if result.get("consecutive_plot"):
         ax = axes.pop(0)
         for name, peaks in result["consecutive_plot"].items():
@@ -362,6 +388,10 @@ def plot(result: dict[str, Any], path: str) -> str | None:
         ax.set_ylabel("seconds")
         ax.set_title("end to end fit")
         ax.legend()
+    if result.get("small"):
+        from benchmarks import small_rows
+
+        small_rows.plot_panel(axes.pop(0), result["small"])
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -394,6 +424,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--e2e-no-anchor-fsync", action="store_true", help="e2e: run the anchors as shipped (no fsync)")
     ap.add_argument("--row-timeout", type=float, default=600, help="seconds before one row's process is killed")
     ap.add_argument("--keep-scratch", action="store_true")
+    from benchmarks import small_rows
+
+    small_rows.add_args(ap)
     ap.add_argument("--sharded", action="store_true", help="also run the sharded (DCP) rows on 2 gloo ranks")
     ap.add_argument("--sharded-mib", type=float, default=256, help="sharded: tensor MiB per rank")
     ap.add_argument("--remote", action="store_true",
@@ -463,6 +496,11 @@ def main(argv: list[str] | None = None) -> int:
             _progress(f"e2e: {a.e2e_param_mib:.0f} MiB params + Adam, {a.e2e_steps} steps, save every {a.e2e_every}")
             result["e2e"] = run_e2e(a, scratch, logs)
             evaluate_e2e(result["e2e"])
+        if not a.skip_small and not a.skip_micro:  # part of the micro suite
+            from benchmarks import small_rows
+
+            _progress(f"small tensors: counts {small_rows.counts(a)}; partial load of the {a.size_gib} GiB state")
+            result["small"] = small_rows.run_small(a, scratch, logs, run_child, _progress)
         if a.sharded:
             _progress(f"sharded: 2 gloo ranks, {a.sharded_mib:.0f} MiB per rank, reps={a.reps}")
             result["sharded"] = run_sharded(a, scratch, logs)
@@ -486,6 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     if result["e2e"]:
         print(f"\n== end to end (loop overhead vs 'none'; target <= {TARGETS['e2e_overhead']:.0%}) ==")
         print(e2e_table(result["e2e"]))
+    if result.get("small"):
+        from benchmarks import small_rows
+
+        print(f"\n== many small tensors (largest count; targets vs {small_rows.TORCH}) and partial load ==")
+        print(small_rows.table(result["small"], _render))
     if result.get("sharded"):
         from benchmarks.sharded import table as sharded_table
 

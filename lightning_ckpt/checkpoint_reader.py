@@ -15,6 +15,8 @@ import torch
 
 from lightning_ckpt import layout, paths
 from lightning_ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
+from lightning_ckpt.read_engine import DEFAULT_READ_THREADS, ReadStats
+from lightning_ckpt.storage_load import load_storages
 from lightning_ckpt.tree import iter_leaves, map_leaves, path_str
 from lightning_ckpt.types import STATE_DICT, RankInfo
 from lightning_ckpt.verification import (
@@ -45,16 +47,24 @@ class CheckpointReader:
     descriptor, so a reader racing an overwrite of the path reads the old or the new checkpoint, never a mix; a
     directory of ours without its manifest, or one holding a temp of ours, is refused as incomplete; a damaged
     file raises ``CorruptCheckpointError`` naming the path, the key and both checksums. PyTorch's own directories
-    (no manifest, no checksums) are read unverified, which is logged once.
+    (no manifest, no checksums) are read unverified, which is logged once. CPU loads read at disk speed: every
+    storage is allocated once and filled by ``read_threads`` parallel reads, each range hashed as it lands while
+    the pickle is loaded (``read_engine``); a partial read reads only the requested tensors' bytes.
 
     Args:
         rank_info: which rank's file to read from a checkpoint directory.
         verify: check checksums by default.
+        read_threads: ours: reads in flight per load.
     """
 
-    def __init__(self, rank_info: RankInfo | None = None, verify: bool = True) -> None:
+    def __init__(self, rank_info: RankInfo | None = None, verify: bool = True, *,
+                 read_threads: int = DEFAULT_READ_THREADS) -> None:
+        if not isinstance(read_threads, int) or read_threads < 1:
+            raise ValueError(f"read_threads must be an int >= 1, got {read_threads!r}")
         self.rank_info = rank_info or RankInfo()
         self.verify = verify
+        self.read_threads = read_threads
+        self.last_read_stats: ReadStats | None = None  # what the latest read read (None: it went through torch.load)
 
     def read(self, path: str | os.PathLike, state_dict: STATE_DICT | None = None, *, map_location: Any = None,
              weights_only: bool | None = True, verify: bool | None = None,
@@ -94,7 +104,7 @@ class CheckpointReader:
             source = None
             try:
                 source = _open_source(path, self.rank_info.global_rank)
-                return _read_source(source, state_dict, map_location, weights_only, verify)
+                return self._read_source(source, state_dict, map_location, weights_only, verify)
             except (CorruptCheckpointError, IncompleteCheckpointError, FileNotFoundError):
                 if attempt + 1 == _DIRECTORY_ATTEMPTS or before is None or _identity(path) == before:
                     raise
@@ -103,6 +113,19 @@ class CheckpointReader:
                 if source is not None:
                     source.opened.close()
         raise AssertionError("unreachable")
+
+    def _read_source(self, source: _Source, state_dict: STATE_DICT | None, map_location: Any,
+                     weights_only: bool | None, verify: bool) -> tuple[STATE_DICT, list[str]]:
+        record = _checked_record(source, verify)
+        self.last_read_stats = None
+        if _is_cpu(map_location):
+            fast = load_storages(source.opened, record, state_dict, weights_only, self.read_threads)
+            if fast is not None:
+                loaded, self.last_read_stats = fast
+                if state_dict is None:
+                    return loaded, []
+                return state_dict, _fill(state_dict, loaded, source.opened.path, None, map_location, owned=True)
+        return _read_with_torch_load(source.opened, record, state_dict, map_location, weights_only, verify)
 
 
     def _read_remote(self, location: Any, state_dict: STATE_DICT | None, map_location: Any,
@@ -122,7 +145,7 @@ class CheckpointReader:
             os.close(dir_fd)
             remove_path(local)  # the descriptor keeps the bytes until the read ends
         try:
-            return _read_source(_Source(url, opened, entry), state_dict, map_location, weights_only, verify)
+            return self._read_source(_Source(url, opened, entry), state_dict, map_location, weights_only, verify)
         finally:
             opened.close()
 
@@ -238,8 +261,8 @@ def open_unmanifested(path: str, dir_fd: int, names: set[str], rank: int) -> Ope
     return opened
 
 
-def _read_source(source: _Source, state_dict: STATE_DICT | None, map_location: Any, weights_only: bool | None,
-                 verify: bool) -> tuple[STATE_DICT, list[str]]:
+def _checked_record(source: _Source, verify: bool) -> ChecksumRecord | None:
+    """The file's checksum record (None: unverified), checked against the manifest; logs an unverified read."""
     opened = source.opened
     record = read_checksum_record(opened) if verify else None
     if source.unverified_layout:
@@ -255,6 +278,12 @@ def _read_source(source: _Source, state_dict: STATE_DICT | None, map_location: A
                 f"corrupt checkpoint {opened.path}: not the file its manifest lists (data.pkl {record.data_pkl_xxh3},"
                 f" manifest {expected})", path=opened.path, key="data.pkl", expected=expected,
                 actual=record.data_pkl_xxh3)
+    return record
+
+
+def _read_with_torch_load(opened: OpenedFile, record: ChecksumRecord | None, state_dict: STATE_DICT | None,
+                          map_location: Any, weights_only: bool | None, verify: bool) -> tuple[STATE_DICT, list[str]]:
+    """What ``load_storages`` leaves to ``torch.load``: other map locations, legacy files, non-allowlisted globals."""
     if state_dict is None:
         opened.advise_sequential()  # the kernel starts reading the whole file now
         ours = record is not None or (not verify and layout.CHECKSUM_RECORD in _spans_or_empty(opened))
@@ -292,8 +321,12 @@ def _is_cpu(map_location: Any) -> bool:
                                     and torch.device(map_location).type == "cpu")
 
 
-def _fill(target: Any, loaded: Any, path: str, record: ChecksumRecord | None, map_location: Any) -> list[str]:
-    """Copy the requested leaves of ``loaded`` into ``target``; returns the key paths ``loaded`` lacks."""
+def _fill(target: Any, loaded: Any, path: str, record: ChecksumRecord | None, map_location: Any,
+          owned: bool = False) -> list[str]:
+    """Copy the requested leaves of ``loaded`` into ``target``; returns the key paths ``loaded`` lacks.
+
+    ``owned``: the tensors of ``loaded`` are in memory of their own (not a file mapping) and can be kept as they are.
+    """
     by_key_path = record.by_key_path if record is not None else {}
     missing: list[str] = []
     checked: set[str] = set()
@@ -318,15 +351,17 @@ def _fill(target: Any, loaded: Any, path: str, record: ChecksumRecord | None, ma
         if isinstance(src, torch.Tensor):
             check(prefix, src)
             if isinstance(dst, torch.Tensor) and dst.shape == src.shape and dst.dtype == src.dtype:
+                if owned and dst.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+                    return dst  # read into in place
                 with torch.no_grad():
                     dst.copy_(src)
                 return dst
-            return _relocate(src.clone(), map_location)
+            return src if owned else _relocate(src.clone(), map_location)
         if record is not None:
             for sub_path, leaf in iter_leaves(src, prefix):
                 if isinstance(leaf, torch.Tensor):
                     check(sub_path, leaf)
-        return _materialize(src, map_location)
+        return src if owned else _materialize(src, map_location)
 
     visit(target, loaded, ())
     return missing

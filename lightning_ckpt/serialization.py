@@ -22,7 +22,7 @@ from torch.serialization import location_tag, normalize_storage_type
 
 from lightning_ckpt import torch_zip
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint, Record
-from lightning_ckpt.tree import KeyPath, Tree, flatten, iter_leaves, json_key, path_str  # noqa: F401 - re-exported
+from lightning_ckpt.tree import Tree, flatten, iter_leaves, path_str
 
 PICKLE_PROTOCOL = 2  # torch.save's default; keeps files loadable by every torch that reads the zip format
 

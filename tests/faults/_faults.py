@@ -89,7 +89,7 @@ def assert_invariant(directory: str, committed: dict[str, Any]) -> None:
 def state_digest(state: Any) -> str:
     """xxh3 over the dtype, shape and bytes of every tensor and the repr of every other leaf, in order."""
     h = xxhash.xxh3_64()
-    from lightning_ckpt.serialization import iter_leaves
+    from lightning_ckpt.tree import iter_leaves
 
     for path, leaf in iter_leaves(state):
         h.update(repr(path).encode())

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import fractions
 import logging
 import os
+import pickle
 import shutil
 
 import pytest
@@ -171,3 +174,119 @@ def test_torchs_experimental_reader_reads_what_our_checkpointers_wrote(tmp_path,
     loaded, missing = TorchReader(TorchRankInfo(global_rank=0, global_world_size=1)).read(path)
     assert missing == [] and loaded["step"] == 5
     assert_equal_state(loaded, _state(5.0))
+
+
+# ---------------------------------------------------------------- the parallel CPU load (read_engine)
+
+
+def _flip_tensor_byte(path: str, tensor: torch.Tensor) -> None:
+    data = bytearray(open(path, "rb").read())
+    pos = bytes(data).find(tensor.numpy().tobytes())
+    assert pos > 0
+    data[pos + 1] ^= 0x10
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_partial_read_reads_only_the_requested_tensors_bytes(tmp_path):
+    state = {"model": {"w": torch.full((1 << 18,), 1.0), "b": torch.full((1 << 18,), 2.0)},
+             "optim": {"m": torch.full((1 << 18,), 3.0)}, "step": 7}
+    path = write_ours(tmp_path / "a.ckpt", state)
+    reader = lc.CheckpointReader()
+    target = {"model": {"w": torch.zeros(1 << 18)}, "nope": torch.zeros(1)}
+    out, missing = reader.read(path, target)
+    assert out is target and missing == ["nope"] and torch.equal(target["model"]["w"], state["model"]["w"])
+    one = state["model"]["w"].numel() * 4
+    assert one <= reader.last_read_stats.bytes_read < one + 4096 and reader.last_read_stats.storages == 1
+    reader.read(path)
+    assert reader.last_read_stats.bytes_read >= 3 * one
+
+
+def test_a_partial_read_checks_what_it_reads_and_never_reads_the_rest(tmp_path):
+    state = {"a": torch.full((1000,), 1.0), "b": torch.full((1000,), 2.0)}
+    path = write_ours(tmp_path / "a.ckpt", state)
+    _flip_tensor_byte(path, state["b"])
+    out, _ = lc.CheckpointReader().read(path, {"a": torch.zeros(1000)})
+    assert torch.equal(out["a"], state["a"])
+    with pytest.raises(lc.CorruptCheckpointError, match="checksum mismatch") as info:
+        lc.CheckpointReader().read(path, {"b": torch.zeros(1000)})
+    assert info.value.key == "b" and info.value.path == path
+
+
+def test_a_flipped_byte_in_one_of_many_small_tensors_names_its_key(tmp_path):
+    state = {"state": {i: {"exp_avg": torch.full((11,), float(i))} for i in range(300)}}
+    path = write_ours(tmp_path / "a.ckpt", state)
+    _flip_tensor_byte(path, state["state"][123]["exp_avg"])
+    with pytest.raises(lc.CorruptCheckpointError, match="tensor 'state.123.exp_avg' checksum mismatch") as info:
+        lc.CheckpointReader().read(path)
+    assert info.value.key == "state.123.exp_avg" and info.value.path == path
+
+
+def test_the_parallel_load_keeps_shared_storages_parameters_and_layouts(tmp_path):
+    base = torch.arange(24, dtype=torch.float64)
+    weight = torch.nn.Parameter(torch.randn(3, 4))
+    state = {"base": base, "view": base[4:10], "strided": base.view(4, 6).t(), "tied": [weight, weight],
+             "half": torch.ones(5, dtype=torch.bfloat16), "flags": torch.tensor([True, False]),
+             "empty": torch.empty(0, 3), "grad": torch.ones(2, requires_grad=True), "tuple": (torch.zeros(2), 1)}
+    path = write_ours(tmp_path / "a.ckpt", state)
+    reader = lc.CheckpointReader()
+    loaded, _ = reader.read(path)
+    assert reader.last_read_stats is not None  # not torch.load's path
+    assert_equal_state(loaded, state)
+    assert loaded["view"].untyped_storage().data_ptr() == loaded["base"].untyped_storage().data_ptr()
+    assert loaded["strided"].stride() == state["strided"].stride()
+    assert isinstance(loaded["tied"][0], torch.nn.Parameter) and loaded["tied"][0] is loaded["tied"][1]
+    assert loaded["grad"].requires_grad and not loaded["base"].requires_grad
+
+
+def test_a_plain_torch_save_file_loads_through_the_engine(tmp_path):
+    path = str(tmp_path / "plain.pt")
+    torch.save(_state(4.0), path)
+    reader = lc.CheckpointReader()
+    loaded, _ = reader.read(path)
+    assert reader.last_read_stats is not None and reader.last_read_stats.storages == 2
+    assert_equal_state(loaded, _state(4.0))
+
+
+def test_weights_only_refusals_stay_torchs_and_weights_only_false_loads_objects(tmp_path):
+    from tests.unit._crafted import write_code_checkpoint
+
+    marker = str(tmp_path / "ran")
+    path = write_code_checkpoint(str(tmp_path / "evil.ckpt"), marker)
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+        lc.CheckpointReader().read(path)
+    assert not os.path.exists(marker)
+    ours = write_ours(tmp_path / "obj.ckpt", {"t": torch.ones(3), "od": collections.OrderedDict(a=1),
+                                              "frac": fractions.Fraction(1, 3)})
+    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
+        lc.CheckpointReader().read(ours)
+    reader = lc.CheckpointReader()
+    loaded, _ = reader.read(ours, weights_only=False)
+    assert loaded["frac"] == fractions.Fraction(1, 3) and reader.last_read_stats is not None
+
+
+def test_the_parallel_load_reads_the_file_it_opened_when_the_path_is_replaced(tmp_path, monkeypatch):
+    from lightning_ckpt import storage_load
+
+    path, newer = str(tmp_path / "a.ckpt"), str(tmp_path / "newer.ckpt")
+    write_ours(path, _state(1.0))
+    write_ours(newer, _state(2.0))
+    real = storage_load.StorageReader
+
+    def replace_then_read(*args, **kwargs):
+        os.replace(newer, path)  # the overwrite lands after the file was opened, before its storages are read
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(storage_load, "StorageReader", replace_then_read)
+    reader = lc.CheckpointReader()
+    assert_equal_state(reader.read(path)[0], _state(1.0))
+    assert reader.last_read_stats is not None and not os.path.exists(newer)
+
+
+def test_a_partial_read_reads_into_matching_target_tensors_in_place(tmp_path):
+    state = {"w": torch.arange(4096, dtype=torch.float32), "m": torch.full((8, 16), 3.0), "other": torch.ones(10)}
+    path = write_ours(tmp_path / "a.ckpt", state)
+    w, reshaped = torch.zeros(4096), torch.zeros(16, 8)  # same bytes as "m", other shape: not read into
+    address = w.data_ptr()
+    out, _ = lc.CheckpointReader().read(path, {"w": w, "m": reshaped})
+    assert out["w"] is w and w.data_ptr() == address and torch.equal(w, state["w"])
+    assert out["m"] is not reshaped and torch.equal(out["m"], state["m"]) and torch.count_nonzero(reshaped) == 0

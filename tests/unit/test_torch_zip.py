@@ -71,3 +71,43 @@ def test_async_checkpoints_of_large_tensors_round_trip_through_direct_io(tmp_pat
         ck.save(tmp_path / "a.ckpt", sd)[1].result(timeout=60)
         assert_equal_state(ck.load(tmp_path / "a.ckpt"), sd)
     assert_equal_state(torch.load(data_file(tmp_path / "a.ckpt"), weights_only=True, mmap=True), sd)
+
+
+def _zipfile_spans(path) -> dict:
+    """The spans as zipfile locates them (the reference the direct directory parse must agree with)."""
+    import struct
+    import zipfile
+
+    raw = open(path, "rb").read()
+    with zipfile.ZipFile(path) as z:
+        return {i.filename.split("/", 1)[-1]: (i.header_offset + 30 + sum(struct.unpack_from("<HH", raw,
+                i.header_offset + 26)), i.file_size) for i in z.infolist()}
+
+
+@pytest.mark.parametrize("source", ["ours", "ours_zip64", "torch_save"])
+def test_record_spans_from_the_directory_agree_with_zipfile(source, tmp_path, monkeypatch):
+    path = str(tmp_path / "a.pt")
+    state = {"a": torch.arange(10.0), "big": torch.ones(50_000), "small": [torch.ones(i) for i in range(30)]}
+    if source == "torch_save":
+        torch.save(state, path)
+    else:
+        if source == "ours_zip64":
+            monkeypatch.setattr(torch_zip, "_ZIP64_THRESHOLD", 512)
+        lc.CheckpointWriter(lc.CheckpointWriterConfig(layout="file"), rank_info=lc.RankInfo(0, 1)).write(path, state)
+    monkeypatch.setattr(torch_zip, "_HEADER_WINDOW", 4096)  # several header windows
+    with open(path, "rb") as f:
+        assert torch_zip._stored_spans(f, None) is not None
+        spans = torch_zip.record_spans(f, path)
+        assert spans == _zipfile_spans(path) and list(spans) == list(_zipfile_spans(path))
+        assert torch_zip.record_spans(f, path, {"data.pkl", "nope"}) == {"data.pkl": spans["data.pkl"]}
+
+
+def test_record_spans_of_a_compressed_zip_fall_back_to_zipfile(tmp_path):
+    import zipfile
+
+    path = str(tmp_path / "c.zip")
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"x" * 1000)
+    with open(path, "rb") as f:
+        assert torch_zip._stored_spans(f, None) is None
+        assert torch_zip.record_spans(f, path) == _zipfile_spans(path)

@@ -1,0 +1,165 @@
+"""A CPU load without ``torch.load``: which storages to read and check, read in parallel while the pickle loads."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections import Counter
+from typing import Any
+
+import torch
+
+from lightning_ckpt.errors import CorruptCheckpointError
+from lightning_ckpt.read_engine import Check, ReadStats, StorageReader
+from lightning_ckpt.tree import iter_leaves, json_key
+from lightning_ckpt.torch_unpickle import unpickle
+from lightning_ckpt.verification import ChecksumRecord, OpenedFile
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT_SECS = 3600.0  # one load's reads; far above any disk's time for a checkpoint that fits in memory
+_WEIGHTS_ONLY_ENV = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+
+
+def load_storages(opened: OpenedFile, record: ChecksumRecord | None, state_dict: dict | None,
+                  weights_only: bool | None, threads: int) -> tuple[Any, ReadStats] | None:
+    """Load ``opened`` onto CPU storages read by ``StorageReader``; None where ``torch.load`` must do it instead.
+
+    Args:
+        opened: the file.
+        record: its validated checksum record (None: read unverified).
+        state_dict: for a partial read, the requested structure: only the storages its leaves reach are read
+            (those of other keys become meta tensors, which the caller drops). Needs ``record`` (its key paths).
+            A requested contiguous CPU tensor laid out exactly as the saved one is read into in place (no copy;
+            after a checksum mismatch it holds the damaged bytes).
+        weights_only: as in ``torch.load``.
+        threads: reads in flight.
+
+    Returns:
+        ``(loaded object, stats)``, or None: not a zip this can read, a partial read without key paths, a foreign
+        byte order, a storage saved off the CPU, a global outside the weights-only allowlist, or a pickle this
+        unpickler refuses (``torch.load`` then gives its own result or error).
+
+    Raises:
+        CorruptCheckpointError: a checksum mismatch or a truncated record.
+    """
+    if weights_only is None:
+        if any(os.environ.get(v) for v in _WEIGHTS_ONLY_ENV):
+            return None  # torch.load's environment overrides decide
+        weights_only = True
+    spans = _spans(opened)
+    if spans is None or (state_dict is not None and record is None):
+        return None
+    storage_spans = {name[len("data/"):]: span for name, span in spans.items() if name.startswith("data/")}
+    wanted = storage_spans if state_dict is None else _wanted(state_dict, record, storage_spans)
+    checks = [] if record is None else _checks(record, wanted)
+    meta = frozenset(storage_spans.keys() - wanted.keys())
+    into = {} if state_dict is None else _destinations(state_dict, record, wanted)
+    reader = StorageReader(opened.fd, opened.path, wanted, checks, threads, destinations=into)
+    if not into:
+        reader.start()  # the reads run while the pickle loads
+    try:
+        data_pkl = opened.read_span(spans["data.pkl"])
+        loaded = unpickle(data_pkl, reader.storages, weights_only, meta)
+        if into:  # the targets' memory is only written once the file's tensors are known to match them
+            if not _laid_out_as(loaded, state_dict, record, into):
+                reader = StorageReader(opened.fd, opened.path, wanted, checks, threads)
+                loaded = unpickle(data_pkl, reader.storages, weights_only, meta)
+            reader.start()
+    except Exception as e:  # noqa: BLE001 - any refusal or damage: torch.load says what is wrong, as before
+        reader.cancel()
+        log.debug("%s: loading through torch.load (%s: %s)", opened.path, type(e).__name__, e)
+        return None
+    except BaseException:  # KeyboardInterrupt: stop the reads before it propagates
+        reader.cancel()
+        raise
+    try:
+        stats = reader.finish(READ_TIMEOUT_SECS)
+    except OSError as e:
+        raise CorruptCheckpointError(f"corrupt checkpoint {opened.path}: {e}", path=opened.path) from e
+    return loaded, stats
+
+
+def _spans(opened: OpenedFile) -> dict[str, tuple[int, int]] | None:
+    try:
+        spans = opened.spans()
+    except CorruptCheckpointError:
+        return None  # not a zip this reads (torch's legacy format): torch.load decides
+    if "data.pkl" not in spans:
+        return None
+    order = spans.get("byteorder")
+    if order is not None and opened.read_span(order).strip() != sys.byteorder.encode():
+        return None
+    return spans
+
+
+def _wanted(state_dict: dict, record: ChecksumRecord, storage_spans: dict) -> dict[str, tuple[int, int]]:
+    """The storages a partial read needs: those under a requested leaf, and any that no key path reaches."""
+    requested = set(_requested_paths(state_dict, ()))
+    reached: set[str] = set()
+    keep: set[str] = set()
+    for key_path, key in record.by_key_path.items():
+        reached.add(key)
+        if any(key_path[:n] in requested for n in range(len(key_path) + 1)):
+            keep.add(key)
+    return {k: span for k, span in storage_spans.items() if k in keep or k not in reached}
+
+
+def _requested_leaves(target: Any, prefix: tuple) -> Any:
+    """``(key path, leaf)`` of the requested leaves."""
+    if not isinstance(target, dict):
+        yield prefix, target
+        return
+    for k, v in target.items():
+        yield from _requested_leaves(v, prefix + (json_key(k),))
+
+
+def _destinations(state_dict: dict, record: ChecksumRecord, wanted: dict) -> dict[str, torch.UntypedStorage]:
+    """Storages of requested tensors that the file's bytes can be read into directly: contiguous CPU tensors that
+    own their whole storage, of the recorded size, for storages reached by that one key path only."""
+    reached = Counter(record.by_key_path.values())
+    into: dict[str, torch.UntypedStorage] = {}
+    seen: set[int] = set()
+    for key_path, dst in _requested_leaves(state_dict, ()):
+        key = record.by_key_path.get(key_path)
+        if (key is None or key not in wanted or reached[key] != 1 or not isinstance(dst, torch.Tensor)
+                or dst.device.type != "cpu" or dst.layout != torch.strided or not dst.is_contiguous()
+                or dst.storage_offset() != 0):
+            continue
+        storage = dst.untyped_storage()
+        if storage.nbytes() == wanted[key][1] == dst.numel() * dst.element_size() and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())  # two requested tensors sharing memory: only the first is read into
+            into[key] = storage
+    return into
+
+
+def _laid_out_as(loaded: Any, state_dict: dict, record: ChecksumRecord, into: dict) -> bool:
+    """Whether every tensor built on a target's storage has that target's dtype, shape and strides."""
+    targets = dict(_requested_leaves(state_dict, ()))
+    for key_path, tensor in iter_leaves(loaded):
+        key = record.by_key_path.get(key_path) if isinstance(tensor, torch.Tensor) else None
+        if key in into:
+            dst = targets.get(key_path)
+            if not (isinstance(dst, torch.Tensor) and tensor.dtype == dst.dtype and tensor.shape == dst.shape
+                    and tensor.stride() == dst.stride() and tensor.storage_offset() == 0):
+                return False
+    return True
+
+
+def _requested_paths(target: Any, prefix: tuple) -> Any:
+    """Key paths of the requested leaves (the partial read descends dicts only, as ``_fill`` does)."""
+    if not isinstance(target, dict):
+        yield prefix
+        return
+    for k, v in target.items():
+        yield from _requested_paths(v, prefix + (json_key(k),))
+
+
+def _checks(record: ChecksumRecord, wanted: dict) -> list[Check]:
+    """One check per recorded checksum of a wanted storage, named in errors by the first key path reaching it."""
+    first: dict[str, tuple] = {}
+    for key_path, key in record.by_key_path.items():
+        first.setdefault(key, key_path)
+    records = record.records
+    return [Check(records[key]["xxh3"], [key], first.get(key)) for key in wanted]
