@@ -36,8 +36,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _start_trainer(url: str, root) -> tuple[subprocess.Popen, list[int]]:
-    """The trainer, up to its step-1 save handed to the writer; returns it and its writer's pid."""
+def _start_trainer(url: str, root) -> subprocess.Popen:
+    """The trainer, up to its step-1 save handed to the plugin (its writer may still be starting)."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "tests.remote.test_remote_kill", url, str(root)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -45,11 +45,17 @@ def _start_trainer(url: str, root) -> tuple[subprocess.Popen, list[int]]:
     for line in proc.stdout:  # ends when the script exits (a failure before READY)
         lines.append(line)
         if line.startswith("READY"):
-            writers = _descendants(proc.pid)
-            assert writers, f"no writer process below the trainer: {lines}"
-            return proc, writers
+            return proc
     _finish(proc, timeout=60)
     pytest.fail("the trainer ended before READY:\n" + "".join(lines[-60:]))
+
+
+def _upload_in_flight(s3, proc: subprocess.Popen) -> list[int]:
+    """Wait until the trainer's upload reached UploadPart (so its writer runs); returns the writer's pids."""
+    wait_for(lambda: s3.server.ops("UploadPart", "run/model.ckpt"), 60, "the trainer's upload to reach UploadPart")
+    writers = _descendants(proc.pid)
+    assert writers, "no writer process below the trainer while its upload is in flight"
+    return writers
 
 
 def _previous(s3, url: str) -> bytes:
@@ -64,8 +70,8 @@ def test_sigkill_of_trainer_and_writer_mid_upload_keeps_the_old_object_and_the_n
     old = _previous(s3, url)
     s3.server.set_faults({"op": "UploadPart", "key": "run/model.ckpt", "action": "hang", "secs": 60})
     s3.server.clear_log()
-    proc, writers = _start_trainer(url, tmp_path)
-    wait_for(lambda: s3.server.ops("UploadPart", "run/model.ckpt"), 60, "the trainer's upload to reach UploadPart")
+    proc = _start_trainer(url, tmp_path)
+    writers = _upload_in_flight(s3, proc)
     for pid in [proc.pid, *writers]:
         os.kill(pid, signal.SIGKILL)
     _finish(proc)
@@ -91,8 +97,8 @@ def test_sigkill_of_the_trainer_alone_mid_upload_never_shows_a_partial_object(s3
     old = _previous(s3, url)
     s3.server.set_faults({"op": "UploadPart", "key": "run/model.ckpt", "action": "delay", "secs": 10})
     s3.server.clear_log()
-    proc, writers = _start_trainer(url, tmp_path)
-    wait_for(lambda: s3.server.ops("UploadPart", "run/model.ckpt"), 60, "the trainer's upload to reach UploadPart")
+    proc = _start_trainer(url, tmp_path)
+    writers = _upload_in_flight(s3, proc)
     os.kill(proc.pid, signal.SIGKILL)  # the part is held for 10 s: the kill lands mid-upload
     s3.server.clear_log()
     _finish(proc)
