@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from lightning_ckpt import paths, remote_dirs
+from lightning_ckpt.remote import upload_timeout_secs
 from lightning_ckpt.checkpoint_process import CheckpointProcess
 from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpoint_writer import CheckpointWriter
@@ -231,8 +232,9 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         self._seq += 1
         save_key = new_save_key()
         # A remote path: its local cache path, and the upload (or, for a directory, the generation and manifest).
-        path, after_commit = remote_dirs.remote_destination(path, kwargs.get("after_commit"),
-                                                            0.8 * self.process.config.write_timeout_secs)
+        write_timeout = self.process.config.write_timeout_secs
+        path, after_commit = remote_dirs.remote_destination(
+            path, kwargs.get("after_commit"), upload_timeout_secs(write_timeout) if paths.is_remote(path) else 0.0)
         if after_commit is not None:
             kwargs = {**kwargs, "after_commit": after_commit}
         start = time.perf_counter()

@@ -34,6 +34,12 @@ STREAMING_PROTOCOLS = ("s3",)  # stores that take an upload of unknown total siz
 _swept_prefixes: set[tuple] = set()  # prefixes whose stale uploads this process already aborted
 
 
+def upload_timeout_secs(write_timeout_secs: float) -> float:
+    """A remote save's deadline inside the writer: before its watchdog kills it at ``write_timeout_secs``, so a
+    stuck upload is aborted by its own writer rather than left dangling."""
+    return 0.8 * write_timeout_secs
+
+
 @dataclass
 class RemoteConfig:
     """How remote checkpoints are uploaded and downloaded.

@@ -35,8 +35,9 @@ def new_generation() -> str:
 
 def remote_destination(path: Any, after_commit: Any, timeout_secs: float) -> tuple[Any, Any]:
     """For a checkpointer's ``save``: ``(local path, after_commit)``. A remote ``path`` becomes its local cache
-    path and a ``RemoteUpload`` to it (default ``RemoteConfig``; pass your own ``RemoteUpload`` as
-    ``after_commit`` for other settings); a local one is returned as is.
+    path and a ``RemoteUpload`` to it within ``timeout_secs`` (default ``RemoteConfig``; pass your own
+    ``RemoteUpload`` as ``after_commit`` for other settings); a local one is returned as is (``timeout_secs``
+    is then not used).
 
     Raises:
         ValueError: ``after_commit`` is a ``RemoteUpload`` to another place than ``path``.

@@ -28,7 +28,7 @@ from lightning_ckpt.lightning.ledger import SaveLedger, wait_in_process
 from lightning_ckpt.lightning.plugin_config import coerce_config
 from lightning_ckpt.lightning.snapshot_window import SnapshotWindow
 from lightning_ckpt.paths import RemotePath
-from lightning_ckpt.remote import RemoteConfig, RemoteUpload
+from lightning_ckpt.remote import RemoteConfig, RemoteUpload, upload_timeout_secs
 from lightning_ckpt.types import RankInfo
 
 log = logging.getLogger(__name__)
@@ -266,9 +266,7 @@ class LightningCkptIO(CheckpointIO):
         return paths.resolve(path, {**self.storage_options, **(storage_options or {})})
 
     def _remote_timeout(self) -> float:
-        """A remote call's deadline: before the writer is killed at ``write_timeout_secs``, so that a stuck
-        upload is aborted by its own writer rather than left dangling."""
-        return 0.8 * self.config.process_config.write_timeout_secs
+        return upload_timeout_secs(self.config.process_config.write_timeout_secs)
 
     def _copy_instead(self, location: RemotePath, checkpoint: dict[str, Any], step: int | None) -> bool:
         """A save of the same step and weights as the last upload becomes a server-side copy of it."""
