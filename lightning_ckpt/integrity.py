@@ -294,5 +294,5 @@ def _tensors(state: Any, record: Any) -> list[dict[str, Any]]:
                 for kp, t in iter_leaves(state) if isinstance(t, torch.Tensor)]
     if record is None:
         return []
-    return [{"key": path_str(kp), "storage_bytes": record.records[key].get("nbytes")}
+    return [{"key": path_str(kp), "storage_bytes": record.records[key].nbytes}
             for kp, key in record.by_key_path.items()]

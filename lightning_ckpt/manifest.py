@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, Iterator
 
 from lightning_ckpt.errors import CorruptCheckpointError
 from lightning_ckpt.layout import FORMAT_VERSION
+
+_KEY_TYPES = frozenset({str, int})  # what a key path's elements may be
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,14 @@ class ChecksumRecord:
         return json.dumps({"format": self.format, "data_pkl_xxh3": self.data_pkl_xxh3, "records": records,
                            "key_paths": self.key_paths, "metadata": self.metadata}).encode()
 
+    @cached_property
+    def by_key_path(self) -> dict[tuple, str]:
+        """Tensor key path -> storage key (built once, on first use)."""
+        return {tuple(key_path): key for key_path, key in self.key_paths}
+
     @classmethod
     def from_json(cls, data: bytes | str, path: str) -> "ChecksumRecord":
-        """Parse and check a checksum record read from ``path``.
+        """Parse and check a checksum record read from ``path`` (the one parser: writer, reader and finder).
 
         Raises:
             CorruptCheckpointError: not JSON, or a field is missing or of the wrong type (named in the message).
@@ -61,8 +69,11 @@ class ChecksumRecord:
             records[key] = RecordChecksum(check.int(entry, "nbytes", prefix), check.str(entry, "xxh3", prefix))
         key_paths = []
         for i, pair in enumerate(check.list(raw, "key_paths")):
-            if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], list) and pair[1] in records):
-                check.fail(f"key_paths[{i}]", "a [key path list, record key] pair naming a record")
+            # type() rather than isinstance: JSON gives exactly these types, and a bool is not a key (set() of the
+            # element types is the cheap check for 100k entries)
+            if not (type(pair) is list and len(pair) == 2 and type(pair[0]) is list
+                    and set(map(type, pair[0])) <= _KEY_TYPES and type(pair[1]) is str and pair[1] in records):
+                check.fail(f"key_paths[{i}]", "a [key path of strings and integers, record key] pair naming a record")
             key_paths.append((pair[0], pair[1]))
         return cls(check.str(raw, "data_pkl_xxh3"), records, key_paths, check.dict(raw, "metadata", {}),
                    check.int(raw, "format"))

@@ -162,4 +162,4 @@ def _checks(record: ChecksumRecord, wanted: dict) -> list[Check]:
     for key_path, key in record.by_key_path.items():
         first.setdefault(key, key_path)
     records = record.records
-    return [Check(records[key]["xxh3"], [key], first.get(key)) for key in wanted]
+    return [Check(records[key].xxh3, [key], first.get(key)) for key in wanted]

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import mmap
 import os
 import stat
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -17,6 +15,7 @@ import torch
 from lightning_ckpt import layout
 from lightning_ckpt.commit import is_temp_name
 from lightning_ckpt.errors import CorruptCheckpointError
+from lightning_ckpt.manifest import ChecksumRecord
 from lightning_ckpt.serialization import checksum
 from lightning_ckpt.tree import iter_leaves, map_leaves_with_paths, path_str
 from lightning_ckpt.torch_zip import record_spans
@@ -96,53 +95,6 @@ class OpenedFile:
         self.close()
 
 
-_KEY_TYPES = frozenset({str, int})
-
-
-@dataclass
-class ChecksumRecord:
-    """The validated checksum record of one of our files: every field verification reads has its type."""
-
-    data_pkl_xxh3: str
-    records: dict[str, dict]  # storage key -> {"nbytes": int, "xxh3": str}
-    by_key_path: dict[tuple, str]  # tensor key path -> storage key
-    metadata: dict
-
-    @classmethod
-    def from_json(cls, raw: Any, path: str) -> ChecksumRecord:
-        """Validates ``raw`` (the parsed JSON); CorruptCheckpointError naming ``path`` and the bad key otherwise."""
-        where = layout.CHECKSUM_RECORD
-
-        def bad(key: str, why: str) -> CorruptCheckpointError:
-            return CorruptCheckpointError(f"corrupt checkpoint {path}: {where} {key} {why}", path=path, key=key)
-
-        if not isinstance(raw, dict):
-            raise bad("", "is not an object")
-        if not isinstance(raw.get("data_pkl_xxh3"), str):
-            raise bad("data_pkl_xxh3", "is missing or not a string")
-        records = raw.get("records")
-        if not isinstance(records, dict):
-            raise bad("records", "is missing or not an object")
-        for key, entry in records.items():
-            if not (isinstance(entry, dict) and isinstance(entry.get("xxh3"), str)):
-                raise bad(f"records[{key!r}]", "has no xxh3 string")
-        key_paths = raw.get("key_paths")
-        if not isinstance(key_paths, list):
-            raise bad("key_paths", "is missing or not a list")
-        by_key_path = {}
-        for i, entry in enumerate(key_paths):
-            # type() rather than isinstance: JSON gives exactly these types, and a bool is not a key (set() of the
-            # element types is the cheap check for 100k entries)
-            if not (type(entry) in (list, tuple) and len(entry) == 2 and type(entry[0]) is list
-                    and set(map(type, entry[0])) <= _KEY_TYPES):
-                raise bad(f"key_paths[{i}]", f"is malformed: {entry!r:.200}")
-            if type(entry[1]) is not str or entry[1] not in records:
-                raise bad(f"key_paths[{i}]", f"names a storage without a checksum: {entry[1]!r:.100}")
-            by_key_path[tuple(entry[0])] = entry[1]
-        metadata = raw.get("metadata", {})
-        return cls(raw["data_pkl_xxh3"], records, by_key_path, metadata if isinstance(metadata, dict) else {})
-
-
 def read_checksum_record(opened: OpenedFile) -> ChecksumRecord | None:
     """Reads and validates the checksum record and checks the pickle against it; None for a plain torch file.
 
@@ -154,12 +106,7 @@ def read_checksum_record(opened: OpenedFile) -> ChecksumRecord | None:
     spans = opened.spans()
     if layout.CHECKSUM_RECORD not in spans:
         return None
-    try:
-        raw = json.loads(opened.read_span(spans[layout.CHECKSUM_RECORD]))
-    except ValueError as e:
-        raise CorruptCheckpointError(f"corrupt checkpoint {opened.path}: unreadable {layout.CHECKSUM_RECORD} ({e})",
-                                     path=opened.path, key=layout.CHECKSUM_RECORD) from e
-    record = ChecksumRecord.from_json(raw, opened.path)
+    record = ChecksumRecord.from_json(opened.read_span(spans[layout.CHECKSUM_RECORD]), opened.path)
     unrecorded = sorted(n for n in spans if n.startswith("data/") and n[len("data/"):] not in record.records)
     if unrecorded:
         raise CorruptCheckpointError(
@@ -195,7 +142,7 @@ def verify_records(opened: OpenedFile, record: ChecksumRecord, keys: list[str] |
                 offset, size = spans[f"data/{key}"]
                 chunk = view[offset:offset + size]
                 try:
-                    _compare(opened.path, f"data/{key}", record.records[key]["xxh3"], checksum(chunk),
+                    _compare(opened.path, f"data/{key}", record.records[key].xxh3, checksum(chunk),
                              f"record data/{key}")
                 finally:
                     chunk.release()
@@ -223,7 +170,7 @@ def storage_checksum(tensor: torch.Tensor) -> str:
 def verify_tensor(path: str, key_path: tuple, tensor: torch.Tensor, record: ChecksumRecord, key: str) -> None:
     """Checks one loaded tensor's storage against its checksum."""
     name = path_str(key_path)
-    _compare(path, name, record.records[key]["xxh3"], storage_checksum(tensor), f"tensor '{name}'")
+    _compare(path, name, record.records[key].xxh3, storage_checksum(tensor), f"tensor '{name}'")
 
 
 def verify_tree(opened: OpenedFile, loaded: Any, record: ChecksumRecord) -> None:
@@ -252,7 +199,7 @@ def copy_and_verify(opened: OpenedFile, mapped: Any, record: ChecksumRecord | No
         loaded = copy_out_of_mapping(mapped, on_copy)
         for key, (key_path, future) in hashes.items():
             name = path_str(key_path)
-            _compare(opened.path, name, record.records[key]["xxh3"], future.result(), f"tensor '{name}'")
+            _compare(opened.path, name, record.records[key].xxh3, future.result(), f"tensor '{name}'")
     verify_records(opened, record, [k for k in record.records if k not in hashes])
     return loaded
 

@@ -39,6 +39,8 @@ def test_malformed_manifest_field_is_corrupt_naming_path_and_field(field, value)
     (lambda r: r["records"].__setitem__("0", {"nbytes": -1, "xxh3": "aa"}), "records['0'].nbytes"),
     (lambda r: r.__setitem__("key_paths", [[["w"], "missing"]]), "key_paths[0]"),
     (lambda r: r.__setitem__("key_paths", [[{"unhashable": 1}, "0"]]), "key_paths[0]"),
+    (lambda r: r.__setitem__("key_paths", [[[True], "0"]]), "key_paths[0]"),  # a bool is no key
+    (lambda r: r.__setitem__("key_paths", [[["w", 1.5], "0"]]), "key_paths[0]"),
 ])
 def test_malformed_checksum_record_is_corrupt_naming_the_field(mutate, field):
     raw = json.loads(ChecksumRecord("ff", {"0": RecordChecksum(8, "aa")}, [(["w"], "0")]).to_json())
@@ -52,3 +54,12 @@ def test_malformed_checksum_record_is_corrupt_naming_the_field(mutate, field):
 def test_unreadable_json_is_corrupt(data):
     with pytest.raises(CorruptCheckpointError, match="/d/MANIFEST.json"):
         Manifest.from_json(data, "/d/MANIFEST.json")
+
+
+def test_the_reader_uses_the_one_checksum_record_and_its_key_path_index():
+    from lightning_ckpt import verification
+
+    assert verification.ChecksumRecord is ChecksumRecord  # one parser for writer, reader and finder
+    r = ChecksumRecord.from_json(ChecksumRecord("ff", {"0": RecordChecksum(8, "aa"), "1": RecordChecksum(4, "bb")},
+                                                [(["opt", 0, "exp_avg"], "0"), (["w"], "1")]).to_json(), "/d/a.ckpt")
+    assert r.by_key_path == {("opt", 0, "exp_avg"): "0", ("w",): "1"}

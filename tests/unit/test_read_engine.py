@@ -36,7 +36,7 @@ def _storage_spans(opened: OpenedFile) -> dict:
 
 
 def _checks(record) -> list[Check]:
-    return [Check(r["xxh3"], [k]) for k, r in record.records.items()]
+    return [Check(r.xxh3, [k]) for k, r in record.records.items()]
 
 
 def test_storages_match_the_file_bytes_with_batched_and_pieced_reads(tmp_path, tiny_pieces):
