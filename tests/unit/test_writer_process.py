@@ -205,10 +205,13 @@ def _interrupt_main_thread_once_it_waits() -> threading.Thread:
     return thread
 
 
+@pytest.mark.timeout(300)
 def test_ctrl_c_during_send_does_not_desynchronise_the_writer(tmp_path):
     """A 64 MiB request is stuck in the socket behind a busy writer; Ctrl-C on the caller's thread is raised there
     as KeyboardInterrupt, the request still arrives whole, and later writes work."""
-    gate = GateHook(str(tmp_path / "entered"), str(tmp_path / "release"))
+    # The gate outlasts every wait of the test before the release (entered, the interrupt, its join: 60 s each),
+    # so a slow machine fails one of those, by name, rather than the gated write.
+    gate = GateHook(str(tmp_path / "entered"), str(tmp_path / "release"), timeout_secs=200)
     process = lc.CheckpointProcess(lc.RankInfo(0, 1), commit_hook=gate)
     try:
         first = process.write({"w": 1}, tmp_path / "a.ckpt")
