@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections import OrderedDict
 from typing import Any
@@ -121,3 +122,16 @@ def wait_until(predicate: Any, timeout_secs: float, interval_secs: float = 0.01)
             return False
         time.sleep(interval_secs)
     return True
+
+
+def stop_process(proc: subprocess.Popen, timeout_secs: float = 10.0) -> None:
+    """Stop a server a test started: SIGTERM, then SIGKILL past ``timeout_secs``; its pipes are closed."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_secs)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout_secs)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()

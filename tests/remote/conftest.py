@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._helpers import wait_until
+from tests._helpers import stop_process, wait_until
 
 for _module in ("moto", "werkzeug", "boto3", "aiobotocore", "s3fs"):
     if importlib.util.find_spec(_module) is None:  # checked without importing (moto takes seconds)
@@ -66,14 +66,7 @@ def start_server(env: dict | None = None) -> S3Server:
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    if proc.stdout is not None:
-        proc.stdout.close()
+    stop_process(proc)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
-from tests._helpers import wait_until
+from tests._helpers import stop_process, wait_until
 
 STARTUP_TIMEOUT_SECS = 60.0
 REQUEST_TIMEOUT_SECS = 10.0
@@ -94,12 +94,4 @@ def start_server() -> GCSServer:
 
 
 def stop_server(server: GCSServer) -> None:
-    proc = server.proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    if proc.stderr is not None:
-        proc.stderr.close()
+    stop_process(server.proc)
