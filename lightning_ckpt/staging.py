@@ -254,9 +254,7 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
         Returns:
             A future of whether a buffer was prepared (False: one that large is there already, or it would not fit).
         """
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-stager")
-        return self._executor.submit(self._pool.prepare, max(int(nbytes), 1))
+        return self._stager().submit(self._pool.prepare, max(int(nbytes), 1))
 
     def release(self, staged: STATE_DICT) -> None:
         """Give back the buffer of a dict staged with ``release_by_caller=True`` (idempotent)."""
@@ -265,9 +263,13 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
 
     def _submit_copy(self, plan: StagingPlan, dsts: list, buffer: StagingBuffer) -> Future:
         ready = self._start_side_stream()
+        return self._stager().submit(self._copy, plan, dsts, buffer, ready)
+
+    def _stager(self) -> ThreadPoolExecutor:
+        """The one stager thread (copies and buffer preparation run in order on it), started on first use."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-stager")
-        return self._executor.submit(self._copy, plan, dsts, buffer, ready)
+        return self._executor
 
     def _share(self, token: Any, signature: tuple | None, by_caller: bool) -> _Snapshot | None:
         """The previous snapshot, with one more user, when this save is of the very same unchanged tensors."""
