@@ -96,27 +96,38 @@ class _Server:
         try:
             while True:
                 try:
-                    frame = self.conn.recv_bytes()
+                    decoded = self._decode(self.conn.recv_bytes())
                 except EOFError:
                     return  # every request the trainer sent whole has been served
-                if not self._serve_frame(frame):
+                # The frame is gone once decoded: a request of 100k key paths would otherwise be held twice while
+                # it is written.
+                if decoded is None:
+                    continue
+                keep_serving = self._serve(decoded)
+                del decoded  # not held while waiting for the next frame
+                if not keep_serving:
                     return
         finally:
             for mapping in self.buffers.values():
                 mapping.close()
 
-    def _serve_frame(self, frame: bytes) -> bool:
+    def _decode(self, frame: bytes) -> tuple[int, Any] | None:
+        """``(request id, request)`` of one frame, or None when it could not be decoded (answered here)."""
         try:
             request_id = frame_request_id(frame)
         except ValueError as e:
             log.error("%s: ignored", e)
-            return True
+            return None
         try:
-            request = decode_request(frame)
+            return request_id, decode_request(frame)
         except Exception as e:  # noqa: BLE001 - e.g. an init function whose module the writer cannot import
             self._respond(WorkerResponse(RequestType.PING, False, _error_text(e, "could not decode the request"),
                                          request_id=request_id, error_type=type(e).__name__))
-            return True
+            return None
+
+    def _serve(self, decoded: tuple[int, Any]) -> bool:
+        """Serve one decoded request; False ends the loop."""
+        request_id, request = decoded
         handler = self._handlers.get(getattr(request, "request_type", None))
         if not isinstance(request, WorkerRequest) or handler is None:
             kind = getattr(request, "request_type", type(request).__name__)

@@ -13,7 +13,7 @@ from lightning_ckpt.barriers import Barrier, KeyedBarrier, barrier_report_error,
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint, read_checksum_record, write_file
 from lightning_ckpt.commit import Commit
 from lightning_ckpt.errors import IncompleteCheckpointError
-from lightning_ckpt.manifest import Manifest, ManifestFile
+from lightning_ckpt.manifest import ChecksumRecord, Manifest, ManifestFile
 from lightning_ckpt.remote import RemoteUpload
 from lightning_ckpt.types import STATE_DICT, RankInfo
 
@@ -207,7 +207,7 @@ class CheckpointWriter:
         start = time.perf_counter()
         c = Commit.create(path, fsync=self.config.enable_fsync)
         try:
-            nbytes = self._write_rank_file(c, None, prepared, buffer)
+            nbytes, _ = self._write_rank_file(c, None, prepared, buffer)
             written = time.perf_counter()
             self._hook("pre_commit", path, hook_kwargs)
             if self.barrier is not None:
@@ -234,21 +234,21 @@ class CheckpointWriter:
                 c.abort()
             raise
 
-        def write_part() -> int:
+        def write_part() -> tuple[int, ChecksumRecord]:
             nonlocal c
             if c is None:
                 c = Commit.join(path, token, fsync=self.config.enable_fsync)
-            nbytes = self._write_rank_file(c, layout.rank_file_name(rank), prepared, buffer)
+            written = self._write_rank_file(c, layout.rank_file_name(rank), prepared, buffer)
             self._hook("pre_commit", path, hook_kwargs)
-            return nbytes
+            return written
 
         try:
-            nbytes = self._report_failure(f"{key}/written", write_part)
+            nbytes, own_record = self._report_failure(f"{key}/written", write_part)
             written = time.perf_counter()
             if self.barrier is not None:
                 self._barrier_wait(f"{key}/written")
             if rank == 0:
-                self._commit_dir(c, path, world, prepared.metadata, key)
+                self._commit_dir(c, path, world, prepared.metadata, key, own_record)
         except BaseException:
             if c is not None:
                 c.abort()
@@ -304,7 +304,7 @@ class CheckpointWriter:
         self._prepare_dir(os.path.dirname(local))
         c = Commit.create(local, fsync=self.config.enable_fsync)
         try:
-            nbytes = self._write_rank_file(c, None, prepared, buffer)
+            nbytes, _ = self._write_rank_file(c, None, prepared, buffer)
             c.publish()
         except BaseException:
             c.abort()
@@ -362,8 +362,13 @@ class CheckpointWriter:
             return None
         return self.barrier.share(c.token if c is not None else None, key=f"{key}/temp")
 
-    def _commit_dir(self, c: Commit, path: str, world: int, metadata: dict, key: str) -> None:
-        """Rank 0: check every rank file is there, write the manifest, publish (a failure releases the peers)."""
+    def _commit_dir(self, c: Commit, path: str, world: int, metadata: dict, key: str,
+                    own_record: ChecksumRecord) -> None:
+        """Rank 0: check every rank file is there, write the manifest, publish (a failure releases the peers).
+
+        Rank 0's own checksum record is the one it just wrote (``own_record``); parsing it back from the file would
+        hold every key path as Python objects, several times the file's bytes for a state of many small tensors.
+        """
         try:
             expected = {layout.rank_file_name(r) for r in range(world)}
             present = set(c.listdir())
@@ -374,8 +379,9 @@ class CheckpointWriter:
             for extra in present - expected:
                 c.remove(extra)
             files = {}
+            own = layout.rank_file_name(0)
             for name in sorted(expected):
-                record = read_checksum_record(name, c.opener(name))
+                record = own_record if name == own else read_checksum_record(name, c.opener(name))
                 files[name] = ManifestFile(c.size(name), record.data_pkl_xxh3 if record is not None else None)
             manifest = Manifest(world, files, metadata, _version(), _torch_version())
             c.write_bytes(layout.MANIFEST_NAME, manifest.to_json())
@@ -388,12 +394,12 @@ class CheckpointWriter:
     # ------------------------------------------------------------------ shared steps
 
     def _write_rank_file(self, c: Commit, name: str | None, prepared: PreparedCheckpoint,
-                         buffer: memoryview | None) -> int:
-        """Write (and fsync) one checkpoint file into the temp; returns its size."""
+                         buffer: memoryview | None) -> tuple[int, ChecksumRecord]:
+        """Write (and fsync) one checkpoint file into the temp; returns its size and its checksum record."""
         shown = os.path.join(c.final_path, name) if name else c.final_path  # what the user knows, in errors
-        write_file(shown, prepared, buffer, direct_io=self.config.use_direct_io, opener=c.opener(name),
-                   fsync=self.config.enable_fsync)
-        return c.size(name)
+        record = write_file(shown, prepared, buffer, direct_io=self.config.use_direct_io, opener=c.opener(name),
+                            fsync=self.config.enable_fsync)
+        return c.size(name), record
 
     def _prepare_dir(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)

@@ -25,6 +25,7 @@ from lightning_ckpt.picklable import PicklableBeforeUse
 from lightning_ckpt.staging import CheckpointStager, DefaultStager, StagedCheckpoint, StagedStateDict
 from lightning_ckpt.staging_buffer import StagingBufferTooLarge
 from lightning_ckpt.types import STATE_DICT, SaveStats
+from lightning_ckpt.worker_protocol import SendTime
 
 __all__ = ["AsyncCheckpointer", "Checkpointer", "SaveStats", "SyncCheckpointer"]
 
@@ -272,8 +273,10 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         record = staged.staging if isinstance(staged, StagedStateDict) else None
         try:
             if record is not None:
-                inner = self.process.write_prepared(save.path, record.prepared, record.buffer, save.barrier_key,
-                                                    save.kwargs.get("after_commit"))
+                # Pickled (when staging deferred it) by the link's send thread, not by whoever finished staging:
+                # that may be the training thread itself when the copy was done before save() returned.
+                inner = self.process.write_prepared(save.path, SendTime(lambda: record.prepared), record.buffer,
+                                                    save.barrier_key, save.kwargs.get("after_commit"))
             else:
                 inner = self.process.write(staged, save.path, **save.kwargs)
         except BaseException as e:  # noqa: BLE001 - delivered through the future and raised once later

@@ -86,16 +86,31 @@ class CheckpointStagerConfig:
 
 class StagedCheckpoint:
     """What a staging produced besides the staged dict: its pickle bytes and records, and the buffer its tensor
-    bytes live in (one hold on that buffer, given back by ``release``)."""
+    bytes live in (one hold on that buffer, given back by ``release``).
 
-    def __init__(self, prepared: PreparedCheckpoint, buffer: StagingBuffer | None, nbytes: int,
-                 release: Callable[[StagingBuffer], None]) -> None:
-        self.prepared = prepared
+    ``prepared`` may be given as a function that pickles the staged structure: it then runs on first access (in
+    ``AsyncCheckpointer``, on the stager thread after the staging future is done, so the training loop does not
+    wait for it). ``stage`` defers it only when every leaf of the staged structure is a copy of its own or an
+    immutable value, so the bytes are the same whenever it runs.
+    """
+
+    def __init__(self, prepared: PreparedCheckpoint | Callable[[], PreparedCheckpoint], buffer: StagingBuffer | None,
+                 nbytes: int, release: Callable[[StagingBuffer], None]) -> None:
+        self._prepared = prepared
         self.buffer = buffer
         self.nbytes = nbytes
         self.stage_secs = 0.0
         self._release = release
         self._lock = threading.Lock()
+        self._prepare_lock = threading.Lock()
+
+    @property
+    def prepared(self) -> PreparedCheckpoint:
+        """The pickle bytes and records (pickled now if that was deferred)."""
+        with self._prepare_lock:
+            if not isinstance(self._prepared, PreparedCheckpoint):
+                self._prepared = self._prepared()
+            return self._prepared
 
     def release(self) -> None:
         """Give the buffer back to the pool (idempotent); the staged tensors must not be read afterwards."""
@@ -229,10 +244,12 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
             if shared is None and self.config.use_async_staging:
                 # The copy starts first and runs (the GIL released) while this thread pickles the structure.
                 copy_future = self._submit_copy(plan, staged_tensors, buffer)
-            tree, layout = _staged_tree(plan, staged_tensors, bases)
+            tree, layout, all_owned = _staged_tree(plan, staged_tensors, bases)
             structure = tree.rebuild()
-            prepared = for_transfer(prepare(structure, buffer.range, metadata=kwargs.get("metadata"), layout=layout,
-                                            tree=tree))
+            prepared: Any = functools.partial(_prepare, structure, buffer.range, dict(kwargs.get("metadata") or {}),
+                                              layout, tree)
+            if not all_owned:  # a leaf the caller may still change: pickled now, at the moment of the save
+                prepared = prepared()
             if shared is None and copy_future is None:
                 self._copy(plan, staged_tensors, buffer)
         except BaseException:
@@ -363,12 +380,19 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
         self._pool.forget_after_fork()
 
 
+# Leaves that cannot change after the save: a structure whose other leaves are all staging's own copies can be
+# pickled later, off the training thread, and still give the bytes of the moment of the save.
+_IMMUTABLE_LEAVES = frozenset({int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device})
+
+
 def _staged_tree(plan: StagingPlan, staged: list[torch.Tensor], bases: list[torch.Tensor]) -> tuple:
-    """The staged state dict's ``Tree`` (staged tensors, 0-dim copies, clones, other leaves as they are) and the
-    ``StorageLayout`` its tensors are views of (the buffer's regions and one storage per dtype of 0-dim copies)."""
+    """The staged state dict's ``Tree`` (staged tensors, 0-dim copies, clones, other leaves as they are), the
+    ``StorageLayout`` its tensors are views of (the buffer's regions and one storage per dtype of 0-dim copies),
+    and whether every leaf is a copy of staging's own or an immutable value."""
     scalars, stacks = Scalars(plan).copy(plan.tree.leaves)
     members = dict(zip(map(id, staged), plan.member_info))
     out = []
+    all_owned = True
     for i, (leaf, copy_index) in enumerate(zip(plan.tree.leaves, plan.leaf_copy)):
         if copy_index >= 0:
             out.append(staged[copy_index])
@@ -377,8 +401,16 @@ def _staged_tree(plan: StagingPlan, staged: list[torch.Tensor], bases: list[torc
             members[id(scalar)] = (len(bases) + stack_index, position, ())
             out.append(scalar)
         else:
-            out.append(unstaged_copy(leaf))
-    return plan.tree.with_leaves(out), StorageLayout(bases + stacks, members)
+            copied = unstaged_copy(leaf)
+            if copied is leaf and type(leaf) not in _IMMUTABLE_LEAVES:
+                all_owned = False
+            out.append(copied)
+    return plan.tree.with_leaves(out), StorageLayout(bases + stacks, members), all_owned
+
+
+def _prepare(structure: Any, buffer_range: tuple[int, int], metadata: dict, layout: StorageLayout,
+             tree: Any) -> PreparedCheckpoint:
+    return for_transfer(prepare(structure, buffer_range, metadata=metadata, layout=layout, tree=tree))
 
 
 _LIVE: "weakref.WeakSet[DefaultStager]" = weakref.WeakSet()

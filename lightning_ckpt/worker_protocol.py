@@ -7,7 +7,7 @@ import pickle
 import struct
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
 # A request frame is one length-prefixed ``send_bytes`` record: the request id, then the pickled WorkerRequest.
 # The id stays readable when the pickle does not (a class the writer cannot import), so the failure reaches the
@@ -69,6 +69,16 @@ class WorkerRequest:
         missing = [k for k in PAYLOAD_KEYS.get(self.request_type, ()) if k not in self.payload]
         if missing:
             raise ValueError(f"WorkerRequest({self.request_type}) payload lacks {missing}")
+
+
+class SendTime:
+    """A payload value computed by the link's sending thread just before the request is encoded: work that the
+    thread queueing the request need not wait for (pickling a staged state dict, off the training thread)."""
+
+    __slots__ = ("compute",)
+
+    def __init__(self, compute: Callable[[], Any]) -> None:
+        self.compute = compute
 
 
 @dataclass

@@ -18,7 +18,7 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError, CheckpointWriteError, WriterProcessDiedError
-from lightning_ckpt.worker_protocol import RequestType, WorkerRequest, WorkerResponse, encode_request
+from lightning_ckpt.worker_protocol import RequestType, SendTime, WorkerRequest, WorkerResponse, encode_request
 from lightning_ckpt.writer_spawn import CHILD_CLOSES, FORK_LOCK, WriterProcessHandle, close_tracked_fd
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,7 @@ class WriterLink:
         if self.failure is not None:
             return
         try:
-            payload = {k: v.result(timeout=self.config.write_timeout_secs) if isinstance(v, Future) else v
-                       for k, v in request.payload.items()}  # e.g. a state dict still being staged
+            payload = {k: self._resolve(v) for k, v in request.payload.items()}
             frame = encode_request(WorkerRequest(request.request_type, payload, request.request_id), ForkingPickler)
         except BaseException as e:  # noqa: BLE001 - this request fails, the link stays usable
             self._resolve_error(request.request_id, CheckpointWriteError(f"{what}: the request could not be "
@@ -146,6 +145,14 @@ class WriterLink:
             self.break_link(WriterProcessDiedError(
                 f"Child process terminated unexpectedly: {what}: sending to the writer process (pid "
                 f"{self.handle.pid}) failed: {e}"))
+
+    def _resolve(self, value: Any) -> Any:
+        """A payload value as it is sent: a state dict still being staged waited for, a ``SendTime`` computed."""
+        if isinstance(value, Future):
+            return value.result(timeout=self.config.write_timeout_secs)
+        if isinstance(value, SendTime):
+            return value.compute()
+        return value
 
     # ---------------------------------------------------------------- answers and progress
 
