@@ -192,12 +192,16 @@ def run_config(config: str, param_mib: float, hidden: int, batch: int, steps: in
     for i, cb in enumerate(ck_callbacks):
         timer.wrap(cb, hook_names(cb), f"hook.{i}")
     marks: dict[str, float] = {}
+    batch_ends: list[float] = []
 
     class Marks(Callback):
         """First callback: its on_train_end runs after the last step's hooks, before any other on_train_end."""
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             marks.setdefault("train_start", time.perf_counter())
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+            batch_ends.append(time.perf_counter())  # runs first: the step itself, not the saves after it
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
             marks.setdefault("train_end", time.perf_counter())
@@ -237,6 +241,8 @@ def run_config(config: str, param_mib: float, hidden: int, batch: int, steps: in
         "param_mib": n_params * 4 / 2**20,
         "checkpoint_mib_approx": n_params * 12 / 2**20,
         "steps": int(trainer.global_step),
+        # per step: from the end of the previous step's hooks (saves included) to the end of this step's training
+        "step_s": [b - a for a, b in zip([marks.get("train_start", t0), *batch_ends], batch_ends)],
         "notes": notes,
     }
 
