@@ -30,6 +30,14 @@ def import_error(plugin: bool = False) -> str | None:
     return None
 
 
+def _next_step(adapter: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` at the adapter's next global step. The plugins share one staged copy between saves of the same step
+    whose tensors are unchanged (``last.ckpt`` after the top-k file); the micro protocol saves an unchanged state
+    over and over, so without a new step each timed save would measure that sharing, not a save."""
+    adapter.step = getattr(adapter, "step", 0) + 1
+    return {**state, "global_step": adapter.step}
+
+
 def _first(out: Any) -> Any:
     """Loaders may return ``(state_dict, missing_keys)``; keep the state dict."""
     return out[0] if isinstance(out, tuple) else out
@@ -108,7 +116,7 @@ class OursPluginSync(_Ours):
         self.io = SyncCheckpointIO()
 
     def start(self, path: str, state: dict[str, Any]) -> Any:
-        self.io.save_checkpoint(state, path)
+        self.io.save_checkpoint(_next_step(self, state), path)
 
     def load(self, path: str, state: dict[str, Any]) -> Any:
         return self.io.load_checkpoint(path)
@@ -131,7 +139,7 @@ class OursPluginAsync(_Ours):
         self.io = AsyncCheckpointIO()
 
     def start(self, path: str, state: dict[str, Any]) -> Any:
-        self.io.save_checkpoint(state, path)
+        self.io.save_checkpoint(_next_step(self, state), path)
 
     def finish(self, handle: Any) -> None:
         # Prefer the plugin's own drain: its teardown() also stops the writer process, which the next save would
