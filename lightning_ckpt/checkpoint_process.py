@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -23,7 +24,7 @@ from lightning_ckpt.checkpoint_writer import CheckpointWriterConfig, WriterHook,
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError, CheckpointWriteError, WriterProcessDiedError
 from lightning_ckpt.picklable import PicklableBeforeUse
 from lightning_ckpt.types import RankInfo
-from lightning_ckpt.worker_protocol import BUFFER_MAP_ERROR, RequestType, WorkerRequest, WorkerResponse
+from lightning_ckpt.worker_protocol import BUFFER_MAP_ERROR, RequestType, SendTime, WorkerRequest, WorkerResponse
 from lightning_ckpt.writer_link import WriterLink
 from lightning_ckpt.writer_spawn import FORK_LOCK, WriterProcessHandle, close_tracked_fd, spawn_writer, track_fd
 
@@ -198,15 +199,18 @@ class CheckpointProcess(PicklableBeforeUse):
             link = self._usable_link()
         self._wait_ready(link.ready)
         path = os.fspath(path)
+        if isinstance(state_dict, Future):  # still being staged: the send thread waits for it, not the caller
+            state_dict = SendTime(functools.partial(state_dict.result, timeout=self.config.write_timeout_secs))
         with self._lock:  # ids in the order the requests are queued: the oldest pending is the writer's current one
             request = WorkerRequest(RequestType.WRITE_CHECKPOINT,
                                     {"state_dict": state_dict, "path": path, "kwargs": kwargs}, next(self._ids))
             return link.submit(request, f"writing {path}", self.config.write_timeout_secs, "write_timeout_secs",
                                _write_result(path, None))
 
-    def write_prepared(self, path: str, prepared: PreparedCheckpoint, buffer: "StagingBuffer | None",
+    def write_prepared(self, path: str, prepared: PreparedCheckpoint | SendTime, buffer: "StagingBuffer | None",
                        save_key: str | None = None, after_commit: Any = None) -> Future:
-        """Send one staged write (the ``AsyncCheckpointer`` path); returns at once.
+        """Send one staged write (the ``AsyncCheckpointer`` path); returns at once. ``prepared`` may be a
+        ``SendTime`` that gives it (pickled by the link's send thread).
 
         ``after_commit`` (picklable, importable by module path) runs in the writer once the file is committed.
 

@@ -89,8 +89,8 @@ class StagedCheckpoint:
     bytes live in (one hold on that buffer, given back by ``release``).
 
     ``prepared`` may be given as a function that pickles the staged structure: it then runs on first access (in
-    ``AsyncCheckpointer``, on the stager thread after the staging future is done, so the training loop does not
-    wait for it). ``stage`` defers it only when every leaf of the staged structure is a copy of its own or an
+    ``AsyncCheckpointer``, on the writer link's send thread after the staging future is done, so the training loop
+    does not wait for it). ``stage`` defers it only when every leaf of the staged structure is a copy of its own or an
     immutable value, so the bytes are the same whenever it runs.
     """
 

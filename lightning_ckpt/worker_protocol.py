@@ -73,7 +73,8 @@ class WorkerRequest:
 
 class SendTime:
     """A payload value computed by the link's sending thread just before the request is encoded: work that the
-    thread queueing the request need not wait for (pickling a staged state dict, off the training thread)."""
+    thread queueing the request need not wait for (pickling a staged state dict off the training thread, waiting
+    for a state dict still being staged)."""
 
     __slots__ = ("compute",)
 

@@ -131,7 +131,7 @@ class WriterLink:
         if self.failure is not None:
             return
         try:
-            payload = {k: self._resolve(v) for k, v in request.payload.items()}
+            payload = {k: v.compute() if isinstance(v, SendTime) else v for k, v in request.payload.items()}
             frame = encode_request(WorkerRequest(request.request_type, payload, request.request_id), ForkingPickler)
         except BaseException as e:  # noqa: BLE001 - this request fails, the link stays usable
             self._resolve_error(request.request_id, CheckpointWriteError(f"{what}: the request could not be "
@@ -145,14 +145,6 @@ class WriterLink:
             self.break_link(WriterProcessDiedError(
                 f"Child process terminated unexpectedly: {what}: sending to the writer process (pid "
                 f"{self.handle.pid}) failed: {e}"))
-
-    def _resolve(self, value: Any) -> Any:
-        """A payload value as it is sent: a state dict still being staged waited for, a ``SendTime`` computed."""
-        if isinstance(value, Future):
-            return value.result(timeout=self.config.write_timeout_secs)
-        if isinstance(value, SendTime):
-            return value.compute()
-        return value
 
     # ---------------------------------------------------------------- answers and progress
 
