@@ -334,7 +334,7 @@ def _fill(target: Any, loaded: Any, path: str, record: ChecksumRecord | None, ma
     def check(key_path: tuple, tensor: torch.Tensor) -> None:
         key = by_key_path.get(key_path)
         if key is not None and key not in checked:
-            verify_tensor(path, key_path, tensor, record, key)
+            verify_tensor(path, tensor, record, key)
             checked.add(key)
 
     def visit(dst: Any, src: Any, prefix: tuple) -> Any:

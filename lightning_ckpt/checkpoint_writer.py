@@ -110,7 +110,8 @@ class CheckpointWriter:
         self._seq = 0
 
     def write(self, path: str | os.PathLike, state_dict: STATE_DICT, **kwargs: Any) -> None:
-        """Write ``state_dict`` from its live tensors (in this process) and commit it.
+        """Write ``state_dict`` from its live tensors (in this process) and commit it. Its small tensors are first
+        copied into runs (``staging_plan.pack_small_tensors``), which keeps a state of many small tensors fast.
 
         Args:
             path: the checkpoint directory (layout ``"dir"``) or file (layout ``"file"``).
@@ -125,8 +126,11 @@ class CheckpointWriter:
             OSError: the disk refused the write; nothing is left at ``path`` and earlier checkpoints stay.
         """
         from lightning_ckpt.serialization import prepare, resolve_storages  # torch: not in the writer process
+        from lightning_ckpt.staging_plan import pack_small_tensors
 
-        prepared = resolve_storages(prepare(state_dict, metadata=kwargs.get("metadata")))
+        structure, storage_layout, tree = pack_small_tensors(state_dict)
+        prepared = resolve_storages(prepare(structure, metadata=kwargs.get("metadata"), layout=storage_layout,
+                                            tree=tree))
         self.write_prepared(path, prepared, save_key=kwargs.get("save_key"), after_commit=kwargs.get("after_commit"),
                             hook_kwargs=kwargs)
         return None

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 from lightning_ckpt.errors import CorruptCheckpointError
 from lightning_ckpt.layout import FORMAT_VERSION
+from lightning_ckpt.tree import path_str
 
 _KEY_TYPES = frozenset({str, int})  # what a key path's elements may be
 
@@ -54,6 +55,25 @@ class ChecksumRecord:
     def by_key_path(self) -> dict[tuple, str]:
         """Tensor key path -> storage key (built once, on first use)."""
         return {tuple(key_path): key for key_path, key in self.key_paths}
+
+    @cached_property
+    def paths_by_key(self) -> dict[str, list[tuple]]:
+        """Storage key -> the key paths of the tensors on it, in file order (several: a run of small tensors, or
+        tied weights)."""
+        out: dict[str, list[tuple]] = {}
+        for key_path, key in self.by_key_path.items():
+            found = out.get(key)
+            if found is None:
+                out[key] = [key_path]
+            else:
+                found.append(key_path)
+        return out
+
+    def describe(self, key: str) -> tuple[str, str]:
+        """``(label, error key)`` naming storage ``key`` in an error: ``("tensor 'model.w'", "model.w")`` for the
+        one tensor on it; the record and its first tensors for a storage that several share (a byte of which of
+        them flipped cannot be told: the run has one checksum); the record alone when no key path reaches it."""
+        return describe_storage(key, self.paths_by_key.get(key, ()))
 
     @classmethod
     def from_json(cls, data: bytes | str, path: str) -> "ChecksumRecord":
@@ -191,3 +211,16 @@ class _Checker:
             if not isinstance(entry, dict):
                 self.fail(f"{name}[{key!r}]", "an object")
             yield key, entry, f"{name}[{key!r}]."
+
+
+def describe_storage(key: str, key_paths: "list[tuple] | tuple") -> tuple[str, str]:
+    """``ChecksumRecord.describe`` given the key paths on storage ``key`` (for callers that hold only those)."""
+    record = f"data/{key}"
+    if len(key_paths) == 1:
+        name = path_str(key_paths[0])
+        return f"tensor '{name}'", name
+    if key_paths:
+        shown = ", ".join(f"'{path_str(p)}'" for p in key_paths[:3])
+        more = ", ..." if len(key_paths) > 3 else ""
+        return f"one of the {len(key_paths)} tensors in record {record} ({shown}{more})", record
+    return f"record {record}", record

@@ -16,7 +16,7 @@ import xxhash
 from lightning_ckpt.errors import CheckpointTimeoutError, CorruptCheckpointError
 from lightning_ckpt.huge_pages import new_storage
 from lightning_ckpt.serialization import storage_view
-from lightning_ckpt.tree import path_str
+from lightning_ckpt.manifest import describe_storage
 
 # A storage at least this large is read in pieces of PIECE_BYTES by several threads; one of at least BATCH_BYTES is
 # read straight into its memory; smaller ones that lie close together in the file are read as one batch (one read
@@ -34,22 +34,20 @@ class Check:
     """One recorded checksum: the xxh3 of the bytes of ``keys``' storages, concatenated in that order.
 
     Today's files record one per storage; a format that records one per run of small storages gives several keys.
-    Errors name ``name`` if given, else the tensor at ``key_path``, else the record of the first key.
+    Errors name ``name`` if given, else what ``manifest.describe_storage`` makes of the first key and the key
+    paths of the tensors on it.
     """
 
     expected: str
     keys: list[str]
-    key_path: tuple | None = None
+    key_paths: list[tuple] = field(default_factory=list)  # of the tensors on the checked storage, in file order
     name: str | None = None
 
     def describe(self) -> tuple[str, str]:
         """``(label, key)`` for an error, e.g. ``("tensor 'model.w'", "model.w")`` (built only when one is raised)."""
         if self.name is not None:
             return self.name, self.name
-        if self.key_path is not None:
-            name = path_str(self.key_path)
-            return f"tensor '{name}'", name
-        return f"record data/{self.keys[0]}", f"data/{self.keys[0]}"
+        return describe_storage(self.keys[0], self.key_paths)
 
 
 @dataclass

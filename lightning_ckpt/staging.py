@@ -21,7 +21,7 @@ from lightning_ckpt.futures import uncancellable_future
 from lightning_ckpt.picklable import PicklableBeforeUse
 from lightning_ckpt.serialization import StorageLayout, for_transfer, prepare
 from lightning_ckpt.staging_buffer import BufferPool, StagingBuffer, accelerator_available
-from lightning_ckpt.staging_plan import _PLAIN_TENSORS, Scalars, StagingPlan, unstaged_copy
+from lightning_ckpt.staging_plan import _PLAIN_TENSORS, StagingPlan, staged_tree
 from lightning_ckpt.types import STATE_DICT
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
             if shared is None and self.config.use_async_staging:
                 # The copy starts first and runs (the GIL released) while this thread pickles the structure.
                 copy_future = self._submit_copy(plan, staged_tensors, buffer)
-            tree, layout, all_owned = _staged_tree(plan, staged_tensors, bases)
+            tree, layout, all_owned = staged_tree(plan, staged_tensors, bases)
             structure = tree.rebuild()
             prepared: Any = functools.partial(_prepare, structure, buffer.range, dict(kwargs.get("metadata") or {}),
                                               layout, tree)
@@ -378,34 +378,6 @@ class DefaultStager(PicklableBeforeUse, CheckpointStager):
         self._stream = None
         self._snapshot = None
         self._pool.forget_after_fork()
-
-
-# Leaves that cannot change after the save: a structure whose other leaves are all staging's own copies can be
-# pickled later, off the training thread, and still give the bytes of the moment of the save.
-_IMMUTABLE_LEAVES = frozenset({int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device})
-
-
-def _staged_tree(plan: StagingPlan, staged: list[torch.Tensor], bases: list[torch.Tensor]) -> tuple:
-    """The staged state dict's ``Tree`` (staged tensors, 0-dim copies, clones, other leaves as they are), the
-    ``StorageLayout`` its tensors are views of (the buffer's regions and one storage per dtype of 0-dim copies),
-    and whether every leaf is a copy of staging's own or an immutable value."""
-    scalars, stacks = Scalars(plan).copy(plan.tree.leaves)
-    members = dict(zip(map(id, staged), plan.member_info))
-    out = []
-    all_owned = True
-    for i, (leaf, copy_index) in enumerate(zip(plan.tree.leaves, plan.leaf_copy)):
-        if copy_index >= 0:
-            out.append(staged[copy_index])
-        elif i in scalars:
-            scalar, stack_index, position = scalars[i]
-            members[id(scalar)] = (len(bases) + stack_index, position, ())
-            out.append(scalar)
-        else:
-            copied = unstaged_copy(leaf)
-            if copied is leaf and type(leaf) not in _IMMUTABLE_LEAVES:
-                all_owned = False
-            out.append(copied)
-    return plan.tree.with_leaves(out), StorageLayout(bases + stacks, members), all_owned
 
 
 def _prepare(structure: Any, buffer_range: tuple[int, int], metadata: dict, layout: StorageLayout,

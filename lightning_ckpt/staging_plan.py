@@ -1,4 +1,5 @@
-"""Where each tensor of a state dict goes in a staging buffer: a storage per large tensor, one per run of small ones."""
+"""Where each tensor of a state dict goes in a staging buffer (a storage per large tensor, one per run of small ones),
+and the staged structure built from that plan."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, Iterable
 import torch
 
 from lightning_ckpt import tree
+from lightning_ckpt.serialization import StorageLayout
 from lightning_ckpt.torch_zip import ALIGNMENT as STORAGE_ALIGNMENT
 from lightning_ckpt.torch_zip import DIRECT_IO_ALIGNMENT, DIRECT_IO_MIN_BYTES
 
@@ -16,6 +18,7 @@ from lightning_ckpt.torch_zip import DIRECT_IO_ALIGNMENT, DIRECT_IO_MIN_BYTES
 # small tensors (a large model's per-parameter optimizer state) cheap. Loaded back, they are views of that storage.
 SMALL_TENSOR_BYTES = 64 << 10
 RUN_BYTES = 4 << 20  # a run closes at this size (a partial load of one small tensor reads at most one run)
+PACK_LIMIT_BYTES = 256 << 20  # the most a synchronous write copies to pack small tensors (the rest stay live)
 
 
 def _align(n: int, alignment: int = STORAGE_ALIGNMENT) -> int:
@@ -48,10 +51,17 @@ class StagingPlan:
 
     ``extra``: ``(dtype, shape)`` of tensors the state will hold but does not yet (e.g. optimizer moments before
     the first step), counted in ``nbytes`` only: how large a buffer to prepare ahead of the first save.
+
+    ``owned_small_only`` (a synchronous write, which otherwise writes the live tensors): plan only the small tensors
+    that are the one view of a storage of their own (``_owned_small_tensors``), so that packing them into runs
+    keeps every aliasing ``torch.save`` would keep; with ``limit_bytes``, no more than that many bytes of them.
     """
 
-    def __init__(self, state_dict: Any, extra: Iterable[tuple[torch.dtype, torch.Size]] = ()) -> None:
+    def __init__(self, state_dict: Any, extra: Iterable[tuple[torch.dtype, torch.Size]] = (), *,
+                 owned_small_only: bool = False, limit_bytes: int | None = None) -> None:
         self.tree = tree.flatten(state_dict, paths=True)
+        self._owned: set[int] | None = _owned_small_tensors(self.tree.leaves) if owned_small_only else None
+        self._limit = limit_bytes
         self.copies: list[tuple[torch.Tensor, int, int]] = []
         self.leaf_copy: list[int] = []
         self.regions: list[Region] = []
@@ -80,6 +90,9 @@ class StagingPlan:
             if leaf.layout != strided or device.type == "meta" or leaf.is_quantized or leaf.numel() == 0:
                 leaf_copy.append(-1)
                 continue
+            if self._owned is not None and not self._take_owned(i, leaf):
+                leaf_copy.append(-1)
+                continue
             if leaf.dim() == 0:
                 leaf_copy.append(-1)
                 if device.type == "cpu" and type(leaf) in _PLAIN_TENSORS:
@@ -93,6 +106,17 @@ class StagingPlan:
                 self._idents.append(ident)
                 self._add_copy(leaf, index, shape)
             leaf_copy.append(index)
+
+    def _take_owned(self, i: int, leaf: torch.Tensor) -> bool:
+        """Whether leaf ``i`` is one of the owned small tensors to plan, within ``limit_bytes``."""
+        if i not in self._owned:
+            return False
+        if self._limit is not None:
+            self._limit -= leaf.numel() * leaf.element_size()
+            if self._limit < 0:
+                self._owned = set()  # the budget is spent: the rest stay live
+                return False
+        return True
 
     def _add_copy(self, leaf: torch.Tensor, index: int, shape: tuple) -> None:
         """Put copy ``index`` into a region: its own when large, else the open run of its dtype (or a new run)."""
@@ -175,8 +199,94 @@ class Scalars:
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # no Python-level behaviour: batched (stacked, foreach-copied)
 
 
+def _owned_small_tensors(leaves: list) -> set[int]:
+    """Indices of the leaves that can be packed into a run without changing what ``torch.save`` would write: plain
+    CPU tensors (no subclass, Python state, grad, conj or neg bit) smaller than ``SMALL_TENSOR_BYTES``
+    that cover their whole storage, contiguously, where no other leaf views that storage differently (the very
+    same view twice, a tied weight, stays one copy)."""
+    first_view: dict[int, tuple] = {}  # storage address -> the view of the first leaf on it
+    shared: set[int] = set()
+    candidates: list[tuple[int, int]] = []
+    plain, strided = torch.Tensor, torch.strided
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor) or leaf.device.type != "cpu" or leaf.layout != strided:
+            continue
+        storage = leaf.untyped_storage()
+        address = storage.data_ptr()
+        view = (leaf.dtype, leaf.shape, leaf.stride(), leaf.storage_offset())
+        if first_view.setdefault(address, view) != view:  # any other view, even a subclass's or an expanded one
+            shared.add(address)
+        nbytes = leaf.numel() * leaf.element_size()
+        if (type(leaf) is plain and 0 < nbytes < SMALL_TENSOR_BYTES and storage.nbytes() == nbytes
+                and leaf.storage_offset() == 0 and leaf.is_contiguous() and not leaf.is_quantized
+                and not (leaf.requires_grad or leaf.is_conj() or leaf.is_neg() or leaf.__dict__)):
+            candidates.append((i, address))
+    return {i for i, address in candidates if address not in shared}
+
+
 def unstaged_copy(leaf: Any) -> Any:
     """A leaf that is not staged, as it goes into the staged structure (tensors cloned, meta tensors as they are)."""
     if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
         return leaf.detach().clone()
     return leaf
+
+
+# Leaves that cannot change after the save: a structure whose other leaves are all staging's own copies can be
+# pickled later, off the training thread, and still give the bytes of the moment of the save.
+_IMMUTABLE_LEAVES = frozenset({int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device})
+
+
+def staged_tree(plan: StagingPlan, staged: list[torch.Tensor], bases: list[torch.Tensor],
+                keep_unstaged: bool = False) -> tuple[tree.Tree, StorageLayout, bool]:
+    """The staged state dict's ``Tree`` (staged tensors, 0-dim copies, clones, other leaves as they are), the
+    ``StorageLayout`` its tensors are views of (the plan's regions and one storage per dtype of 0-dim copies),
+    and whether every leaf is a copy of staging's own or an immutable value.
+
+    ``keep_unstaged``: leaves the plan does not stage stay the caller's own objects (a synchronous write of the
+    live tensors) instead of being cloned.
+    """
+    scalars, stacks = Scalars(plan).copy(plan.tree.leaves)
+    members = dict(zip(map(id, staged), plan.member_info))
+    out = []
+    all_owned = True
+    for i, (leaf, copy_index) in enumerate(zip(plan.tree.leaves, plan.leaf_copy)):
+        if copy_index >= 0:
+            out.append(staged[copy_index])
+        elif i in scalars:
+            scalar, stack_index, position = scalars[i]
+            members[id(scalar)] = (len(bases) + stack_index, position, ())
+            out.append(scalar)
+        else:
+            copied = leaf if keep_unstaged else unstaged_copy(leaf)
+            if copied is leaf and type(leaf) not in _IMMUTABLE_LEAVES:
+                all_owned = False
+            out.append(copied)
+    return plan.tree.with_leaves(out), StorageLayout(bases + stacks, members), all_owned
+
+
+class _NewStorages:
+    """Stands in for a staging buffer in ``StagingPlan.staged_tensors``: each region gets a new storage."""
+
+    @staticmethod
+    def tensor(offset: int, nbytes: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype)
+
+
+def pack_small_tensors(state_dict: Any) -> tuple[Any, StorageLayout | None, tree.Tree]:
+    """What a synchronous write pickles instead of ``state_dict``: its owned small tensors copied into runs (one
+    storage, record and checksum per run instead of one per tensor: a state of 100k small tensors writes in half
+    the time), every other leaf the caller's own. At most ``PACK_LIMIT_BYTES`` are copied.
+
+    Returns:
+        ``(structure, layout, tree)`` for ``serialization.prepare(structure, layout=layout, tree=tree)``;
+        ``state_dict`` itself and no layout when nothing is worth packing.
+    """
+    plan = StagingPlan(state_dict, owned_small_only=True, limit_bytes=PACK_LIMIT_BYTES)
+    if len(plan.copies) + sum(map(len, plan.scalars.values())) < 2:  # nothing would share a record
+        return state_dict, None, plan.tree
+    staged, bases = plan.staged_tensors(_NewStorages())
+    if staged:
+        with torch.no_grad():
+            torch._foreach_copy_(staged, [src for src, _, _ in plan.copies])
+    packed, layout, _ = staged_tree(plan, staged, bases, keep_unstaged=True)
+    return packed.rebuild(), layout, packed

@@ -157,9 +157,6 @@ def _requested_paths(target: Any, prefix: tuple) -> Any:
 
 
 def _checks(record: ChecksumRecord, wanted: dict) -> list[Check]:
-    """One check per recorded checksum of a wanted storage, named in errors by the first key path reaching it."""
-    first: dict[str, tuple] = {}
-    for key_path, key in record.by_key_path.items():
-        first.setdefault(key, key_path)
-    records = record.records
-    return [Check(records[key].xxh3, [key], first.get(key)) for key in wanted]
+    """One check per recorded checksum of a wanted storage, named in errors by the key paths reaching it."""
+    records, paths = record.records, record.paths_by_key
+    return [Check(records[key].xxh3, [key], paths.get(key, [])) for key in wanted]

@@ -17,7 +17,7 @@ from lightning_ckpt.commit import is_temp_name
 from lightning_ckpt.errors import CorruptCheckpointError
 from lightning_ckpt.manifest import ChecksumRecord
 from lightning_ckpt.serialization import checksum
-from lightning_ckpt.tree import iter_leaves, map_leaves_with_paths, path_str
+from lightning_ckpt.tree import iter_leaves, map_leaves_with_paths
 from lightning_ckpt.torch_zip import record_spans
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def read_checksum_record(opened: OpenedFile) -> ChecksumRecord | None:
                                      path=opened.path, key=f"data/{missing[0]}")
     if "data.pkl" not in spans:
         raise CorruptCheckpointError(f"corrupt checkpoint {opened.path}: no data.pkl", path=opened.path, key="data.pkl")
-    _compare(opened.path, "data.pkl", record.data_pkl_xxh3, checksum(opened.read_span(spans["data.pkl"])))
+    _compare(opened.path, None, "data.pkl", checksum(opened.read_span(spans["data.pkl"])), record.data_pkl_xxh3)
     return record
 
 
@@ -142,8 +142,7 @@ def verify_records(opened: OpenedFile, record: ChecksumRecord, keys: list[str] |
                 offset, size = spans[f"data/{key}"]
                 chunk = view[offset:offset + size]
                 try:
-                    _compare(opened.path, f"data/{key}", record.records[key].xxh3, checksum(chunk),
-                             f"record data/{key}")
+                    _compare(opened.path, record, key, checksum(chunk))
                 finally:
                     chunk.release()
                 hashed += size
@@ -152,11 +151,15 @@ def verify_records(opened: OpenedFile, record: ChecksumRecord, keys: list[str] |
     return hashed
 
 
-def _compare(path: str, key: str, expected: str, actual: str, label: str | None = None) -> None:
+def _compare(path: str, record: ChecksumRecord | None, key: str, actual: str, expected: str | None = None) -> None:
+    """Raise naming ``key`` (``record.describe``: the tensor or run on a storage) unless ``actual`` is expected."""
+    if expected is None:
+        expected = record.records[key].xxh3
     if actual != expected:
+        label, name = record.describe(key) if record is not None else (key, key)
         raise CorruptCheckpointError(
-            f"corrupt checkpoint {path}: {label or key} checksum mismatch (expected {expected}, got {actual})",
-            path=path, key=key, expected=expected, actual=actual,
+            f"corrupt checkpoint {path}: {label} checksum mismatch (expected {expected}, got {actual})",
+            path=path, key=name, expected=expected, actual=actual,
         )
 
 
@@ -167,10 +170,9 @@ def storage_checksum(tensor: torch.Tensor) -> str:
     return checksum(storage)
 
 
-def verify_tensor(path: str, key_path: tuple, tensor: torch.Tensor, record: ChecksumRecord, key: str) -> None:
-    """Checks one loaded tensor's storage against its checksum."""
-    name = path_str(key_path)
-    _compare(path, name, record.records[key].xxh3, storage_checksum(tensor), f"tensor '{name}'")
+def verify_tensor(path: str, tensor: torch.Tensor, record: ChecksumRecord, key: str) -> None:
+    """Checks one loaded tensor's storage (record ``key``) against its checksum."""
+    _compare(path, record, key, storage_checksum(tensor))
 
 
 def verify_tree(opened: OpenedFile, loaded: Any, record: ChecksumRecord) -> None:
@@ -179,7 +181,7 @@ def verify_tree(opened: OpenedFile, loaded: Any, record: ChecksumRecord) -> None
     for key_path, leaf in iter_leaves(loaded):
         key = record.by_key_path.get(key_path)
         if isinstance(leaf, torch.Tensor) and key is not None and key not in done:
-            verify_tensor(opened.path, key_path, leaf, record, key)
+            verify_tensor(opened.path, leaf, record, key)
             done.add(key)
     verify_records(opened, record, [k for k in record.records if k not in done])
 
@@ -188,18 +190,17 @@ def copy_and_verify(opened: OpenedFile, mapped: Any, record: ChecksumRecord | No
     """``copy_out_of_mapping`` with each copied storage hashed on a worker thread (xxhash releases the GIL)."""
     if record is None:
         return copy_out_of_mapping(mapped)
-    hashes: dict[str, tuple[tuple, Future]] = {}
+    hashes: dict[str, Future] = {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-verify") as pool:
 
         def on_copy(key_path: tuple, tensor: torch.Tensor) -> None:
             key = record.by_key_path.get(key_path)
             if key is not None and key not in hashes:
-                hashes[key] = (key_path, pool.submit(storage_checksum, tensor))
+                hashes[key] = pool.submit(storage_checksum, tensor)
 
         loaded = copy_out_of_mapping(mapped, on_copy)
-        for key, (key_path, future) in hashes.items():
-            name = path_str(key_path)
-            _compare(opened.path, name, record.records[key].xxh3, future.result(), f"tensor '{name}'")
+        for key, future in hashes.items():
+            _compare(opened.path, record, key, future.result())
     verify_records(opened, record, [k for k in record.records if k not in hashes])
     return loaded
 

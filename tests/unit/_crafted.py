@@ -7,7 +7,7 @@ import os
 import pickle
 
 import lightning_ckpt as lc
-from lightning_ckpt import layout
+from lightning_ckpt import layout, staging_plan
 from lightning_ckpt.serialization import checksum
 from lightning_ckpt.torch_zip import ALIGNMENT, TorchZipWriter, record_spans
 
@@ -16,6 +16,17 @@ def write_ours(path, state) -> str:
     """Writes ``state`` at ``path`` with our writer (one rank); returns the path."""
     lc.CheckpointWriter(lc.CheckpointWriterConfig(layout="file"), rank_info=lc.RankInfo(0, 1)).write(str(path), state)
     return str(path)
+
+
+def write_per_tensor(path, state) -> str:
+    """``write_ours`` with small tensors left unpacked: one record (and checksum) per tensor, as a file of an
+    earlier version or of another writer has."""
+    saved = staging_plan.PACK_LIMIT_BYTES
+    staging_plan.PACK_LIMIT_BYTES = 0
+    try:
+        return write_ours(path, state)
+    finally:
+        staging_plan.PACK_LIMIT_BYTES = saved
 
 
 def rewrite_checksum_record(path: str, mutate) -> None:

@@ -15,7 +15,7 @@ import torch
 import lightning_ckpt as lc
 from lightning_ckpt import checkpoint_reader
 from tests._helpers import assert_equal_state
-from tests.unit._crafted import rewrite_checksum_record, write_ours
+from tests.unit._crafted import rewrite_checksum_record, write_ours, write_per_tensor
 
 torch_experimental = pytest.importorskip("torch.distributed.checkpoint._experimental.checkpoint_writer")
 
@@ -202,23 +202,44 @@ def test_a_partial_read_reads_only_the_requested_tensors_bytes(tmp_path):
 
 
 def test_a_partial_read_checks_what_it_reads_and_never_reads_the_rest(tmp_path):
-    state = {"a": torch.full((1000,), 1.0), "b": torch.full((1000,), 2.0)}
+    n = 20_000  # 80 KB: tensors this large get records of their own (smaller ones share a run's)
+    state = {"a": torch.full((n,), 1.0), "b": torch.full((n,), 2.0)}
     path = write_ours(tmp_path / "a.ckpt", state)
     _flip_tensor_byte(path, state["b"])
-    out, _ = lc.CheckpointReader().read(path, {"a": torch.zeros(1000)})
+    out, _ = lc.CheckpointReader().read(path, {"a": torch.zeros(n)})
     assert torch.equal(out["a"], state["a"])
     with pytest.raises(lc.CorruptCheckpointError, match="checksum mismatch") as info:
-        lc.CheckpointReader().read(path, {"b": torch.zeros(1000)})
+        lc.CheckpointReader().read(path, {"b": torch.zeros(n)})
     assert info.value.key == "b" and info.value.path == path
 
 
+def _many_small() -> dict:
+    return {"state": {i: {"exp_avg": torch.full((11,), float(i))} for i in range(300)}}
+
+
 def test_a_flipped_byte_in_one_of_many_small_tensors_names_its_key(tmp_path):
-    state = {"state": {i: {"exp_avg": torch.full((11,), float(i))} for i in range(300)}}
-    path = write_ours(tmp_path / "a.ckpt", state)
+    state = _many_small()
+    path = write_per_tensor(tmp_path / "a.ckpt", state)
     _flip_tensor_byte(path, state["state"][123]["exp_avg"])
     with pytest.raises(lc.CorruptCheckpointError, match="tensor 'state.123.exp_avg' checksum mismatch") as info:
         lc.CheckpointReader().read(path)
     assert info.value.key == "state.123.exp_avg" and info.value.path == path
+
+
+@pytest.mark.parametrize("verify_path", ["engine", "mmap"])
+def test_a_flipped_byte_in_a_run_of_small_tensors_names_the_run_and_its_first_tensors(tmp_path, verify_path):
+    state = _many_small()
+    path = write_ours(tmp_path / "a.ckpt", state)
+    _flip_tensor_byte(path, state["state"][123]["exp_avg"])
+    reader = lc.CheckpointReader()
+    expected = (r"one of the 300 tensors in record data/0 \('state.0.exp_avg', 'state.1.exp_avg', 'state.2.exp_avg', "
+                r"\.\.\.\) checksum mismatch")
+    with pytest.raises(lc.CorruptCheckpointError, match=expected) as info:
+        if verify_path == "engine":
+            reader.read(path)
+        else:  # the loaded tensors checked after torch.load (a map_location the engine does not take)
+            reader.read(path, map_location=lambda storage, _: storage)
+    assert info.value.key == "data/0" and info.value.path == path
 
 
 def test_the_parallel_load_keeps_shared_storages_parameters_and_layouts(tmp_path):

@@ -14,7 +14,7 @@ from lightning_ckpt.read_engine import Check, StorageReader
 from lightning_ckpt.serialization import storage_view
 from lightning_ckpt.verification import OpenedFile, read_checksum_record
 from tests._helpers import assert_equal_state
-from tests.unit._crafted import write_ours
+from tests.unit._crafted import write_ours, write_per_tensor
 
 
 def _mixed_state() -> dict:
@@ -40,7 +40,7 @@ def _checks(record) -> list[Check]:
 
 
 def test_storages_match_the_file_bytes_with_batched_and_pieced_reads(tmp_path, tiny_pieces):
-    path = write_ours(tmp_path / "a.ckpt", _mixed_state())
+    path = write_per_tensor(tmp_path / "a.ckpt", _mixed_state())
     with OpenedFile(path) as opened:
         spans, record = _storage_spans(opened), read_checksum_record(opened)
         engine = StorageReader(opened.fd, path, spans, _checks(record), threads=3).start()
@@ -109,8 +109,12 @@ def test_bad_thread_counts_are_refused_naming_the_field():
 @pytest.mark.parametrize("threads", [1, 4])
 def test_reader_loads_the_mixed_state_through_the_engine(tmp_path, tiny_pieces, threads):
     state = _mixed_state()
-    path = write_ours(tmp_path / "a.ckpt", state)
+    path = write_per_tensor(tmp_path / "a.ckpt", state)
     reader = lc.CheckpointReader(read_threads=threads)
     loaded, missing = reader.read(path)
     assert missing == [] and reader.last_read_stats is not None and reader.last_read_stats.storages == 42
+    assert_equal_state(loaded, state)
+    packed = write_ours(tmp_path / "packed.ckpt", state)  # the 40 small tensors written as one run
+    loaded, missing = reader.read(packed)
+    assert missing == [] and reader.last_read_stats.storages == 3  # the run, the large one, the empty one
     assert_equal_state(loaded, state)
