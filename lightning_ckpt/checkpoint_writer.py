@@ -128,8 +128,8 @@ class CheckpointWriter:
         from lightning_ckpt.serialization import prepare, resolve_storages  # torch: not in the writer process
         from lightning_ckpt.staging_plan import pack_small_tensors
 
-        structure, storage_layout, tree = pack_small_tensors(state_dict)
-        prepared = resolve_storages(prepare(structure, metadata=kwargs.get("metadata"), layout=storage_layout,
+        storage_layout, tree = pack_small_tensors(state_dict)
+        prepared = resolve_storages(prepare(state_dict, metadata=kwargs.get("metadata"), layout=storage_layout,
                                             tree=tree))
         self.write_prepared(path, prepared, save_key=kwargs.get("save_key"), after_commit=kwargs.get("after_commit"),
                             hook_kwargs=kwargs)

@@ -67,8 +67,9 @@ def checksum(data: Any) -> str:
 
 @dataclass
 class StorageLayout:
-    """Tensors known to be plain views of a few storages (what staging made), so that pickling one of them needs
-    no per-tensor storage work: its reduction is written directly, naming its storage's precomputed persistent id.
+    """Tensors known to be plain views of a few storages (what staging made), or to stand for such views (the owned
+    small tensors a synchronous write copied into runs), so that pickling one of them needs no per-tensor storage
+    work: its reduction is written directly, naming its storage's precomputed persistent id.
 
     Attributes:
         storages: one tensor per storage, covering it whole (its dtype is the storage's).
