@@ -13,6 +13,7 @@ from typing import Any
 
 from lightning_ckpt.commit import Commit, remove_path
 from lightning_ckpt.errors import CheckpointError
+from lightning_ckpt.manifest import ChecksumRecord
 from lightning_ckpt.paths import RemotePath
 from lightning_ckpt.remote import RemoteConfig, RemoteObject, _client, _gather_or_cancel, run
 
@@ -108,8 +109,9 @@ class _Tail(io.RawIOBase):
         return len(chunk)
 
 
-def read_checksum_record(target: RemotePath, config: RemoteConfig, timeout_secs: float) -> dict | None:
-    """The checksum record of a remote checkpoint, from one ranged GET of its tail (the record is written last).
+def read_checksum_record(target: RemotePath, config: RemoteConfig, timeout_secs: float) -> ChecksumRecord | None:
+    """The checksum record of a remote checkpoint, from one ranged GET of its tail (the record is written last);
+    ``checkpoint_file.read_checksum_record`` over those bytes.
 
     Raises:
         ValueError: not a readable torch zip. OSError: the record lies before the fetched tail.
