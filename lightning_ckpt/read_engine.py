@@ -14,7 +14,6 @@ import torch
 import xxhash
 
 from lightning_ckpt.errors import CheckpointTimeoutError, CorruptCheckpointError
-from lightning_ckpt.huge_pages import new_storage
 from lightning_ckpt.serialization import storage_view
 from lightning_ckpt.manifest import describe_storage
 
@@ -106,7 +105,8 @@ class StorageReader:
         for key, storage in into.items():
             if storage.nbytes() != spans[key][1]:
                 raise ValueError(f"destination for {key!r} holds {storage.nbytes()} bytes, the record {spans[key][1]}")
-        self.storages = {key: into[key] if key in into else new_storage(size) for key, (_, size) in spans.items()}
+        self.storages = {key: into[key] if key in into else torch.UntypedStorage(size)
+                         for key, (_, size) in spans.items()}
         self.stats = ReadStats(storages=len(spans))
         segments = _segments(spans)
         self._progress = _attach_checks(segments, checks, spans)

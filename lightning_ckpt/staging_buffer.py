@@ -13,7 +13,6 @@ from typing import Any, Callable
 import torch
 
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError
-from lightning_ckpt.huge_pages import advise_huge_pages
 from lightning_ckpt.picklable import PicklableBeforeUse
 
 log = logging.getLogger(__name__)
@@ -50,12 +49,10 @@ class StagingBuffer:
                 os.close(self.fd)  # no descriptor outlives a failed allocation
                 self.fd = None
                 raise
-        else:  # private anonymous memory, which (unlike shared memory on most systems) can take huge pages
-            self._mmap = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        else:
+            self._mmap = mmap.mmap(-1, nbytes)
         self.base = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self.address = self.base.data_ptr()
-        if not shared:
-            advise_huge_pages(self.address, nbytes)
         self.pinned = False
         if pinned and accelerator_available():
             err = torch.cuda.cudart().cudaHostRegister(self.address, nbytes, 0)
