@@ -212,6 +212,9 @@ def test_ctrl_c_during_send_does_not_desynchronise_the_writer(tmp_path):
     # The gate outlasts every wait of the test before the release (entered, the interrupt, its join: 60 s each),
     # so a slow machine fails one of those, by name, rather than the gated write.
     gate = GateHook(str(tmp_path / "entered"), str(tmp_path / "release"), timeout_secs=200)
+    # Ctrl-C as Python delivers it by default: a Lightning fit that saw a KeyboardInterrupt earlier in the session
+    # leaves SIGINT ignored (its graceful shutdown), and an ignored SIGINT would never interrupt the wait below.
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     process = lc.CheckpointProcess(lc.RankInfo(0, 1), commit_hook=gate)
     try:
         first = process.write({"w": 1}, tmp_path / "a.ckpt")
@@ -227,6 +230,7 @@ def test_ctrl_c_during_send_does_not_desynchronise_the_writer(tmp_path):
         assert process.starts == 1
     finally:
         process.close()
+        signal.signal(signal.SIGINT, previous_handler)
     assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".ckpt")) == ["a.ckpt", "b.ckpt", "c.ckpt"]
 
 
