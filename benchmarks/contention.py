@@ -8,6 +8,8 @@ state), in rounds (``--rounds``), interleaved so that a slow spell of the machin
 * ``hash``: xxh3 of that buffer (the writer's checksums);
 * ``write``: O_DIRECT ``pwrite`` of that buffer to a file under ``--scratch``, then fsync (the writer's write);
 * ``touch``: a new shared-memory buffer of that size, one byte written per page (the staging buffer's prefault);
+* ``populate``: a new shared-memory buffer faulted in with one ``madvise(MADV_POPULATE_WRITE)`` (what the
+  prefault does where the kernel has it);
 * ``fallocate``: a new shared-memory buffer allocated with ``posix_fallocate`` (no page faults in this process);
 * ``fallocate+touch``: that, then one byte written per page (faults that only map pages already allocated);
 * ``other_process``: the same ``posix_fallocate`` in another process.
@@ -57,6 +59,11 @@ def _new_shared(nbytes: int, how: str) -> Any:
     if how.startswith("fallocate"):
         os.posix_fallocate(fd, 0, nbytes)
     m = mmap.mmap(fd, nbytes)
+    if how == "populate":
+        from lightning_ckpt import pages
+
+        if not pages.populate_write(torch.frombuffer(m, dtype=torch.uint8).data_ptr(), nbytes):
+            raise OSError("MADV_POPULATE_WRITE is not available here")
     if how.endswith("touch"):
         torch.frombuffer(m, dtype=torch.uint8)[::mmap.PAGESIZE].fill_(0)
     return fd, m
@@ -108,7 +115,7 @@ def _activities(state: list[torch.Tensor], scratch: str) -> dict[str, Callable[[
         subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
     return {"copy": lambda: torch._foreach_copy_(views, state), "hash": hash_, "write": write,
-            "touch": allocate("touch"), "fallocate": allocate("fallocate"),
+            "touch": allocate("touch"), "populate": allocate("populate"), "fallocate": allocate("fallocate"),
             "fallocate+touch": allocate("fallocate+touch"), "other_process": other_process}
 
 

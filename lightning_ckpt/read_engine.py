@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import xxhash
 
+from lightning_ckpt import pages
 from lightning_ckpt.errors import CheckpointTimeoutError, CorruptCheckpointError
 from lightning_ckpt.serialization import storage_view
 from lightning_ckpt.manifest import describe_storage
@@ -107,6 +108,7 @@ class StorageReader:
                 raise ValueError(f"destination for {key!r} holds {storage.nbytes()} bytes, the record {spans[key][1]}")
         self.storages = {key: into[key] if key in into else torch.UntypedStorage(size)
                          for key, (_, size) in spans.items()}
+        self._fresh = {key for key in spans if key not in into}  # new memory: faulted in ahead of each read
         self.stats = ReadStats(storages=len(spans))
         segments = _segments(spans)
         self._progress = _attach_checks(segments, checks, spans)
@@ -201,7 +203,10 @@ class StorageReader:
 
     def _read_direct(self, seg: _Segment) -> None:
         """A large storage (or a piece of one): read into its memory, then hashed there."""
-        view = storage_view(self.storages[seg.key])[seg.start:seg.start + seg.length]
+        storage = self.storages[seg.key]
+        if seg.key in self._fresh:
+            pages.populate_write(storage.data_ptr() + seg.start, seg.length)
+        view = storage_view(storage)[seg.start:seg.start + seg.length]
         self._pread(view, seg.file_offset, seg.key)
         self._verify(seg, view)
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from lightning_ckpt import pages
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError
 from lightning_ckpt.picklable import PicklableBeforeUse
 
@@ -70,10 +71,11 @@ class StagingBuffer:
         return flat.view(dtype).view(shape)
 
     def prefault(self) -> None:
-        """Touch every page now (one byte each), so that the first copy into this buffer does not fault them in.
+        """Fault every page in now, so that the first copy into this buffer does not: one
+        ``MADV_POPULATE_WRITE`` where the kernel has it, else one byte written per page.
 
-        ``fill_`` releases the GIL: run from a background thread, training goes on meanwhile."""
-        if self.base is not None and self.nbytes:
+        Both release the GIL: run from a background thread, training goes on meanwhile."""
+        if self.base is not None and self.nbytes and not pages.populate_write(self.address, self.nbytes):
             self.base[::mmap.PAGESIZE].fill_(0)
 
     def close(self) -> None:

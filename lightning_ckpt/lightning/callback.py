@@ -146,10 +146,22 @@ class AsyncCheckpointCallback(Callback):
         self._overlap = self.overlap_staging if self.overlap_staging is not None else pl_module.device.type != "cpu"
 
     @override
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._last_save_time = time.monotonic()
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        # The optimizers exist from here on; preparing now overlaps the sanity check and the dataloaders' start.
+        # A fit that restores a checkpoint holds the loaded dict until train start: preparing then instead keeps
+        # the staging buffer out of that peak.
+        if trainer.ckpt_path is None:
+            self._prepare_staging(trainer, pl_module)
+
+    def _prepare_staging(self, trainer: Any, pl_module: Any) -> None:
         if self._plugin is not None and trainer.global_rank == 0 and bypass_reason(trainer.strategy) is None:
             self._plugin.prepare_staging(pl_module, trainer.optimizers)  # the first save then copies at full speed
+
+    @override
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._last_save_time = time.monotonic()
+        if trainer.ckpt_path is not None:
+            self._prepare_staging(trainer, pl_module)
         options = self.io.storage_options if self.io is not None else None
         self._saved = [p for _, p in matching_checkpoints(self._dirpath, self.filename, options)] \
             if self.keep_last_k else []

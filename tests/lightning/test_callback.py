@@ -188,13 +188,16 @@ def test_exception_with_saves_in_flight_leaves_nothing_torn(exc, tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_the_staging_buffer_is_prepared_at_train_start_and_the_first_save_reuses_it(tmp_path):
-    """At train start (Adam's state not created yet) the plugin prepares a buffer sized for parameters plus Adam's
-    two moments; the first save allocates nothing more."""
+def test_the_staging_buffer_is_prepared_at_fit_start_and_the_first_save_reuses_it(tmp_path):
+    """At fit start (Adam's state not created yet) the plugin prepares a buffer sized for parameters plus Adam's
+    two moments, before the sanity check; the first save allocates nothing more."""
     plugin = AsyncCheckpointIO()
     seen = {}
 
     class Watch(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            seen["at_fit_start"] = plugin.staging_prepared is not None
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 0:  # before the first save
                 seen["prepared"] = plugin.staging_prepared.result(timeout=30)
@@ -203,6 +206,34 @@ def test_the_staging_buffer_is_prepared_at_train_start_and_the_first_save_reuses
     cb = AsyncCheckpointCallback(dirpath=str(tmp_path / "ck"), every_n_train_steps=1, save_on_train_end=False)
     trainer = helpers.trainer(tmp_path, max_steps=3, callbacks=[cb, Watch()], plugins=[plugin])
     trainer.fit(TinyModel(width=256), helpers.loader())
-    assert seen == {"prepared": True, "allocations": [1, 1, 1]}  # batches 1 and 2 start after saves
+    assert seen == {"at_fit_start": True, "prepared": True, "allocations": [1, 1, 1]}  # 1, 2 start after saves
     assert [s.step for s in cb.saves] == [1, 2, 3]
     assert plugin.staging_prepared.result() is True
+
+
+@pytest.mark.timeout(120)
+def test_a_resumed_fit_prepares_staging_after_the_restored_checkpoint_is_freed(tmp_path):
+    """While a resume holds the loaded checkpoint (fit start to train start), no staging buffer is added to that
+    peak: it is prepared at train start, and the first save after the resume still allocates nothing more."""
+    first = AsyncCheckpointCallback(dirpath=str(tmp_path / "ck"), every_n_train_steps=2, save_on_train_end=False)
+    helpers.trainer(tmp_path, max_steps=2, callbacks=[first], plugins=[AsyncCheckpointIO()]).fit(
+        TinyModel(width=256), helpers.loader())  # the trainer's teardown drains and closes the plugin
+    saved = str(tmp_path / "ck" / sorted(os.listdir(tmp_path / "ck"))[0])
+    plugin = AsyncCheckpointIO()
+    seen = {}
+
+    class Watch(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            seen["at_fit_start"] = plugin.staging_prepared
+
+        def on_train_start(self, trainer, pl_module):
+            seen["prepared"] = plugin.staging_prepared.result(timeout=30)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.setdefault("allocations", []).append(plugin._checkpointer.stager.allocations)
+
+    cb = AsyncCheckpointCallback(dirpath=str(tmp_path / "ck2"), every_n_train_steps=1, save_on_train_end=False)
+    trainer = helpers.trainer(tmp_path, max_steps=4, callbacks=[cb, Watch()], plugins=[plugin])
+    trainer.fit(TinyModel(width=256), helpers.loader(), ckpt_path=saved)
+    assert seen == {"at_fit_start": None, "prepared": True, "allocations": [1, 1]}
+    assert [s.step for s in cb.saves] == [3, 4]
