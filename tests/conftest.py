@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 from pathlib import Path
 
@@ -10,11 +11,20 @@ import pytest
 from tests._hygiene import LeakChecker
 
 
+# Signal dispositions are process-wide: Lightning's fit answers a KeyboardInterrupt by ignoring SIGINT for good
+# (its graceful shutdown, ``trainer/call.py``). Each test gets back the handlers it started with.
+_RESTORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+
+
 @pytest.fixture(autouse=True)
 def _hygiene():
     """Fails the test (at teardown) when it leaks, after cleaning up so later tests are not polluted."""
     checker = LeakChecker()
+    handlers = {sig: signal.getsignal(sig) for sig in _RESTORED_SIGNALS}
     yield
+    for sig, handler in handlers.items():
+        if signal.getsignal(sig) is not handler and handler is not None:
+            signal.signal(sig, handler)
     problems = checker.check_and_clean()
     if problems:
         pytest.fail("test is not hygienic:\n  " + "\n  ".join(problems), pytrace=False)

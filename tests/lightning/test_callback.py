@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import signal
 import time
 
 import pytest
@@ -171,14 +170,10 @@ def test_exception_with_saves_in_flight_leaves_nothing_torn(exc, tmp_path):
     cb = AsyncCheckpointCallback(dirpath=str(tmp_path / "ck"), every_n_train_steps=1)
     plugin = AsyncCheckpointIO(commit_hook=helpers.DelayCommitHook(0.1))
     trainer = helpers.trainer(tmp_path, max_steps=10, plugins=[plugin], callbacks=[cb])
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit if isinstance(exc, KeyboardInterrupt) else RuntimeError):
-            model = _Boom()
-            model.exc = exc
-            trainer.fit(model, helpers.loader())
-    finally:
-        signal.signal(signal.SIGINT, previous)  # Lightning ignores SIGINT after a KeyboardInterrupt
+    with pytest.raises(SystemExit if isinstance(exc, KeyboardInterrupt) else RuntimeError):
+        model = _Boom()
+        model.exc = exc
+        trainer.fit(model, helpers.loader())  # Lightning then ignores SIGINT: conftest restores it after the test
     files = helpers.final_files(tmp_path / "ck")
     assert files == ["step=1.ckpt", "step=2.ckpt", "step=3.ckpt"]  # pending writes were drained by teardown
     assert helpers.temp_files(tmp_path) == []

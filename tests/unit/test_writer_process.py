@@ -212,8 +212,9 @@ def test_ctrl_c_during_send_does_not_desynchronise_the_writer(tmp_path):
     # The gate outlasts every wait of the test before the release (entered, the interrupt, its join: 60 s each),
     # so a slow machine fails one of those, by name, rather than the gated write.
     gate = GateHook(str(tmp_path / "entered"), str(tmp_path / "release"), timeout_secs=200)
-    # Ctrl-C as Python delivers it by default: a Lightning fit that saw a KeyboardInterrupt earlier in the session
-    # leaves SIGINT ignored (its graceful shutdown), and an ignored SIGINT would never interrupt the wait below.
+    # Ctrl-C as Python delivers it by default. pytest may start with SIGINT ignored: a shell without job control
+    # starts a background command (``cmd &``, as CI runners do) with SIGINT ignored, and Python keeps an inherited
+    # SIG_IGN; an ignored SIGINT would never interrupt the wait below.
     previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     process = lc.CheckpointProcess(lc.RankInfo(0, 1), commit_hook=gate)
     try:
