@@ -299,8 +299,7 @@ def pack_small_tensors(state_dict: Any) -> tuple[StorageLayout | None, tree.Tree
             ctypes.memmove(address + offset, src.data_ptr(), nbytes)
         bases.append(base.view(region.dtype))
     members = {id(leaf): plan.member_info[c] for leaf, c in zip(leaves, plan.leaf_copy) if c >= 0}
-    for stack_index, group in enumerate(groups):
-        bases.append(torch.stack([leaves[i] for i in group]))
-        members.update((id(leaves[i]), (len(plan.regions) + stack_index, position, ()))
-                       for position, i in enumerate(group))
-    return StorageLayout(bases, members), plan.tree
+    scalars, stacks = Scalars(plan).copy(leaves)  # the caller's 0-dim tensors pickle as views of the stacks
+    members.update((id(leaves[i]), (len(bases) + stack_index, position, ()))
+                   for i, (_, stack_index, position) in scalars.items())
+    return StorageLayout(bases + stacks, members), plan.tree
