@@ -1,4 +1,5 @@
-"""Shared fixtures: autouse hygiene checks that fail a test leaking processes, threads, /dev/shm or process groups."""
+"""Shared fixtures: autouse hygiene checks that fail a test leaking processes, threads, /dev/shm, process groups or
+blocked signals."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 from tests._hygiene import LeakChecker
 
 
-# Signal dispositions are process-wide: Lightning's fit answers a KeyboardInterrupt by ignoring SIGINT for good
-# (its graceful shutdown, ``trainer/call.py``). Each test gets back the handlers it started with.
+# Signal dispositions and the main thread's signal mask outlive a test: each test gets back the handlers it started
+# with, and one that leaves signals blocked fails (an interrupt would never reach a later test's wait).
 _RESTORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 
 
@@ -21,11 +22,15 @@ def _hygiene():
     """Fails the test (at teardown) when it leaks, after cleaning up so later tests are not polluted."""
     checker = LeakChecker()
     handlers = {sig: signal.getsignal(sig) for sig in _RESTORED_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     yield
     for sig, handler in handlers.items():
         if signal.getsignal(sig) is not handler and handler is not None:
             signal.signal(sig, handler)
+    blocked = signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     problems = checker.check_and_clean()
+    if blocked != mask:  # a signal left blocked is never delivered to this thread again: a hang for later tests
+        problems.append(f"signal mask of the main thread changed: {sorted(mask)} -> {sorted(blocked)}")
     if problems:
         pytest.fail("test is not hygienic:\n  " + "\n  ".join(problems), pytrace=False)
 

@@ -173,7 +173,7 @@ def test_exception_with_saves_in_flight_leaves_nothing_torn(exc, tmp_path):
     with pytest.raises(SystemExit if isinstance(exc, KeyboardInterrupt) else RuntimeError):
         model = _Boom()
         model.exc = exc
-        trainer.fit(model, helpers.loader())  # Lightning then ignores SIGINT: conftest restores it after the test
+        trainer.fit(model, helpers.loader())
     files = helpers.final_files(tmp_path / "ck")
     assert files == ["step=1.ckpt", "step=2.ckpt", "step=3.ckpt"]  # pending writes were drained by teardown
     assert helpers.temp_files(tmp_path) == []

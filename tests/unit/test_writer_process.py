@@ -212,9 +212,10 @@ def test_ctrl_c_during_send_does_not_desynchronise_the_writer(tmp_path):
     # The gate outlasts every wait of the test before the release (entered, the interrupt, its join: 60 s each),
     # so a slow machine fails one of those, by name, rather than the gated write.
     gate = GateHook(str(tmp_path / "entered"), str(tmp_path / "release"), timeout_secs=200)
-    # Ctrl-C as Python delivers it by default. pytest may start with SIGINT ignored: a shell without job control
-    # starts a background command (``cmd &``, as CI runners do) with SIGINT ignored, and Python keeps an inherited
-    # SIG_IGN; an ignored SIGINT would never interrupt the wait below.
+    # Ctrl-C as Python delivers it by default, whatever the process-wide disposition is when the test starts: an
+    # ignored SIGINT would never interrupt the wait below. (In two whole-suite runs the interrupt never arrived; in
+    # every run since, with this line, it has. What had changed the disposition was not found: no test leaves a
+    # handler or the signal mask changed now, which conftest checks after every test.)
     previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     process = lc.CheckpointProcess(lc.RankInfo(0, 1), commit_hook=gate)
     try:
