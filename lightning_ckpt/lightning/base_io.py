@@ -97,7 +97,7 @@ class LightningCkptIO(CheckpointIO):
         self.rank_info = RankInfo(0, 1)
         self.barrier: Barrier | None = None
         self.window = SnapshotWindow()
-        self.staging_prepared: Any = None  # future of the staging buffer prepared at train start (async plugin)
+        self.staging_prepared: Any = None  # future of the staging buffer prepared at fit start (async plugin)
         self.ledger = SaveLedger()
         self.ledger.keep_errors = error_policy == "raise"
         self.binding = TrainerBinding(self)
@@ -316,9 +316,9 @@ class LightningCkptIO(CheckpointIO):
         """Start what the first save would otherwise wait for (the async writer process)."""
 
     def prepare_staging(self, module: Any, optimizers: list) -> None:
-        """Called by the callback at train start on rank 0: prepare in the background what the first save of
-        ``module`` and ``optimizers`` would otherwise allocate and fault in (the async plugin's staging buffer;
-        ``staging_prepared`` is then a future of whether it was prepared)."""
+        """Called by the callback on rank 0 at fit start (at train start when resuming): prepare in the background
+        what the first save of ``module`` and ``optimizers`` would otherwise allocate and fault in (the async
+        plugin's staging buffer; ``staging_prepared`` is then a future of whether it was prepared)."""
 
     def _close(self, checkpointer: Any) -> None:
         try:

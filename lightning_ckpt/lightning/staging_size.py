@@ -1,4 +1,4 @@
-"""How large a staging buffer a Lightning checkpoint needs, known at train start (before the first save)."""
+"""How large a staging buffer a Lightning checkpoint needs, known at fit start (before the first save)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 from lightning_ckpt.staging_plan import StagingPlan
 
 # Tensors of each parameter's shape and dtype that an optimizer keeps per parameter once it has stepped (its state
-# is created lazily at the first step, so at train start it has to be predicted). Other optimizers: not predicted.
+# is created lazily at the first step, so at fit start it has to be predicted). Other optimizers: not predicted.
 _MOMENTS_PER_PARAM = {"Adam": 2, "AdamW": 2, "Adamax": 2, "NAdam": 2, "RAdam": 2, "Adadelta": 2, "Adagrad": 1}
 _SLACK_BYTES = 1 << 20  # callbacks', loops' and schedulers' small tensors, not predicted one by one
 
