@@ -36,7 +36,6 @@ final path. Across hosts this relies on the filesystem's lock support (NFSv4 loc
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -47,6 +46,7 @@ import shutil
 import stat
 from typing import Callable
 
+from lightning_ckpt._libc import libc_function
 from lightning_ckpt.layout import TMP_MARKER
 
 log = logging.getLogger(__name__)
@@ -445,18 +445,8 @@ def _remove_temp(parent_fd: int, name: str, tmp_fd: int) -> None:
 # ---------------------------------------------------------------------- renameat2 through libc
 
 
-def _load_renameat2() -> Callable[..., int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_RENAMEAT2 = _load_renameat2()
+_RENAMEAT2 = libc_function("renameat2",
+                           [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint])
 
 
 def _renameat2(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str, flags: int) -> None:

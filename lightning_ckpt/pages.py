@@ -11,44 +11,27 @@ done and the pages fault in as before.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import errno
 import mmap
 import sys
-import threading
+
+from lightning_ckpt._libc import libc_function
 
 MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14
 MIN_BYTES = 1 << 20  # below this, per-page faults are cheaper than the extra system call
 
-_state_lock = threading.Lock()
-_madvise = None
-_supported = sys.platform.startswith("linux")
-
-
-def _function():
-    global _madvise, _supported
-    with _state_lock:
-        if _madvise is None and _supported:
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-                fn = libc.madvise
-            except (OSError, AttributeError):
-                _supported = False
-                return None
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            _madvise = fn
-        return _madvise
+# None where the advice cannot be given (not Linux, no C library), or once the kernel refused it (before 5.14).
+_madvise = libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]) \
+    if sys.platform.startswith("linux") else None
 
 
 def populate_write(address: int, nbytes: int) -> bool:
     """Fault in, writable, the whole pages inside ``[address, address + nbytes)`` (the partial pages at either
     end are left to fault as usual). Returns whether the kernel did it; False (and never again in this process)
     where it cannot, e.g. a kernel older than 5.14 (EINVAL)."""
-    global _supported
-    if nbytes < MIN_BYTES or not _supported:
-        return False
-    fn = _function()
-    if fn is None:
+    global _madvise
+    fn = _madvise
+    if fn is None or nbytes < MIN_BYTES:
         return False
     start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
     end = (address + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
@@ -56,6 +39,6 @@ def populate_write(address: int, nbytes: int) -> bool:
         return False
     if fn(start, end - start, MADV_POPULATE_WRITE) == 0:
         return True
-    if ctypes.get_errno() == 22:  # EINVAL: the kernel does not know the advice
-        _supported = False
+    if ctypes.get_errno() == errno.EINVAL:  # the kernel does not know the advice
+        _madvise = None
     return False  # ENOMEM, EFAULT, EHWPOISON, ...: the copy then faults (and fails) exactly as without

@@ -73,7 +73,6 @@ def test_a_kernel_without_the_advice_is_asked_once_and_the_staging_prefault_stil
         return -1
 
     monkeypatch.setattr(pages, "_madvise", refuses)
-    monkeypatch.setattr(pages, "_supported", True)
     buffer = StagingBuffer(4 * MIB, shared=True, pinned=False)
     try:
         buffer.prefault()  # falls back to writing one byte per page
