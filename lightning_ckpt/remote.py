@@ -50,6 +50,11 @@ class RemoteConfig:
         max_attempts: attempts per request (5xx, throttling, dropped connections are retried).
         connect_timeout_secs: None: derived from ``process_config.write_timeout_secs`` (at most 10 s).
         read_timeout_secs: None: derived from ``process_config.write_timeout_secs`` (at most 60 s).
+        min_send_bytes_per_sec: the slowest a request's body (an upload part, a small object) may be sent. An
+            attempt gets the connect and read timeouts plus its body's size at this rate; one that takes longer
+            is cancelled and retried. It catches what no read timeout does: a store or proxy that stops reading
+            mid-body leaves the sender blocked on a full TCP window. Lower it on a slow uplink shared by
+            ``max_concurrency`` parts.
         no_overwrite_pattern: a regex; file names it matches (step-named ones) are completed only if no object
             is there (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``), so two runs never clobber each
             other's checkpoint ("" disables it).
@@ -64,6 +69,7 @@ class RemoteConfig:
     max_attempts: int = 5
     connect_timeout_secs: float | None = None
     read_timeout_secs: float | None = None
+    min_send_bytes_per_sec: float = float(1 << 20)
     no_overwrite_pattern: str = r"step=\d+"
     stream_from_staging: bool = False
 
@@ -77,6 +83,8 @@ class RemoteConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"RemoteConfig.{name} must be > 0 or None, got {value}")
+        if not self.min_send_bytes_per_sec > 0:
+            raise ValueError(f"RemoteConfig.min_send_bytes_per_sec must be > 0, got {self.min_send_bytes_per_sec}")
         re.compile(self.no_overwrite_pattern)
 
     def no_overwrite(self, name: str) -> bool:
@@ -86,6 +94,11 @@ class RemoteConfig:
         """``(connect, read)`` timeouts of one request under a call's ``timeout_secs``."""
         return (self.connect_timeout_secs or min(10.0, max(1.0, timeout_secs / 10)),
                 self.read_timeout_secs or min(60.0, max(1.0, timeout_secs / 4)))
+
+    def attempt_secs(self, nbytes: int, timeout_secs: float) -> float:
+        """How long one attempt of a request that sends ``nbytes`` may take (see ``min_send_bytes_per_sec``)."""
+        connect, read = self.timeouts(timeout_secs)
+        return connect + read + nbytes / self.min_send_bytes_per_sec
 
 
 @dataclass
@@ -214,6 +227,29 @@ async def _call(what: str, target: RemotePath, awaitable: Awaitable[Any], deadli
         if translated is None:
             raise
         raise translated from e
+
+
+async def _send(what: str, target: RemotePath, request: Callable[[], Awaitable[Any]], nbytes: int,
+                config: RemoteConfig, timeout_secs: float, deadline: float) -> Any:
+    """``_call`` for a request that sends an ``nbytes`` body, each attempt bounded by ``config.attempt_secs``: an
+    attempt still sending or waiting past its bound (a peer that stopped reading the body holds the sender in a
+    zero TCP window, where the read timeout never starts) is cancelled and ``request()`` made again, up to
+    ``config.max_attempts`` times. Only for requests that may be repeated: an upload part or chunk at its offset,
+    a whole-object put.
+    """
+    bound = config.attempt_secs(nbytes, timeout_secs)
+    for attempt in range(1, config.max_attempts + 1):
+        attempt_deadline = min(deadline, time.monotonic() + bound)
+        try:
+            return await _call(what, target, request(), attempt_deadline)
+        except CheckpointTimeoutError:
+            if attempt_deadline >= deadline or attempt == config.max_attempts:
+                raise
+            log.warning("%s of %s (%d bytes) took over %.1f s, the bound for sending it at "
+                        "RemoteConfig.min_send_bytes_per_sec=%.0f (a stalled connection?); retrying (attempt %d of "
+                        "%d)", what, target.url, nbytes, bound, config.min_send_bytes_per_sec, attempt + 1,
+                        config.max_attempts)
+    raise AssertionError("unreachable")
 
 
 async def _gather_or_cancel(coros: list[Awaitable[Any]]) -> list[Any]:

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator
 
 from lightning_ckpt.errors import CheckpointError, CheckpointWriteError
 from lightning_ckpt.paths import RemotePath
-from lightning_ckpt.remote import _ABORT_TIMEOUT_SECS, _LIST_PAGES, Part, RemoteConfig, RemoteObject, _call
+from lightning_ckpt.remote import _ABORT_TIMEOUT_SECS, _LIST_PAGES, Part, RemoteConfig, RemoteObject, _call, _send
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ async def open_store(target: RemotePath, config: RemoteConfig, timeout_secs: flo
     fs = await asyncio.to_thread(  # credentials may read files or ask a metadata server
         GCSFileSystem, asynchronous=True, skip_instance_cache=True, session_kwargs={"timeout": timeout}, **opts)
     try:
-        yield GCSStore(fs, config.max_attempts)
+        yield GCSStore(fs, config, timeout_secs)
     finally:
         session = fs._session
         if session is not None and not session.closed:
@@ -85,26 +85,28 @@ def translate_error(what: str, target: RemotePath, e: BaseException) -> BaseExce
 
 
 class GCSStore:
-    """``remote.Store`` over one gcsfs ``GCSFileSystem`` (``fs``), its JSON API requests retried here."""
+    """``remote.Store`` over one gcsfs ``GCSFileSystem`` (``fs``), its JSON API requests retried here; requests
+    that send a body are bounded by ``config.attempt_secs`` under a call's ``timeout_secs``."""
 
     part_align = CHUNK_ALIGN
     parallel_parts = False
 
-    def __init__(self, fs: Any, max_attempts: int) -> None:
+    def __init__(self, fs: Any, config: RemoteConfig, timeout_secs: float) -> None:
         self.fs = fs
-        self.max_attempts = max_attempts
+        self.config = config
+        self.timeout_secs = timeout_secs
 
     async def _request(self, method: str, path: str, *args: Any, **kwargs: Any) -> tuple[int, Any, bytes]:
         """One JSON API request, ``max_attempts`` tries on 5xx, 408, 429 and dropped connections."""
         from gcsfs.retry import is_retriable
 
         once = type(self.fs)._request.__wrapped__  # gcsfs's own retry decorator would wait up to 31 s more
-        for attempt in range(self.max_attempts):
+        for attempt in range(self.config.max_attempts):
             try:
                 status, headers, _, contents = await once(self.fs, method, path, *args, **kwargs)
                 return status, headers, contents
             except Exception as e:
-                if attempt == self.max_attempts - 1 or not is_retriable(e):
+                if attempt == self.config.max_attempts - 1 or not is_retriable(e):
                     raise
                 await asyncio.sleep(min(_BACKOFF_MAX_SECS, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2))
         raise AssertionError("unreachable")
@@ -136,18 +138,19 @@ class GCSStore:
     async def upload_part(self, upload: GCSUpload, part: Part, body: bytes, deadline: float) -> dict | None:
         target = upload.target
         if upload.location is None:
-            return await self._json("media upload", target, deadline, "POST", self._upload_url(target),
-                                    uploadType="media", name=target.key, data=body,
-                                    headers={"Content-Type": "application/octet-stream"},
-                                    **_precondition(upload.no_overwrite))
+            _, _, contents = await _send("media upload", target, lambda: self._request(
+                "POST", self._upload_url(target), uploadType="media", name=target.key, data=body,
+                headers={"Content-Type": "application/octet-stream"}, **_precondition(upload.no_overwrite)),
+                len(body), self.config, self.timeout_secs, deadline)
+            return json.loads(contents) if contents else {}
         offset, view = part.offset, memoryview(body)
         for _ in range(_RESEND_ROUNDS):
             total = str(upload.size) if part.last else "*"
             end = offset + len(view) - 1
-            status, headers, contents = await _call(f"upload chunk {part.number}", target, self._request(
+            status, headers, contents = await _send(f"upload chunk {part.number}", target, lambda: self._request(
                 "PUT", upload.location, data=view,
                 headers={"Content-Range": f"bytes {offset}-{end}/{total}", "Content-Type": "application/octet-stream"},
-            ), deadline)
+            ), len(view), self.config, self.timeout_secs, deadline)
             if "Range" in headers:  # 308: the bytes the session holds so far
                 kept = int(headers["Range"].rsplit("-", 1)[1])
             else:

@@ -3,7 +3,8 @@
 ``pip install 'lightning_ckpt[s3]'``; imported only in the process that makes a call. Endpoint and credentials come
 from ``storage_options`` (s3fs's names: ``endpoint_url``, ``key``, ``secret``, ``token``, ``profile``, ``anon``,
 ``client_kwargs``, ``config_kwargs``) or else from botocore's standard places (``AWS_ENDPOINT_URL``,
-``AWS_ACCESS_KEY_ID``, ``~/.aws``). Retries: botocore's standard mode (5xx, throttling, dropped connections).
+``AWS_ACCESS_KEY_ID``, ``~/.aws``). Retries: botocore's standard mode (5xx, throttling, dropped connections), and
+``remote._send`` around it for a body whose sending stalls.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lightning_ckpt.errors import CheckpointError, CheckpointWriteError
 from lightning_ckpt.paths import RemotePath
 from lightning_ckpt.remote import (
     _ABORT_TIMEOUT_SECS, _LIST_PAGES, MAX_COPY_OBJECT_BYTES, MAX_PARTS, Part, RemoteConfig, RemoteObject, _call,
-    _gather_or_cancel,
+    _gather_or_cancel, _send,
 )
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class S3Upload:
 async def open_store(target: RemotePath, config: RemoteConfig, timeout_secs: float) -> AsyncIterator["S3Store"]:
     """A session on ``target``'s S3 endpoint (closed on exit)."""
     async with _client(target, config, timeout_secs) as client:
-        yield S3Store(client)
+        yield S3Store(client, config, timeout_secs)
 
 
 def _client(target: RemotePath, config: RemoteConfig, timeout_secs: float) -> Any:
@@ -102,13 +103,16 @@ def translate_error(what: str, target: RemotePath, e: BaseException) -> BaseExce
 
 
 class S3Store:
-    """``remote.Store`` over one aiobotocore client (``client``: for calls this interface does not cover)."""
+    """``remote.Store`` over one aiobotocore client (``client``: for calls this interface does not cover); requests
+    that send a body are bounded by ``config.attempt_secs`` under a call's ``timeout_secs``."""
 
     part_align = 1
     parallel_parts = True
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, config: RemoteConfig, timeout_secs: float) -> None:
         self.client = client
+        self.config = config
+        self.timeout_secs = timeout_secs
 
     async def begin_upload(self, target: RemotePath, parts: list[Part], no_overwrite: bool,
                            deadline: float) -> S3Upload:
@@ -118,9 +122,9 @@ class S3Store:
 
     async def upload_part(self, upload: S3Upload, part: Part, body: bytes, deadline: float) -> dict:
         target = upload.target
-        response = await _call(f"UploadPart {part.number}", target, self.client.upload_part(
+        response = await _send(f"UploadPart {part.number}", target, lambda: self.client.upload_part(
             Bucket=target.bucket, Key=target.key, UploadId=upload.upload_id, PartNumber=part.number, Body=body),
-            deadline)
+            len(body), self.config, self.timeout_secs, deadline)
         return {"PartNumber": part.number, "ETag": response["ETag"]}
 
     async def complete_upload(self, upload: S3Upload, sent: list[dict], deadline: float) -> None:
@@ -155,8 +159,9 @@ class S3Store:
 
     async def put(self, target: RemotePath, data: bytes, no_overwrite: bool, deadline: float) -> None:
         extra = {"IfNoneMatch": "*"} if no_overwrite else {}
-        await _call("PutObject", target, self.client.put_object(Bucket=target.bucket, Key=target.key, Body=data,
-                                                                **extra), deadline)
+        await _send("PutObject", target, lambda: self.client.put_object(
+            Bucket=target.bucket, Key=target.key, Body=data, **extra), len(data), self.config, self.timeout_secs,
+            deadline)
 
     async def head(self, target: RemotePath, deadline: float) -> tuple[int, str]:
         head = await _call("HeadObject", target, self.client.head_object(Bucket=target.bucket, Key=target.key),

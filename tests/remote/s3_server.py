@@ -4,6 +4,9 @@ Run as a script (``python s3_server.py``); it prints ``PORT <n>`` once it listen
 ``POST /__faults__`` with ``{"rules": [...]}`` replaces the fault rules; ``GET /__log__`` returns the operations
 seen since the last ``DELETE /__log__``. A rule: ``{"op": "UploadPart", "key": "substring", "part": 2,
 "skip": 0, "times": 1, "action": "error"|"delay"|"hang"|"drop", "status": 503, "code": "SlowDown", "secs": 1.0}``.
+"hang" (or "delay") waits ``secs`` before reading the request's body: a body larger than the socket buffers then
+stalls its sender on a full TCP window, as a store or proxy that stops reading would. "drop" reads the whole body,
+then closes the connection unanswered.
 """
 
 from __future__ import annotations
@@ -110,7 +113,14 @@ def _error(start_response, status: int, code: str):
 
 
 def _drop(environ: dict):
-    """Close the connection without an answer (as a crashed proxy or a reset connection would)."""
+    """Close the connection without an answer (as a crashed proxy would), once the whole body has arrived: a client
+    still sending into a half-closed connection would stall on its window instead (that is what "hang" tests)."""
+    remaining = int(environ.get("CONTENT_LENGTH") or 0)
+    while remaining > 0:
+        chunk = environ["wsgi.input"].read(min(remaining, 1 << 20))
+        if not chunk:
+            break
+        remaining -= len(chunk)
     sock = environ.get("werkzeug.socket")
     if sock is not None:
         try:

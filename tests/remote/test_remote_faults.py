@@ -99,6 +99,30 @@ def test_503s_and_dropped_connections_are_retried_and_the_save_succeeds(s3):
     assert s3.uploads() == []
 
 
+@pytest.mark.timeout(120)
+def test_a_server_that_stops_reading_a_part_mid_body_is_retried_and_the_save_succeeds(s3):
+    """A store or proxy that stops reading a body larger than the socket buffers holds the sender on a zero TCP
+    window, where no read timeout runs: the attempt's bound (``RemoteConfig.min_send_bytes_per_sec``) cancels it
+    and the part is sent again, long before the save's own deadline."""
+    part = 32 << 20  # far more than loopback's buffers take from a reader that reads nothing
+    s3.server.set_faults({"op": "UploadPart", "part": 1, "times": 1, "action": "hang", "secs": 60})
+    s3.server.clear_log()
+    config = CheckpointerConfig(process_config=CheckpointProcessConfig(write_timeout_secs=100.0))
+    plugin = AsyncCheckpointIO(config, remote_config=RemoteConfig(
+        part_size_bytes=part, connect_timeout_secs=2.0, read_timeout_secs=2.0, min_send_bytes_per_sec=part / 4))
+    ckpt = checkpoint(1, numel=part // 4)
+    save_and_finish(plugin, ckpt, f"{s3.url}/run/model.ckpt")  # before: CheckpointTimeoutError at the deadline
+    parts = [o["part"] for o in s3.server.ops("UploadPart")]
+    assert parts.count(1) == 2 and parts.count(2) == 1  # the stalled attempt, then its resend
+    loaded = SyncCheckpointIO().load_checkpoint(f"{s3.url}/run/model.ckpt")
+    assert torch.equal(loaded["state_dict"]["w"], ckpt["state_dict"]["w"]) and s3.uploads() == []
+
+
+def test_remote_config_rejects_a_send_rate_that_is_not_positive():
+    with pytest.raises(ValueError, match="min_send_bytes_per_sec must be > 0"):
+        RemoteConfig(min_send_bytes_per_sec=0)
+
+
 @pytest.mark.timeout(60)
 def test_a_hung_server_fails_the_save_in_bounded_time_and_aborts(s3):
     s3.server.set_faults({"op": "UploadPart", "part": 2, "action": "hang", "secs": 60})
