@@ -42,3 +42,44 @@ def populate_write(address: int, nbytes: int) -> bool:
     if ctypes.get_errno() == errno.EINVAL:  # the kernel does not know the advice
         _madvise = None
     return False  # ENOMEM, EFAULT, EHWPOISON, ...: the copy then faults (and fails) exactly as without
+
+
+_mincore = libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]) \
+    if sys.platform.startswith("linux") else None
+
+
+class FileResidency:
+    """Which parts of an open file the page cache holds, asked with ``mincore`` on a mapping of it that is never
+    touched (so asking reads nothing, and starts no readahead). ``cached`` says True only where it knows."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._map: mmap.mmap | None = None
+        self._address = 0
+        if _mincore is None or size == 0:
+            return
+        try:
+            self._map = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)  # private: never written, never faulted
+        except (OSError, ValueError):
+            return
+        anchor = ctypes.c_char.from_buffer(self._map)
+        self._address = ctypes.addressof(anchor)
+        del anchor  # the buffer export would keep the mapping from closing
+
+    def cached(self, offset: int, nbytes: int) -> bool:
+        """Whether every page of ``[offset, offset + nbytes)`` is in the page cache (False where unknown)."""
+        if self._map is None or nbytes <= 0:
+            return False
+        start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = -(-min(offset + nbytes, len(self._map)) // mmap.PAGESIZE) * mmap.PAGESIZE
+        if end <= start:
+            return False
+        pages = (end - start) // mmap.PAGESIZE
+        vector = (ctypes.c_ubyte * pages)()
+        if _mincore(self._address + start, end - start, vector) != 0:
+            return False
+        return all(b & 1 for b in bytes(vector))
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None

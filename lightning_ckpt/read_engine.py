@@ -1,8 +1,18 @@
-"""Reads a torch zip's storages into memory allocated once, with parallel preads, each range verified as it lands."""
+"""Reads a torch zip's storages into memory allocated once, with parallel preads, each range verified as it lands.
+
+Large storages are read around the page cache where they are not in it already: each thread reads
+``DIRECT_CHUNK_BYTES`` at a time with ``O_DIRECT`` into its own aligned bounce buffer and copies the exact bytes into
+the storage. A cold buffered read fills the page cache with a second copy of the file in memory that is new to the
+kernel, which on a VM that hands freed memory back to its host costs as much as the read itself (``benchmarks/
+README.md``, profile: load). Chunks the page cache holds already (a file just written, or read before; asked with
+``mincore``, which reads nothing) are copied from it instead.
+"""
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import mmap
 import os
 import threading
 import time
@@ -17,6 +27,7 @@ from lightning_ckpt import pages
 from lightning_ckpt.errors import CheckpointTimeoutError, CorruptCheckpointError
 from lightning_ckpt.serialization import storage_view
 from lightning_ckpt.manifest import describe_storage
+from lightning_ckpt.torch_zip import DIRECT_IO_ALIGNMENT, reopen_direct
 
 # A storage at least this large is read in pieces of PIECE_BYTES by several threads; one of at least BATCH_BYTES is
 # read straight into its memory; smaller ones that lie close together in the file are read as one batch (one read
@@ -27,6 +38,7 @@ BATCH_BYTES = 4 << 20
 BATCH_RECORDS = 4096
 _MAX_GAP_BYTES = 64 << 10  # records further apart than this (a partial read skipping others) start a new batch
 DEFAULT_READ_THREADS = 4
+DIRECT_CHUNK_BYTES = 4 << 20  # one O_DIRECT read into a thread's bounce buffer
 
 
 @dataclass(slots=True)
@@ -52,12 +64,14 @@ class Check:
 
 @dataclass
 class ReadStats:
-    """What one read did: bytes read from the file, storages filled, read calls made, seconds from start to finish."""
+    """What one read did: bytes read from the file (``direct_bytes`` of them with O_DIRECT, around the page cache;
+    whole aligned blocks, so a little more than the records), storages filled, read calls made, seconds."""
 
     bytes_read: int = 0
     storages: int = 0
     reads: int = 0
     seconds: float = 0.0
+    direct_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -94,14 +108,20 @@ class StorageReader:
         checks: the checksums to verify (each over one or more of those keys, in order).
         threads: reads in flight.
         destinations: storages to read some keys into (of their exact size) instead of new ones.
+        direct_io: read large storages' uncached bytes with O_DIRECT (see the module docstring) where the
+            filesystem allows it.
     """
 
     def __init__(self, fd: int, path: str, spans: dict[str, tuple[int, int]], checks: list[Check],
                  threads: int = DEFAULT_READ_THREADS,
-                 destinations: dict[str, torch.UntypedStorage] | None = None) -> None:
+                 destinations: dict[str, torch.UntypedStorage] | None = None, direct_io: bool = True) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.fd, self.path, self.threads = fd, path, threads
+        self._direct_io = direct_io
+        self._direct_fd: int | None = None  # opened by start, closed once the workers are done
+        self._residency: pages.FileResidency | None = None  # with the direct descriptor: what is cached
+        self._direct_ok = True  # False once an O_DIRECT read is refused
         into = destinations or {}
         for key, storage in into.items():
             if storage.nbytes() != spans[key][1]:
@@ -129,6 +149,10 @@ class StorageReader:
                 self._compare(i, xxhash.xxh3_64_hexdigest(b""))
         if not self._tasks:
             return self
+        if self._direct_io and any(len(t) == 1 and t[0].length >= BATCH_BYTES for t in self._tasks):
+            self._direct_fd = reopen_direct(self.fd)
+            if self._direct_fd is not None:
+                self._residency = pages.FileResidency(self.fd, os.fstat(self.fd).st_size)
         n = min(self.threads, len(self._tasks))
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="lightning_ckpt-read")
         self._workers = [self._pool.submit(self._work) for _ in range(n)]
@@ -167,9 +191,14 @@ class StorageReader:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
+            self._residency.close()
 
     def _work(self) -> None:
         scratch: memoryview | None = None  # this thread's batch buffer, allocated once
+        bounce: mmap.mmap | None = None  # this thread's O_DIRECT buffer (page-aligned), allocated once
         while True:
             with self._lock:
                 if self._error is not None or self._next_task >= len(self._tasks):
@@ -178,7 +207,9 @@ class StorageReader:
                 self._next_task += 1
             try:
                 if len(task) == 1 and task[0].length >= BATCH_BYTES:
-                    self._read_direct(task[0])
+                    if bounce is None and self._direct_fd is not None:
+                        bounce = mmap.mmap(-1, DIRECT_CHUNK_BYTES + DIRECT_IO_ALIGNMENT)
+                    self._read_direct(task[0], bounce)
                 else:
                     if scratch is None:
                         scratch = memoryview(bytearray(BATCH_BYTES))
@@ -201,14 +232,60 @@ class StorageReader:
             self.stats.reads += 1
             self.stats.bytes_read += got
 
-    def _read_direct(self, seg: _Segment) -> None:
-        """A large storage (or a piece of one): read into its memory, then hashed there."""
+    def _read_direct(self, seg: _Segment, bounce: mmap.mmap | None) -> None:
+        """A large storage (or a piece of one): read into its memory (through ``bounce`` where uncached), hashed
+        there as each chunk lands."""
         storage = self.storages[seg.key]
         if seg.key in self._fresh:
             pages.populate_write(storage.data_ptr() + seg.start, seg.length)
         view = storage_view(storage)[seg.start:seg.start + seg.length]
-        self._pread(view, seg.file_offset, seg.key)
-        self._verify(seg, view)
+        if bounce is None or self._direct_fd is None:
+            self._pread(view, seg.file_offset, seg.key)
+            self._verify(seg, view)
+            return
+        alone = seg.check is not None and self._progress[seg.check] is None  # a check of this one range
+        hasher = xxhash.xxh3_64() if alone else None
+        address = storage.data_ptr() + seg.start
+        pos = 0
+        while pos < seg.length:
+            chunk = view[pos:pos + DIRECT_CHUNK_BYTES]
+            n = 0
+            if self._direct_ok and not self._residency.cached(seg.file_offset + pos, chunk.nbytes):
+                n = self._read_uncached(address + pos, seg.length - pos, seg.file_offset + pos, seg.key, bounce)
+            if n == 0:  # cached (a copy from memory), or O_DIRECT refused
+                self._pread(chunk, seg.file_offset + pos, seg.key)
+                n = chunk.nbytes
+            if hasher is not None:
+                hasher.update(view[pos:pos + n])  # just copied: hot in cache
+            pos += n
+        if hasher is not None:
+            self._compare(seg.check, hasher.hexdigest())
+        else:
+            self._verify(seg, view)
+
+    def _read_uncached(self, address: int, nbytes: int, offset: int, key: str, bounce: mmap.mmap) -> int:
+        """Read up to ``DIRECT_CHUNK_BYTES`` at ``offset`` with O_DIRECT: the aligned blocks around it go into
+        ``bounce``, the bytes wanted are copied to ``address``. Returns how many were copied."""
+        start = offset // DIRECT_IO_ALIGNMENT * DIRECT_IO_ALIGNMENT
+        want = min(nbytes, DIRECT_CHUNK_BYTES - (offset - start))
+        end = -(-(offset + want) // DIRECT_IO_ALIGNMENT) * DIRECT_IO_ALIGNMENT
+        try:
+            got = os.preadv(self._direct_fd, [memoryview(bounce)[:end - start]], start)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._direct_ok = False  # opened, but the device wants another alignment: plain reads from here on
+            return 0
+        usable = min(want, got - (offset - start))
+        if usable <= 0:
+            raise CorruptCheckpointError(f"corrupt checkpoint {self.path}: record data/{key} is truncated",
+                                         path=self.path, key=f"data/{key}")
+        ctypes.memmove(address, ctypes.addressof(ctypes.c_char.from_buffer(bounce)) + (offset - start), usable)
+        with self._lock:
+            self.stats.reads += 1
+            self.stats.bytes_read += got
+            self.stats.direct_bytes += got
+        return usable
 
     def _read_batch(self, task: list[_Segment], scratch: memoryview) -> None:
         """Neighbouring small storages: one read of their span (headers between them included) into ``scratch``,

@@ -148,15 +148,26 @@ class TorchZipWriter:
         self._close_direct()
 
 
-def _open_direct(opener: Callable[[int], int]) -> int | None:
+def _open_direct(opener: Callable[[int], int], access: int = os.O_WRONLY) -> int | None:
     """A second descriptor on the file with O_DIRECT, or None where the OS or filesystem has none (tmpfs)."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return None
     try:
-        return opener(os.O_WRONLY | flag)
+        return opener(access | flag)
     except OSError:
         return None
+
+
+def reopen_direct(fd: int) -> int | None:
+    """An O_DIRECT read descriptor on the very file ``fd`` has open (through ``/proc/self/fd``, so a rename of its
+    path meanwhile changes nothing), or None where there is none to be had."""
+    st = os.fstat(fd)
+    direct = _open_direct(lambda flags: os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC), os.O_RDONLY)
+    if direct is not None and (os.fstat(direct).st_ino, os.fstat(direct).st_dev) != (st.st_ino, st.st_dev):
+        os.close(direct)
+        return None
+    return direct
 
 
 def _address(view: memoryview) -> int:
