@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Iterable
 
 import torch
@@ -12,10 +13,13 @@ from lightning_ckpt.tree import map_leaves
 class SnapshotWindow:
     """The one place that decides how a Lightning save is staged (owned by the plugin, driven by the callback).
 
-    - Sharing: every save of a step carries that step as its snapshot token, so a second save of the same step
+    - Sharing: saves made by Lightning's own checkpoint callbacks within one pass of a callback hook
       (``last.ckpt`` after the top-k file, ModelCheckpoint after ``AsyncCheckpointCallback``, monitored or not)
-      reuses the first one's staged copy when its tensors are the very same, unchanged ones (the stager checks
-      identity and version counters; small scalars such as scores are captured per save).
+      carry one snapshot token, so the second reuses the first one's staged copy when its tensors are the very
+      same, unchanged ones (the stager checks identity and version counters; small scalars such as scores are
+      captured per save). Version counters miss writes through ``.data`` or numpy views, so a token never spans
+      user code: a callback of the user's that overrides the hook between the two savers starts a new token, and
+      saves from anywhere else (the user's callbacks, the LightningModule, after ``fit``) are never shared.
     - Deferral: ``AsyncCheckpointCallback`` opens the window after ``on_train_batch_end`` and closes it before
       the next ``optimizer.step``. Inside, with ``overlap``, staging may finish after ``save_checkpoint``
       returns; the module's buffers (mutated by the next forward, e.g. BatchNorm running stats) are cloned at
@@ -46,8 +50,11 @@ class SnapshotWindow:
 
     @staticmethod
     def token(step: int | None) -> Any:
-        """The snapshot token of a save at ``step`` (None: never shared)."""
-        return ("step", int(step)) if step is not None else None
+        """The snapshot token of a save at ``step`` made now, from the calling stack (None: never shared)."""
+        if step is None:
+            return None
+        site = _callback_pass_site()
+        return None if site is None else ("step", int(step), *site)
 
     def prepare(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
         """``checkpoint`` as it may be staged: with deferred staging, tensors aliasing the module's buffers are
@@ -56,6 +63,63 @@ class SnapshotWindow:
             return checkpoint
         pointers = {b.untyped_storage().data_ptr() for b in self.buffer_source() if b.numel()}
         return clone_aliasing(checkpoint, pointers, self._clones) if pointers else checkpoint
+
+
+_CALLER_FRAMES = 48  # from the plugin's save up to Lightning's callback loop (about 8 frames for ModelCheckpoint)
+# Lightning's callbacks that read the training state in their hooks and never write it (no save, no weight change).
+_OBSERVER_MODULES = ("lightning.pytorch.callbacks.progress", "lightning.pytorch.callbacks.lr_monitor",
+                     "lightning.pytorch.callbacks.throughput_monitor", "lightning.pytorch.callbacks.device_stats_monitor",
+                     "lightning.pytorch.callbacks.timer", "lightning.pytorch.callbacks.early_stopping",
+                     "lightning.pytorch.callbacks.model_summary", "lightning.pytorch.callbacks.rich_model_summary",
+                     "lightning_ckpt.lightning.binding")
+
+
+def _callback_pass_site() -> tuple | None:
+    """Where a save made now sits in Lightning's callback loop: ``(hook name, id of that pass, group)``, where
+    ``group`` counts the callbacks before the saver that run code of the user's in this hook; None when the save
+    does not come from Lightning's own checkpoint callbacks (ModelCheckpoint's or ours, hooks not overridden).
+
+    Two saves with one site are of the same pass, with only Lightning's and our code between them. The pass is
+    the ``_call_callback_hooks`` frame: a trusted saver saves at most once per step and hook (each skips a step
+    it saved), so the id of a frame reused by a later pass never meets the same step and hook again.
+    """
+    from lightning.pytorch.trainer import call
+
+    loop_code = call._call_callback_hooks.__code__
+    frame = sys._getframe(2)
+    for _ in range(_CALLER_FRAMES):
+        if frame is None:
+            return None
+        if frame.f_code is loop_code:
+            break
+        frame = frame.f_back
+    else:
+        return None
+    local = frame.f_locals
+    hook, callbacks, saver = local.get("hook_name"), local.get("callbacks"), local.get("callback")
+    if not isinstance(hook, str) or not isinstance(callbacks, list) or _role(saver, hook) != "saver":
+        return None
+    group = 0
+    for callback in callbacks:
+        if callback is saver:
+            return hook, id(frame), group
+        group += _role(callback, hook) == "user"
+    return None
+
+
+def _role(callback: Any, hook: str) -> str:
+    """``saver`` (Lightning's ModelCheckpoint or our callback, its own code for ``hook``), ``inert`` (the hook is
+    not overridden, or is an observer's of Lightning's) or ``user`` (anything else may write the state)."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from lightning_ckpt.lightning.callback import AsyncCheckpointCallback
+
+    fn = getattr(type(callback), hook, None)
+    if fn is None or fn is getattr(Callback, hook, None):
+        return "inert"
+    if fn is getattr(ModelCheckpoint, hook, None) or fn is getattr(AsyncCheckpointCallback, hook, None):
+        return "saver"
+    return "inert" if getattr(fn, "__module__", "").startswith(_OBSERVER_MODULES) else "user"
 
 
 def clone_aliasing(obj: Any, pointers: set[int], cache: dict[tuple, torch.Tensor] | None = None) -> Any:

@@ -195,3 +195,68 @@ def test_saves_of_one_step_share_one_staged_copy_with_a_monitored_model_checkpoi
         helpers.assert_trees_equal(saved["state_dict"], model.snapshots[saved["global_step"]]["state_dict"])
         if name != "last.ckpt":
             assert state["best_k_models"][str(ck / name)] == state["current_score"]  # its own score, not shared
+
+
+class _SaveClipSave(Callback):
+    """At step 2: saves, clips the weights through ``.data`` (WGAN-style: no version counter moves), saves again."""
+
+    def __init__(self, directory):
+        self.directory = str(directory)
+        self.before = self.after = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:
+            self.before = pl_module.net[0].weight.detach().clone()
+            trainer.save_checkpoint(os.path.join(self.directory, "a.ckpt"))
+            pl_module.net[0].weight.data.clamp_(-1e-3, 1e-3)
+            self.after = pl_module.net[0].weight.detach().clone()
+            trainer.save_checkpoint(os.path.join(self.directory, "b.ckpt"))
+
+
+@pytest.mark.parametrize("with_callback", [True, False], ids=["callback", "plugin_alone"])
+def test_two_saves_of_a_step_from_a_users_callback_each_hold_the_weights_of_their_moment(with_callback, tmp_path):
+    """A user's callback saves, writes the weights through ``.data`` and saves again at the same step: the
+    second file holds the written weights (the two saves never share one staged copy)."""
+    clipper = _SaveClipSave(tmp_path)
+    trainer = helpers.trainer(tmp_path, max_steps=3, plugins=[AsyncCheckpointIO()],
+                              callbacks=[*_own(tmp_path, with_callback), clipper])
+    trainer.fit(TinyModel(), helpers.loader())
+    a = torch.load(tmp_path / "a.ckpt", weights_only=False)["state_dict"]["net.0.weight"]
+    b = torch.load(tmp_path / "b.ckpt", weights_only=False)["state_dict"]["net.0.weight"]
+    assert torch.equal(a, clipper.before) and torch.equal(b, clipper.after)
+    assert not torch.equal(a, b)
+
+
+class _Clipper(Callback):
+    """Clips the weights through ``.data`` after every step (between our callback's save and ModelCheckpoint's)."""
+
+    def __init__(self):
+        self.before = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.before[trainer.global_step] = pl_module.net[0].weight.detach().clone()
+        pl_module.net[0].weight.data.clamp_(-1e-3, 1e-3)
+
+
+def test_a_users_callback_between_our_save_and_model_checkpoints_starts_a_new_staged_copy(tmp_path):
+    """Ours saves at step 2, a user's callback then writes the weights through ``.data``, ModelCheckpoint saves
+    the same step: its file holds the written weights, ours the earlier ones; without the user's callback in
+    between, the two saves share one copy."""
+    from lightning_ckpt.staging import DefaultStager
+
+    ours = AsyncCheckpointCallback(dirpath=str(tmp_path / "own"), every_n_train_steps=2, save_on_train_end=False)
+    mc = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_top_k=-1)
+    plugin = AsyncCheckpointIO()
+    model, clipper = TinyModel(), _Clipper()
+    trainer = helpers.trainer(tmp_path, max_steps=2, plugins=[plugin], callbacks=[ours, clipper, mc],
+                              enable_checkpointing=True)
+    assert [type(c) for c in trainer.callbacks[-3:]] == [AsyncCheckpointCallback, _Clipper, ModelCheckpoint]
+    stagers = []
+    original = plugin._ensure_checkpointer
+    plugin._ensure_checkpointer = lambda: stagers.append(original().stager) or original()
+    trainer.fit(model, helpers.loader())
+    mine = torch.load(tmp_path / "own" / "step=2.ckpt", weights_only=False)["state_dict"]["net.0.weight"]
+    theirs = torch.load(tmp_path / "ck" / "epoch=0-step=2.ckpt", weights_only=False)["state_dict"]["net.0.weight"]
+    assert torch.equal(theirs, model.net[0].weight.detach()) and theirs.abs().max() <= 1e-3
+    assert torch.equal(mine, clipper.before[2]) and mine.abs().max() > 1e-3
+    assert stagers and all(isinstance(s, DefaultStager) and s.shared_saves == 0 for s in stagers)
