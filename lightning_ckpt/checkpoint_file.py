@@ -72,7 +72,6 @@ def write_file(path: str, prepared: PreparedCheckpoint, buffer: memoryview | Non
     writer = TorchZipWriter(path, direct_io=direct_io, opener=opener)
     try:
         writer.write_record("data.pkl", prepared.data_pkl)
-        writer.write_record(".format_version", b"1")
         writer.write_record(".storage_alignment", str(ALIGNMENT).encode())
         sums = _write_tensor_records(writer, prepared, buffer)
         record, payload = _checksum_json(prepared, sums)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -9,18 +10,19 @@ import pickle
 import stat
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from lightning_ckpt import layout, paths
 from lightning_ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
 from lightning_ckpt.read_engine import DEFAULT_READ_THREADS, ReadStats
-from lightning_ckpt.storage_load import load_storages
-from lightning_ckpt.tree import iter_leaves, map_leaves, path_str
+from lightning_ckpt.storage_load import load_storages, resolve_weights_only
+from lightning_ckpt.tree import is_namedtuple, iter_leaves, json_key, path_str
 from lightning_ckpt.types import STATE_DICT, RankInfo
 from lightning_ckpt.verification import (
-    ChecksumRecord, OpenedFile, copy_and_verify, is_temp, read_checksum_record, verify_tensor, verify_tree,
+    ChecksumRecord, OpenedFile, copy_and_verify, copy_out_of_mapping, is_temp, read_checksum_record, verify_records,
+    verify_tensor, verify_tree,
 )
 
 log = logging.getLogger(__name__)
@@ -76,8 +78,9 @@ class CheckpointReader:
                 (``s3://``; endpoint from ``AWS_ENDPOINT_URL`` and the like, or a ``paths.RemotePath`` with its
                 storage options): a directory's manifest names this rank's object, which is downloaded and read
                 like a local file.
-            state_dict: for a partial read, the keys to load: its tensors are filled in place (same shape) and
-                other leaves replaced; only those tensors' bytes are read. None reads everything.
+            state_dict: for a partial read, the keys to load, as torch's reader takes them: its tensors are
+                filled in place (dicts key by key, lists item by item), other leaves replaced; only those tensors'
+                bytes are read. None reads everything.
             map_location: as in ``torch.load``.
             weights_only: ours: as in ``torch.load`` (None: torch's default).
             verify: ours: check checksums (default: the reader's ``verify``).
@@ -90,7 +93,10 @@ class CheckpointReader:
             FileNotFoundError: nothing at ``path``, or no file for this rank in a directory of PyTorch's.
             IncompleteCheckpointError: a directory that was never committed (no manifest on a file of ours, a temp
                 of ours inside, no file for this rank).
-            CorruptCheckpointError: truncated, unreadable, malformed checksum record, or checksum mismatch.
+            CorruptCheckpointError: truncated, unreadable, malformed checksum record, checksum mismatch, or not
+                a regular file (a FIFO, a device).
+            RuntimeError: a partial read's target tensor of another size or dtype than the file's (naming the
+                key and both; no target is written), as torch's reader raises.
         """
         if kwargs:
             _log_once(f"kwargs:{sorted(kwargs)}", logging.WARNING,
@@ -116,6 +122,7 @@ class CheckpointReader:
 
     def _read_source(self, source: _Source, state_dict: STATE_DICT | None, map_location: Any,
                      weights_only: bool | None, verify: bool) -> tuple[STATE_DICT, list[str]]:
+        weights_only = resolve_weights_only(weights_only)  # once, as torch.load would: every path below agrees
         record = _checked_record(source, verify)
         self.last_read_stats = None
         if _is_cpu(map_location):
@@ -124,9 +131,8 @@ class CheckpointReader:
                 loaded, self.last_read_stats = fast
                 if state_dict is None:
                     return loaded, []
-                return state_dict, _fill(state_dict, loaded, source.opened.path, None, map_location, owned=True)
+                return state_dict, _fill(state_dict, loaded, source.opened.path, None)
         return _read_with_torch_load(source.opened, record, state_dict, map_location, weights_only, verify)
-
 
     def _read_remote(self, location: Any, state_dict: STATE_DICT | None, map_location: Any,
                      weights_only: bool | None, verify: bool) -> tuple[STATE_DICT, list[str]]:
@@ -251,7 +257,7 @@ def open_unmanifested(path: str, dir_fd: int, names: set[str], rank: int) -> Ope
             f"incomplete checkpoint: {path} has no {layout.MANIFEST_NAME} and no checkpoint_{rank}.pt{hint}")
     opened = OpenedFile(os.path.join(path, name), dir_fd=dir_fd, name=name)
     try:
-        if layout.CHECKSUM_RECORD in opened.spans():
+        if opened.torch_only() is None and layout.CHECKSUM_RECORD in opened.spans():
             raise IncompleteCheckpointError(
                 f"incomplete checkpoint: {path} has no {layout.MANIFEST_NAME} but {name} is ours: the save never "
                 "committed")
@@ -282,12 +288,17 @@ def _checked_record(source: _Source, verify: bool) -> ChecksumRecord | None:
 
 
 def _read_with_torch_load(opened: OpenedFile, record: ChecksumRecord | None, state_dict: STATE_DICT | None,
-                          map_location: Any, weights_only: bool | None, verify: bool) -> tuple[STATE_DICT, list[str]]:
-    """What ``load_storages`` leaves to ``torch.load``: other map locations, legacy files, non-allowlisted globals."""
+                          map_location: Any, weights_only: bool, verify: bool) -> tuple[STATE_DICT, list[str]]:
+    """What ``load_storages`` leaves to ``torch.load``: other map locations, legacy files, non-allowlisted globals.
+
+    A partial read maps the file (reads nothing yet), fills the requested leaves and relocates only those
+    (``map_location`` as ``torch.load`` applies it, per storage and its saved location).
+    """
+    mappable = _mappable(opened)
     if state_dict is None:
         opened.advise_sequential()  # the kernel starts reading the whole file now
-        ours = record is not None or (not verify and layout.CHECKSUM_RECORD in _spans_or_empty(opened))
-        if _is_cpu(map_location) and ours:
+        ours = record is not None or (not verify and mappable and layout.CHECKSUM_RECORD in opened.spans())
+        if _is_cpu(map_location) and ours and mappable:
             # Our files hold CPU tensors: map the file, copy each storage out once while the kernel reads
             # ahead, and hash each copy on a second thread while the next one is copied.
             mapped = _load(opened, map_location="cpu", weights_only=weights_only, mmap=True)
@@ -296,24 +307,43 @@ def _read_with_torch_load(opened: OpenedFile, record: ChecksumRecord | None, sta
         if record is not None:
             verify_tree(opened, loaded, record)
         return loaded, []
-    loaded = _load(opened, map_location="cpu", weights_only=weights_only, mmap=True)
-    return state_dict, _fill(state_dict, loaded, opened.path, record, map_location)
+    locations: dict[int, str] = {}  # saved location of each storage, for map_location
+
+    def keep_on_cpu(storage: torch.UntypedStorage, location: str) -> torch.UntypedStorage:
+        locations[storage._cdata] = location
+        return storage
+
+    loaded = _load(opened, map_location=keep_on_cpu, weights_only=weights_only, mmap=mappable)
+    missing = _fill(state_dict, loaded, opened.path, record, _materializer(map_location, locations, mappable))
+    if record is not None:  # tensors no key path reaches (inside other objects) were returned as well
+        reached = set(record.by_key_path.values())
+        verify_records(opened, record, [k for k in record.records if k not in reached])
+    return state_dict, missing
 
 
-def _spans_or_empty(opened: OpenedFile) -> dict:
-    try:
-        return opened.spans()
-    except CorruptCheckpointError:
-        return {}
+def _mappable(opened: OpenedFile) -> bool:
+    """Whether ``torch.load(mmap=True)`` maps this file's records where they are (CorruptCheckpointError: junk).
+
+    Not for files only torch.load reads (legacy format; compressed records, which torch maps as if stored), nor,
+    where ``torch.utils.serialization.config.load.calculate_storage_offsets`` is on, for a file with a
+    ``.format_version`` record (earlier versions of ours wrote one): torch then computes the offsets itself,
+    assuming ``torch.save``'s record order.
+    """
+    if opened.torch_only() is not None:
+        return False
+    from torch.utils.serialization import config
+
+    return not (config.load.calculate_storage_offsets and ".format_version" in opened.spans())
 
 
-def _load(opened: OpenedFile, *, map_location: Any, weights_only: bool | None, mmap: bool) -> Any:
+def _load(opened: OpenedFile, *, map_location: Any, weights_only: bool, mmap: bool) -> Any:
     try:
         return torch.load(opened.source, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError:
         raise  # weights_only refusals are not corruption: torch's own message says what to do
     except (RuntimeError, EOFError, OSError, ValueError) as e:  # ValueError: a damaged .storage_alignment
-        raise CorruptCheckpointError(f"corrupt checkpoint {opened.path}: {e}", path=opened.path) from e
+        reason = str(e) or type(e).__name__
+        raise CorruptCheckpointError(f"corrupt checkpoint {opened.path}: {reason}", path=opened.path) from e
 
 
 def _is_cpu(map_location: Any) -> bool:
@@ -321,12 +351,41 @@ def _is_cpu(map_location: Any) -> bool:
                                     and torch.device(map_location).type == "cpu")
 
 
-def _fill(target: Any, loaded: Any, path: str, record: ChecksumRecord | None, map_location: Any,
-          owned: bool = False) -> list[str]:
-    """Copy the requested leaves of ``loaded`` into ``target``; returns the key paths ``loaded`` lacks.
+def _materializer(map_location: Any, locations: dict[int, str], mapped: bool) -> Callable[[Any], Any]:
+    """Turns a loaded subtree into what the read returns: each storage restored as ``torch.load`` restores it
+    (``map_location`` given the saved location), never left on the file mapping; type, ``requires_grad`` and
+    attributes of each tensor kept (``copy_out_of_mapping``)."""
+    restore = torch.serialization._get_restore_location(map_location)
 
-    ``owned``: the tensors of ``loaded`` are in memory of their own (not a file mapping) and can be kept as they are.
+    def relocate(storage: torch.UntypedStorage) -> torch.UntypedStorage:
+        out = restore(storage, locations.get(storage._cdata, "cpu"))
+        if mapped and out.device.type == "cpu" and out.data_ptr() == storage.data_ptr():
+            return None  # still the file's mapping: copy_out_of_mapping copies it
+        return out
+
+    memo: dict = {}  # a storage under two requested keys (tied weights) stays one storage
+    return lambda obj: copy_out_of_mapping(obj, relocate=relocate, memo=memo)
+
+
+_ABSENT = object()
+
+
+def _fill(target: Any, loaded: Any, path: str, record: ChecksumRecord | None,
+          materialize: Callable[[Any], Any] | None = None) -> list[str]:
+    """Fill the requested leaves of ``target`` from ``loaded``, as torch's ``_experimental`` reader does; returns
+    the key paths ``loaded`` lacks.
+
+    Dicts keep their object and are filled key by key; lists are filled in place item by item (the file's items
+    past the target's end are added) and tuples rebuilt; a target tensor is filled with ``copy_`` (unless its
+    memory was read into already). Other leaves are replaced by ``materialize(loaded leaf)`` (None: as loaded,
+    for tensors in memory of their own).
+
+    Raises:
+        RuntimeError: a target tensor whose size or dtype differs from the file's, or whose value in the file is
+            not a tensor (names the key and both), before any target is written.
+        CorruptCheckpointError: a checksum mismatch.
     """
+    _check_targets(target, loaded, ())
     by_key_path = record.by_key_path if record is not None else {}
     missing: list[str] = []
     checked: set[str] = set()
@@ -337,43 +396,71 @@ def _fill(target: Any, loaded: Any, path: str, record: ChecksumRecord | None, ma
             verify_tensor(path, tensor, record, key)
             checked.add(key)
 
+    def take(src: Any, prefix: tuple) -> Any:
+        if record is not None:
+            for sub_path, leaf in iter_leaves(src, prefix):
+                if isinstance(leaf, torch.Tensor):
+                    check(sub_path, leaf)
+        return src if materialize is None else materialize(src)
+
     def visit(dst: Any, src: Any, prefix: tuple) -> Any:
         if isinstance(dst, dict):
             if not isinstance(src, dict):
                 missing.append(path_str(prefix))
                 return dst
             for k in list(dst):
+                child = prefix + (json_key(k),)
                 if k not in src:
-                    missing.append(path_str(prefix + (k,)))
+                    missing.append(path_str(child))
                 else:
-                    dst[k] = visit(dst[k], src[k], prefix + (k,))
+                    dst[k] = visit(dst[k], src[k], child)
             return dst
-        if isinstance(src, torch.Tensor):
+        if isinstance(dst, (list, tuple)) and isinstance(src, (list, tuple)):
+            items = []
+            for i, (d, s) in enumerate(itertools.zip_longest(dst, src, fillvalue=_ABSENT)):
+                if s is _ABSENT:
+                    missing.append(path_str(prefix + (i,)))
+                    items.append(d)
+                else:
+                    items.append(take(s, prefix + (i,)) if d is _ABSENT else visit(d, s, prefix + (i,)))
+            return _same_sequence(dst, items)
+        if isinstance(dst, torch.Tensor):  # _check_targets: src is a tensor of its size and dtype
             check(prefix, src)
-            if isinstance(dst, torch.Tensor) and dst.shape == src.shape and dst.dtype == src.dtype:
-                if owned and dst.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
-                    return dst  # read into in place
+            if dst.untyped_storage().data_ptr() != src.untyped_storage().data_ptr():  # equal: read into in place
                 with torch.no_grad():
                     dst.copy_(src)
-                return dst
-            return src if owned else _relocate(src.clone(), map_location)
-        if record is not None:
-            for sub_path, leaf in iter_leaves(src, prefix):
-                if isinstance(leaf, torch.Tensor):
-                    check(sub_path, leaf)
-        return src if owned else _materialize(src, map_location)
+            return dst
+        return take(src, prefix)
 
     visit(target, loaded, ())
     return missing
 
 
-def _materialize(obj: Any, map_location: Any) -> Any:
-    """Copy mmap-backed tensors out of the file mapping (so the result does not pin the file)."""
-    return map_leaves(lambda leaf: _relocate(leaf.clone(), map_location) if isinstance(leaf, torch.Tensor) else leaf,
-                      obj)
+def _check_targets(dst: Any, src: Any, prefix: tuple) -> None:
+    """Raise RuntimeError, as torch's reader does, for a target tensor the file's value cannot fill in place."""
+    if isinstance(dst, dict):
+        if isinstance(src, dict):
+            for k, v in dst.items():
+                if k in src:
+                    _check_targets(v, src[k], prefix + (json_key(k),))
+    elif isinstance(dst, (list, tuple)):
+        if isinstance(src, (list, tuple)):
+            for i, (d, s) in enumerate(zip(dst, src)):
+                _check_targets(d, s, prefix + (i,))
+    elif isinstance(dst, torch.Tensor):
+        key = path_str(prefix)
+        if not isinstance(src, torch.Tensor):
+            raise RuntimeError(f"Target value {key} is set to {type(dst)}, but source value is {type(src)}")
+        if dst.size() != src.size() or dst.dtype != src.dtype:
+            raise RuntimeError(f"Target tensor size={dst.size()} dtype={dst.dtype} does not match source tensor "
+                               f"size={src.size()} dtype={src.dtype} for key {key}")
 
 
-def _relocate(tensor: torch.Tensor, map_location: Any) -> torch.Tensor:
-    if map_location is None or callable(map_location) or isinstance(map_location, dict):
-        return tensor
-    return tensor.to(map_location)
+def _same_sequence(template: list | tuple, items: list) -> list | tuple:
+    """``items`` in ``template``'s container: a list filled in place, a tuple (or namedtuple) rebuilt."""
+    if isinstance(template, list):
+        template[:] = items
+        return template
+    if is_namedtuple(template):
+        return type(template)(*items)
+    return tuple(items) if type(template) is tuple else type(template)(items)

@@ -79,8 +79,9 @@ def check_checkpoint(path: str | os.PathLike, *, deep: bool = True) -> CheckResu
 def _check_file(opened: OpenedFile, path: str, deep: bool, expected_pkl: str | None = None) -> CheckResult:
     record = read_checksum_record(opened)
     if record is None:
-        opened.spans()  # still a readable torch zip?
-        return CheckResult(path, UNVERIFIED, "no checksums (not written by lightning_ckpt)", [opened.path])
+        torch_only = opened.torch_only()  # still a torch file? (CorruptCheckpointError: not one)
+        how = f"; {torch_only}, read by torch.load" if torch_only else ""
+        return CheckResult(path, UNVERIFIED, f"no checksums (not written by lightning_ckpt{how})", [opened.path])
     if expected_pkl is not None and expected_pkl != record.data_pkl_xxh3:
         raise CorruptCheckpointError(f"corrupt checkpoint {opened.path}: not the file its manifest lists",
                                      path=opened.path, key="data.pkl")
@@ -192,7 +193,7 @@ def _check_unmanifested(path: str, dir_fd: int, names: set[str]) -> CheckResult:
     rank = 0
     while rank == 0 or f"checkpoint_{rank}.pt" in names:
         with open_unmanifested(path, dir_fd, names, rank) as opened:
-            opened.spans()  # a torn file is not a readable zip
+            opened.torch_only()  # a torn file is neither a readable zip nor one of torch's legacy files
             files.append(opened.path)
         rank += 1
     return CheckResult(path, UNVERIFIED, "no manifest and no checksums (written by PyTorch's checkpoint writer)", files)

@@ -171,6 +171,9 @@ class StorageReader:
         except FutureTimeout as e:
             self.cancel()
             raise CheckpointTimeoutError(f"reading {self.path} took longer than {timeout_secs} s") from e
+        except BaseException:  # KeyboardInterrupt while waiting: the queued reads are dropped, not waited for
+            self.cancel()
+            raise
         finally:
             self._shutdown()
         if self._error is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -19,7 +20,32 @@ from lightning_ckpt.verification import ChecksumRecord, OpenedFile
 log = logging.getLogger(__name__)
 
 READ_TIMEOUT_SECS = 3600.0  # one load's reads; far above any disk's time for a checkpoint that fits in memory
-_WEIGHTS_ONLY_ENV = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+_TRUE_VALUES = ("1", "y", "yes", "true")  # what torch.load takes as a set environment override
+
+
+def resolve_weights_only(weights_only: bool | None) -> bool:
+    """``weights_only`` as ``torch.load`` (torch 2.13, ``torch/serialization.py``) decides it: None is True
+    (False in fbcode builds); ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` set to 1/y/yes/true forces True even over an
+    explicit False; ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` so set makes an unset ``weights_only`` False (warned).
+
+    Raises:
+        RuntimeError: both variables set, as ``torch.load`` raises.
+    """
+    not_set = weights_only is None
+    if not_set:
+        weights_only = hasattr(torch.version, "git_version")  # torch's _default_to_weights_only(pickle_module=None)
+    force = os.getenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in _TRUE_VALUES
+    force_no = os.getenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in _TRUE_VALUES
+    if force and force_no:
+        raise RuntimeError("Only one of `TORCH_FORCE_WEIGHTS_ONLY_LOAD` or `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` "
+                           "should be set, but both were set.")
+    if force:
+        return True
+    if force_no and not_set:
+        warnings.warn("Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD detected, since the `weights_only` "
+                      "argument was not explicitly passed, forcing weights_only=False.", UserWarning, stacklevel=3)
+        return False
+    return bool(weights_only)
 
 
 def load_storages(opened: OpenedFile, record: ChecksumRecord | None, state_dict: dict | None,
@@ -33,7 +59,7 @@ def load_storages(opened: OpenedFile, record: ChecksumRecord | None, state_dict:
             (those of other keys become meta tensors, which the caller drops). Needs ``record`` (its key paths).
             A requested contiguous CPU tensor laid out exactly as the saved one is read into in place (no copy;
             after a checksum mismatch it holds the damaged bytes).
-        weights_only: as in ``torch.load``.
+        weights_only: as in ``torch.load``, environment overrides included (``resolve_weights_only``).
         threads: reads in flight.
 
     Returns:
@@ -44,10 +70,7 @@ def load_storages(opened: OpenedFile, record: ChecksumRecord | None, state_dict:
     Raises:
         CorruptCheckpointError: a checksum mismatch or a truncated record.
     """
-    if weights_only is None:
-        if any(os.environ.get(v) for v in _WEIGHTS_ONLY_ENV):
-            return None  # torch.load's environment overrides decide
-        weights_only = True
+    weights_only = resolve_weights_only(weights_only)
     spans = _spans(opened)
     if spans is None or (state_dict is not None and record is None):
         return None
@@ -85,7 +108,7 @@ def _spans(opened: OpenedFile) -> dict[str, tuple[int, int]] | None:
     try:
         spans = opened.spans()
     except CorruptCheckpointError:
-        return None  # not a zip this reads (torch's legacy format): torch.load decides
+        return None  # not a zip of stored records (torch's legacy format, compressed records): torch.load decides
     if "data.pkl" not in spans:
         return None
     order = spans.get("byteorder")
@@ -107,17 +130,22 @@ def _wanted(state_dict: dict, record: ChecksumRecord, storage_spans: dict) -> di
 
 
 def _requested_leaves(target: Any, prefix: tuple) -> Any:
-    """``(key path, leaf)`` of the requested leaves."""
-    if not isinstance(target, dict):
+    """``(key path, leaf)`` of the requested leaves, through dicts, lists and tuples (as ``_fill`` fills them)."""
+    if isinstance(target, dict):
+        for k, v in target.items():
+            yield from _requested_leaves(v, prefix + (json_key(k),))
+    elif isinstance(target, (list, tuple)):
+        for i, v in enumerate(target):
+            yield from _requested_leaves(v, prefix + (i,))
+    else:
         yield prefix, target
-        return
-    for k, v in target.items():
-        yield from _requested_leaves(v, prefix + (json_key(k),))
 
 
 def _destinations(state_dict: dict, record: ChecksumRecord, wanted: dict) -> dict[str, torch.UntypedStorage]:
     """Storages of requested tensors that the file's bytes can be read into directly: contiguous CPU tensors that
-    own their whole storage, of the recorded size, for storages reached by that one key path only."""
+    own their whole storage, of the recorded size, for storages reached by that one key path only; never a lazily
+    conjugated or negated view (``is_conj``, ``is_neg``: its bytes are not its values) nor a wrapper subclass
+    (its own dispatch: no bytes of its own). Those are filled by ``copy_``."""
     reached = Counter(record.by_key_path.values())
     into: dict[str, torch.UntypedStorage] = {}
     seen: set[int] = set()
@@ -125,7 +153,8 @@ def _destinations(state_dict: dict, record: ChecksumRecord, wanted: dict) -> dic
         key = record.by_key_path.get(key_path)
         if (key is None or key not in wanted or reached[key] != 1 or not isinstance(dst, torch.Tensor)
                 or dst.device.type != "cpu" or dst.layout != torch.strided or not dst.is_contiguous()
-                or dst.storage_offset() != 0):
+                or dst.storage_offset() != 0 or dst.is_conj() or dst.is_neg()
+                or type(dst).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__):
             continue
         storage = dst.untyped_storage()
         if storage.nbytes() == wanted[key][1] == dst.numel() * dst.element_size() and storage.data_ptr() not in seen:
@@ -148,7 +177,8 @@ def _laid_out_as(loaded: Any, state_dict: dict, record: ChecksumRecord, into: di
 
 
 def _requested_paths(target: Any, prefix: tuple) -> Any:
-    """Key paths of the requested leaves (the partial read descends dicts only, as ``_fill`` does)."""
+    """Key paths of what a partial read reads: dicts select their keys; a list or tuple is read whole (``_fill``
+    fills the target's items and takes the file's items past the target's end, as torch's reader does)."""
     if not isinstance(target, dict):
         yield prefix
         return

@@ -202,6 +202,15 @@ def read_record(path: str | BinaryIO, name: str, opener: Callable[[int], int] | 
         return data
 
 
+class CompressedRecordError(zipfile.BadZipFile):
+    """A zip with compressed (e.g. DEFLATE) records: a valid torch file that only ``torch.load`` reads (its bytes on
+    disk are not the records' bytes). ``names`` lists every record (its folder stripped)."""
+
+    def __init__(self, message: str, names: list[str]) -> None:
+        super().__init__(message)
+        self.names = names
+
+
 def record_spans(f: BinaryIO, path: str, names: set[str] | None = None) -> dict[str, tuple[int, int]]:
     """Maps each record name of the torch zip open as ``f`` (its folder stripped) to ``(data offset, size)``.
 
@@ -209,6 +218,7 @@ def record_spans(f: BinaryIO, path: str, names: set[str] | None = None) -> dict[
     fields that torch leaves at 0. ``path`` only names the file in errors; ``names`` limits the records looked up.
 
     Raises:
+        CompressedRecordError: a record is compressed (any record: the spans are of stored bytes only).
         zipfile.BadZipFile, OSError: not a readable zip.
     """
     fast = _stored_spans(f, names)
@@ -217,6 +227,10 @@ def record_spans(f: BinaryIO, path: str, names: set[str] | None = None) -> dict[
     spans = {}
     with zipfile.ZipFile(f) as z:
         infos = z.infolist()
+    compressed = sorted(i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED)
+    if compressed:  # its bytes on disk are not the record's: only torch.load (which inflates them) reads it
+        raise CompressedRecordError(f"record {compressed[0]} of {path} is compressed ({len(compressed)} such)",
+                                    [i.filename.split("/", 1)[-1] for i in infos])
     for info in infos:
         if names is not None and info.filename.split("/", 1)[-1] not in names:
             continue

@@ -55,7 +55,7 @@ def write_code_checkpoint(path: str, marker: str) -> str:
     data_pkl = pickle.dumps({"epoch": 1, "payload": _MakesADirectory(marker)}, protocol=2)
     record = {"format": layout.FORMAT_VERSION, "data_pkl_xxh3": checksum(data_pkl), "records": {},
               "key_paths": [], "metadata": {}}
-    _write_records(path, {"data.pkl": data_pkl, ".format_version": b"1", ".storage_alignment": str(ALIGNMENT).encode(),
+    _write_records(path, {"data.pkl": data_pkl, ".storage_alignment": str(ALIGNMENT).encode(),
                           layout.CHECKSUM_RECORD: json.dumps(record).encode()})
     return path
 

@@ -306,8 +306,19 @@ def test_the_parallel_load_reads_the_file_it_opened_when_the_path_is_replaced(tm
 def test_a_partial_read_reads_into_matching_target_tensors_in_place(tmp_path):
     state = {"w": torch.arange(4096, dtype=torch.float32), "m": torch.full((8, 16), 3.0), "other": torch.ones(10)}
     path = write_ours(tmp_path / "a.ckpt", state)
-    w, reshaped = torch.zeros(4096), torch.zeros(16, 8)  # same bytes as "m", other shape: not read into
+    w, m = torch.zeros(4096), torch.zeros(8, 16)
     address = w.data_ptr()
-    out, _ = lc.CheckpointReader().read(path, {"w": w, "m": reshaped})
+    out, _ = lc.CheckpointReader().read(path, {"w": w, "m": m})
     assert out["w"] is w and w.data_ptr() == address and torch.equal(w, state["w"])
-    assert out["m"] is not reshaped and torch.equal(out["m"], state["m"]) and torch.count_nonzero(reshaped) == 0
+    assert out["m"] is m and torch.equal(m, state["m"])
+
+
+def test_a_partial_read_into_a_target_of_another_shape_raises_and_writes_no_target(tmp_path):
+    """As torch's reader: a target tensor that cannot be filled in place is an error naming the key and both
+    sizes, never a silent replacement that leaves the caller's tensor as it was."""
+    state = {"w": torch.arange(4096, dtype=torch.float32), "m": torch.full((8, 16), 3.0)}
+    path = write_ours(tmp_path / "a.ckpt", state)
+    w, reshaped = torch.zeros(4096), torch.zeros(16, 8)  # same bytes as "m", other shape
+    with pytest.raises(RuntimeError, match=r"size=torch.Size\(\[16, 8\]\).*size=torch.Size\(\[8, 16\]\).*key m"):
+        lc.CheckpointReader().read(path, {"w": w, "m": reshaped})
+    assert torch.count_nonzero(w) == 0 and torch.count_nonzero(reshaped) == 0

@@ -102,12 +102,15 @@ def test_record_spans_from_the_directory_agree_with_zipfile(source, tmp_path, mo
         assert torch_zip.record_spans(f, path, {"data.pkl", "nope"}) == {"data.pkl": spans["data.pkl"]}
 
 
-def test_record_spans_of_a_compressed_zip_fall_back_to_zipfile(tmp_path):
+def test_record_spans_of_a_compressed_zip_are_refused_not_taken_as_stored_bytes(tmp_path):
     import zipfile
 
     path = str(tmp_path / "c.zip")
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr("archive/data.pkl", b"x" * 1000)
+        z.writestr("archive/version", b"3\n", compress_type=zipfile.ZIP_STORED)
     with open(path, "rb") as f:
         assert torch_zip._stored_spans(f, None) is None
-        assert torch_zip.record_spans(f, path) == _zipfile_spans(path)
+        with pytest.raises(torch_zip.CompressedRecordError, match="archive/data.pkl.*compressed") as info:
+            torch_zip.record_spans(f, path)
+    assert info.value.names == ["data.pkl", "version"]
