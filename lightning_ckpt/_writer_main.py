@@ -9,6 +9,7 @@ import logging
 import mmap
 import os
 import resource
+import select
 import signal
 import socket
 import sys
@@ -35,11 +36,13 @@ class StagingBufferMapError(OSError):
 
 
 def make_default_writer(config: Any, rank_info: Any, barrier_config: Any = None, commit_hook: Any = None,
-                        report_phase: Callable[[str], None] | None = None) -> Any:
+                        report_phase: Callable[[str], None] | None = None,
+                        trainer_gone: Callable[[], bool] | None = None) -> Any:
     """The writer a ``CheckpointProcess`` builds when no ``checkpoint_writer_init_fn`` is given (torch-free).
 
     ``report_phase`` is told when the writer waits at the barrier, so the trainer does not take a wait for the
-    other ranks for a stalled writer (the barrier bounds that wait itself).
+    other ranks for a stalled writer (the barrier bounds that wait itself). ``trainer_gone`` says whether the
+    trainer died: its writes then publish only over what their final path held when they started.
     """
     from lightning_ckpt.barriers import create_barrier_from_config
     from lightning_ckpt.checkpoint_writer import CheckpointWriter
@@ -47,7 +50,7 @@ def make_default_writer(config: Any, rank_info: Any, barrier_config: Any = None,
     barrier = create_barrier_from_config(barrier_config, rank_info)
     if barrier is not None and report_phase is not None:
         barrier = _PhaseReportingBarrier(barrier, report_phase)
-    return CheckpointWriter(config, rank_info, barrier, commit_hook)
+    return CheckpointWriter(config, rank_info, barrier, commit_hook, trainer_gone=trainer_gone)
 
 
 class _PhaseReportingBarrier(KeyedBarrier):
@@ -71,6 +74,13 @@ class _PhaseReportingBarrier(KeyedBarrier):
     def report_error(self, message: str, key: str | None = None) -> None:
         barrier_report_error(self._inner, key, message)
 
+    def share(self, value: str | None, key: str) -> str:
+        self._report_phase("barrier")
+        try:
+            return self._inner.share(value, key=key)
+        finally:
+            self._report_phase("writing")
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
@@ -83,7 +93,7 @@ class _Server:
         self.writer: Any = None
         self.buffers: dict[int, mmap.mmap] = {}
         self.unmapped: dict[int, str] = {}  # buffer id -> why receiving or mapping it failed
-        self.orphaned = False  # the trainer is gone: keep committing what it fully sent, answer nobody
+        self.orphaned = False  # the trainer is gone: commit what it fully sent (never over a newer run), answer nobody
         self._current: WorkerRequest | None = None
         self._handlers: dict[RequestType, Callable[[WorkerRequest], Any]] = {
             RequestType.INIT: self._init, RequestType.PING: lambda r: None,
@@ -169,6 +179,14 @@ class _Server:
             self.orphaned = True
             log.info("the training process is gone; finishing the requests it sent")
 
+    def trainer_gone(self) -> bool:
+        """Whether the training process is gone: its end of the socket closed (seen at once, while the requests it
+        sent whole are still unread), or an answer could not be sent."""
+        if not self.orphaned and _peer_closed(self.conn):
+            self.orphaned = True
+            log.info("the training process is gone; finishing the requests it sent")
+        return self.orphaned
+
     def report_phase(self, phase: str) -> None:
         if self._current is not None:
             self._respond(WorkerResponse(RequestType.PROGRESS, True, payload={"phase": phase},
@@ -189,6 +207,7 @@ class _Server:
         init_args.setdefault("rank_info", p["rank_info"])
         if init_fn is make_default_writer:
             init_args["report_phase"] = self.report_phase
+            init_args["trainer_gone"] = self.trainer_gone
         self.writer = init_fn(**init_args)
 
     def _write_checkpoint(self, request: WorkerRequest) -> None:
@@ -294,6 +313,13 @@ def write_shard_files(final_path: str, token: str, items: list[tuple[str, Any]],
     return files
 
 
+def _peer_closed(conn: Connection) -> bool:
+    """The other end of the socket closed: ``POLLHUP``/``POLLRDHUP`` are reported even with unread data queued."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLRDHUP)
+    return any(events & (select.POLLHUP | select.POLLRDHUP) for _, events in poller.poll(0))
+
+
 def _error_text(exc: BaseException, context: str | None = None) -> str:
     text = "".join(traceback.format_exception(exc))
     return f"{context}: {exc}\n{text}" if context else text
@@ -325,4 +351,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Serve with the importable module's copy: the INIT request names ``make_default_writer`` by module path, and
+    # only that copy's ``_Server`` recognises it (and hands it ``report_phase`` and ``trainer_gone``).
+    from lightning_ckpt._writer_main import main as _main
+
+    _main()

@@ -90,14 +90,20 @@ class CheckpointWriter:
         rank_info: this rank and the number of ranks writing each checkpoint.
         barrier: where ranks meet before and after the commit (required with several ranks).
         commit_hook: called before and after the commit.
+        trainer_gone: ours: tells (in the writer process) whether the training process that asked for the writes
+            is gone. Such an orphaned write still commits (a job-wide SIGTERM must not lose it), but only where
+            nobody wrote its final path since it started: it never puts an older checkpoint over the one a newer
+            run committed meanwhile (it removes its temp and logs a warning naming the path instead).
     """
 
     def __init__(self, config: CheckpointWriterConfig | None = None, rank_info: RankInfo | None = None,
-                 barrier: Barrier | None = None, commit_hook: WriterHook | None = None) -> None:
+                 barrier: Barrier | None = None, commit_hook: WriterHook | None = None, *,
+                 trainer_gone: Callable[[], bool] | None = None) -> None:
         self.config = config or CheckpointWriterConfig()
         self.rank_info = rank_info or RankInfo()
         self.barrier = barrier
         self.commit_hook = commit_hook
+        self.trainer_gone = trainer_gone
         world = self.rank_info.global_world_size
         if world > 1 and barrier is None:
             raise ValueError(f"CheckpointWriter with global_world_size={world} needs a barrier")
@@ -216,7 +222,7 @@ class CheckpointWriter:
             self._hook("pre_commit", path, hook_kwargs)
             if self.barrier is not None:
                 self._barrier_wait(f"{key}/written")
-            c.publish()
+            self._publish(c)
         except BaseException:
             c.abort()
             raise
@@ -389,13 +395,26 @@ class CheckpointWriter:
                 files[name] = ManifestFile(c.size(name), record.data_pkl_xxh3 if record is not None else None)
             manifest = Manifest(world, files, metadata, _version(), _torch_version())
             c.write_bytes(layout.MANIFEST_NAME, manifest.to_json())
-            c.publish()
+            self._publish(c)
         except BaseException as e:
             if world > 1:
                 barrier_report_error(self.barrier, f"{key}/committed", f"commit failed: {type(e).__name__}: {e}")
             raise
 
     # ------------------------------------------------------------------ shared steps
+
+    def _publish(self, c: Commit) -> None:
+        """Publish ``c``; once the trainer is gone, only over what was at its final path when the save started."""
+        if self.trainer_gone is None or not self.trainer_gone():
+            c.publish()
+            return
+        try:
+            c.publish(only_if_unchanged=True)
+        except commit.CommitSuperseded:
+            log.warning("not committing %s: the training process that asked for it is gone and another writer "
+                        "committed that path since this save started (it is kept; this older save is dropped)",
+                        c.final_path)
+            raise
 
     def _write_rank_file(self, c: Commit, name: str | None, prepared: PreparedCheckpoint,
                          buffer: memoryview | None) -> tuple[int, ChecksumRecord]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -20,7 +21,7 @@ from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpoint_writer import CheckpointWriter
 from lightning_ckpt.error_store import ErrorStore, new_save_key
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError
-from lightning_ckpt.futures import TrackedFuture, completed_future, uncancellable_future
+from lightning_ckpt.futures import TrackedFuture, completed_future, peek_exception, uncancellable_future
 from lightning_ckpt.picklable import PicklableBeforeUse
 from lightning_ckpt.staging import CheckpointStager, DefaultStager, StagedCheckpoint, StagedStateDict
 from lightning_ckpt.staging_buffer import StagingBufferTooLarge
@@ -151,6 +152,9 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
     once (by the next ``save``/``wait``/``close`` unless its future was already looked at); a dead writer is
     replaced; every wait has a timeout; over the staging budget a save falls back to a synchronous write
     (``fallback_writer``) instead of allocating more; in a forked child it waits for none of the parent's saves.
+    One still open when the interpreter exits is drained and closed then (a save that cannot finish is logged as
+    lost, with its path); one dropped without ``close()`` gives back its writer process, threads and staging
+    memory once collected (a save in flight is finished first).
 
     Args:
         checkpoint_stager: a ``DefaultStager`` (the fast path: the writer reads its shared memory directly; it
@@ -448,6 +452,23 @@ class AsyncCheckpointer(PicklableBeforeUse, Checkpointer):
         if error is not None:
             raise error
 
+    def _close_at_exit(self) -> None:
+        """At interpreter exit: drain (within ``wait_timeout_secs`` and the writer's timeouts) and close; nobody is
+        left to raise to, so a failure is logged, and each save that did not commit is logged as lost."""
+        with self._lock:
+            pending = [e for e in self._inflight if not e.write_future.done()]
+        if pending:
+            log.info("exiting with %d checkpoint save(s) in flight; waiting for them (wait_timeout_secs=%s): %s",
+                     len(pending), self.wait_timeout_secs, [e.path for e in pending])
+        try:
+            self.close()
+        except BaseException as e:  # noqa: BLE001 - the interpreter is exiting
+            log.error("closing the AsyncCheckpointer at exit: %s", e)
+        for entry in pending:
+            error = peek_exception(entry.write_future) if entry.write_future.done() else "it did not finish"
+            if error is not None:
+                log.error("checkpoint save of %s was lost at exit: %s", entry.path, error)
+
     def _forget_after_fork(self) -> None:
         """In a forked child: the parent's saves are not ours to wait for (their futures never resolve here)."""
         self._lock = threading.Lock()
@@ -470,5 +491,14 @@ def _wait_done(future: Future, timeout_secs: float) -> bool:
     return bool(done)
 
 
+def _close_all_at_exit() -> None:
+    """Drain and close every open ``AsyncCheckpointer``, so a script that ends without ``wait()``/``close()`` does
+    not lose the saves it started (the writer's threads are daemons and would die with the interpreter)."""
+    for checkpointer in list(_LIVE):
+        checkpointer._close_at_exit()
+
+
 _LIVE: "weakref.WeakSet[AsyncCheckpointer]" = weakref.WeakSet()
 os.register_at_fork(after_in_child=lambda: [ck._forget_after_fork() for ck in list(_LIVE)])
+# The one exit drain of the project (the Lightning plugin relies on it too); a checkpointer already closed is skipped.
+atexit.register(_close_all_at_exit)

@@ -8,6 +8,7 @@ Public API::
         fd = c.open_new()                 # file payload (or c.open_new("name") inside a directory payload)
         ...write, os.fsync(fd), os.close(fd)...   # or c.write_bytes(name, data) / c.symlink(target)
         c.publish()                       # atomically visible at final_path; the parent directory fsynced
+                                          # (only_if_unchanged=True: not over what another writer put there since)
     # leaving the block removes the temp (and what the publish replaced); an exception aborts instead
 
     Commit.join(final_path, c.token)      # another rank of a multi-rank save opens rank 0's directory temp
@@ -83,7 +84,7 @@ class Commit:
     """
 
     def __init__(self, final_path: str, token: str, parent_fd: int, tmp_fd: int, lock_fd: int, *,
-                 directory: bool, owner: bool, fsync: bool) -> None:
+                 directory: bool, owner: bool, fsync: bool, found: tuple[int, int, int] | None = None) -> None:
         self.final_path = final_path
         self.final_name = os.path.basename(final_path)
         self.token = token
@@ -92,6 +93,7 @@ class Commit:
         self.fsync = fsync
         self.published = False
         self.replaced = False  # the publish moved a previous checkpoint into the temp (freed at close)
+        self.found = found  # identity of what was at final_path when the temp was made (None: nothing)
         self._parent_fd = parent_fd
         self._tmp_fd = tmp_fd
         self._lock_fd = lock_fd
@@ -116,12 +118,13 @@ class Commit:
         final_path, parent = _split(final_path)
         parent_fd = os.open(parent, _DIR_FLAGS)
         try:
+            found = _identity(_lstat_at(parent_fd, os.path.basename(final_path)))
             for _ in range(_CREATE_ATTEMPTS):
                 made = _make_temp(parent_fd, secrets.token_hex(8), os.path.basename(final_path), directory)
                 if made is not None:
                     token, tmp_fd, lock_fd = made
                     return cls(final_path, token, parent_fd, tmp_fd, lock_fd, directory=directory, owner=True,
-                               fsync=fsync)
+                               fsync=fsync, found=found)
             raise FileExistsError(f"could not create a temp beside {final_path} in {_CREATE_ATTEMPTS} attempts")
         except BaseException:
             os.close(parent_fd)
@@ -233,26 +236,32 @@ class Commit:
 
     # ------------------------------------------------------------------ publish, close, abort
 
-    def publish(self) -> None:
+    def publish(self, *, only_if_unchanged: bool = False) -> None:
         """Make the payload visible at ``final_path`` atomically, then fsync the parent directory.
 
         What was at ``final_path`` stays complete until the payload replaces it in one step; it is removed at
         :meth:`close` (a crash before leaves it in the temp for ``remove_stale_temps``).
 
+        Args:
+            only_if_unchanged: publish only if ``final_path`` is still what it was when the temp was made (same
+                entry, not modified; or still absent): a writer whose trainer is gone must not put its older
+                checkpoint over one that a newer run committed meanwhile. An absent path is claimed without
+                replacing (``RENAME_NOREPLACE``); an existing one is compared just before the rename.
+
         Raises:
             CommitError: this is a joined temp, or it was already published or closed.
+            CommitSuperseded: ``only_if_unchanged`` and ``final_path`` changed; nothing changed at ``final_path``.
             OSError: the rename failed; nothing changed at ``final_path``.
         """
         if not self.owner or self.published or self._closed:
             raise CommitError(f"cannot publish {self.final_path}: not the owner, or already published/closed")
         if self.fsync and self.directory:
             os.fsync(self._payload_fd)  # the payload's entries (files of every rank)
-        try:
-            old = os.stat(self.final_name, dir_fd=self._parent_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            old = None
+        old = _lstat_at(self._parent_fd, self.final_name)
+        if only_if_unchanged and _identity(old) != self.found:
+            raise CommitSuperseded(f"{self.final_path} changed since this save started: not replaced")
         if old is None:
-            self._rename_new()
+            self._rename_new(replace=not only_if_unchanged)
         elif self.directory or stat.S_ISDIR(old.st_mode):
             self._exchange()
         else:
@@ -262,10 +271,13 @@ class Commit:
         if self.fsync:
             os.fsync(self._parent_fd)
 
-    def _rename_new(self) -> None:
+    def _rename_new(self, replace: bool) -> None:
         try:
             _renameat2(self._tmp_fd, PAYLOAD_NAME, self._parent_fd, self.final_name, _RENAME_NOREPLACE)
         except FileExistsError:  # appeared meanwhile: replace it like any existing entry
+            if not replace:
+                raise CommitSuperseded(f"{self.final_path} appeared since this save started: not replaced") \
+                    from None
             self._exchange()
         except _Unsupported:
             os.rename(PAYLOAD_NAME, self.final_name, src_dir_fd=self._tmp_fd, dst_dir_fd=self._parent_fd)
@@ -351,6 +363,10 @@ class CommitError(OSError):
     """A temp could not be used: gone, not ours, or being removed by a cleanup."""
 
 
+class CommitSuperseded(CommitError):
+    """``publish(only_if_unchanged=True)`` found another checkpoint at the final path: nothing was published."""
+
+
 class _Unsupported(Exception):
     """The filesystem or the C library has no ``renameat2`` with these flags."""
 
@@ -364,6 +380,18 @@ def _split(final_path: str | os.PathLike) -> tuple[str, str]:
     if not name or name in (".", ".."):
         raise ValueError(f"not a file or directory path: {final_path!r}")
     return final_path, parent
+
+
+def _lstat_at(parent_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _identity(st: os.stat_result | None) -> tuple[int, int, int] | None:
+    """What tells one entry at a final path from another: device, inode and modification time (None: absent)."""
+    return None if st is None else (st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
 def _make_temp(parent_fd: int, token: str, final_name: str, directory: bool) -> tuple[str, int, int] | None:
@@ -461,4 +489,6 @@ def _renameat2(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str, flags: int)
     raise OSError(err, os.strerror(err), dst)
 
 
-from lightning_ckpt.stale_temps import remove_stale_temps  # noqa: E402,F401  (the cleanup half of this API)
+from lightning_ckpt import stale_temps as _stale_temps  # noqa: E402  (imports this module: defined last)
+
+remove_stale_temps = _stale_temps.remove_stale_temps  # the cleanup half of this API

@@ -8,6 +8,7 @@ import mmap
 import os
 import threading
 import time
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -30,7 +31,8 @@ class StagingBufferTooLarge(CheckpointError):
 class StagingBuffer:
     """One contiguous region, anonymous shared memory (memfd) or private, that staged tensors are carved from.
 
-    A memfd vanishes with the last descriptor or mapping, so a crash never leaves a ``/dev/shm`` entry behind.
+    A memfd vanishes with the last descriptor or mapping, so a crash never leaves a ``/dev/shm`` entry behind; a
+    buffer dropped without ``close`` gives back its descriptor, mapping and CUDA registration when collected.
     """
 
     _ids = iter(range(1, 1 << 62))
@@ -38,28 +40,39 @@ class StagingBuffer:
     def __init__(self, nbytes: int, *, shared: bool, pinned: bool) -> None:
         self.id = next(StagingBuffer._ids)
         self.nbytes = nbytes
-        self.fd: int | None = None
         self.users = 0
         self.caller_holds = 0  # holds that their caller gives back (a write in flight), so worth waiting for
+        fd = None
         if shared:
-            self.fd = os.memfd_create(f"lightning_ckpt-staging-{self.id}", os.MFD_CLOEXEC)
+            fd = os.memfd_create(f"lightning_ckpt-staging-{self.id}", os.MFD_CLOEXEC)
             try:
-                os.ftruncate(self.fd, nbytes)
-                self._mmap = mmap.mmap(self.fd, nbytes)
+                os.ftruncate(fd, nbytes)
+                self._mmap = mmap.mmap(fd, nbytes)
             except BaseException:
-                os.close(self.fd)  # no descriptor outlives a failed allocation
-                self.fd = None
+                os.close(fd)  # no descriptor outlives a failed allocation
                 raise
         else:
             self._mmap = mmap.mmap(-1, nbytes)
+        self._memory = _Memory(self.id, self._mmap, fd)
+        self._finalizer = weakref.finalize(self, self._memory.release)
+        self._finalizer.atexit = False  # the process's exit frees it all
         self.base = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self.address = self.base.data_ptr()
-        self.pinned = False
         if pinned and accelerator_available():
             err = torch.cuda.cudart().cudaHostRegister(self.address, nbytes, 0)
-            self.pinned = int(err) == 0
-            if not self.pinned:
+            if int(err) == 0:
+                self._memory.pinned_address = self.address
+            else:
                 log.warning("cudaHostRegister failed (%s); staging buffer %d stays pageable", err, self.id)
+
+    @property
+    def fd(self) -> int | None:
+        """The memfd (None: private memory, or closed)."""
+        return self._memory.fd
+
+    @property
+    def pinned(self) -> bool:
+        return self._memory.pinned_address is not None
 
     @property
     def range(self) -> tuple[int, int]:
@@ -78,20 +91,39 @@ class StagingBuffer:
         if self.base is not None and self.nbytes and not pages.populate_write(self.address, self.nbytes):
             self.base[::mmap.PAGESIZE].fill_(0)
 
+    def forget_pinning(self) -> None:
+        """In a forked child: CUDA did not survive the fork, so there is no registration to undo here."""
+        self._memory.pinned_address = None
+
     def close(self) -> None:
         if self.base is None:
             return
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.address)
-        self.base = None
+        self.base = None  # our own view goes first, so that the mapping can be closed now
+        self._finalizer()
+
+
+class _Memory:
+    """What a ``StagingBuffer`` holds outside Python's heap, released once by its ``close`` or its finalizer
+    (which must not reference the buffer itself)."""
+
+    def __init__(self, buffer_id: int, mapping: mmap.mmap, fd: int | None) -> None:
+        self.buffer_id = buffer_id
+        self.mapping = mapping
+        self.fd = fd
+        self.pinned_address: int | None = None
+
+    def release(self) -> None:
+        if self.pinned_address is not None:
+            torch.cuda.cudart().cudaHostUnregister(self.pinned_address)
+            self.pinned_address = None
         try:
-            self._mmap.close()
+            self.mapping.close()
         except BufferError:
             # A staged tensor still references the mapping; it is unmapped when that tensor dies.
-            log.debug("staging buffer %d still referenced at close; leaving the mapping to the GC", self.id)
+            log.debug("staging buffer %d still referenced at close; leaving the mapping to the GC", self.buffer_id)
         if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+            fd, self.fd = self.fd, None
+            os.close(fd)
 
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -314,6 +346,6 @@ class BufferPool(PicklableBeforeUse):
         """In a forked child: unmap the parent's buffers (in this process only) and start with none."""
         self._cond = threading.Condition()
         for buffer in self.buffers:
-            buffer.pinned = False  # CUDA does not survive fork: nothing to unregister here
+            buffer.forget_pinning()
             buffer.close()
         self.buffers, self._free = [], []

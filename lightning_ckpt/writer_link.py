@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 KILL_RETRY_SECS = 5.0  # an unkillable writer (D state) is signalled again at most this often
 
 _LIVE_LINKS: "weakref.WeakSet[WriterLink]" = weakref.WeakSet()
+# Links with requests awaiting an answer are kept alive here: dropping a CheckpointProcess with a save in flight
+# (its threads hold the link only weakly) does not lose that save; the link can go once it is answered.
+_BUSY_LINKS: "set[WriterLink]" = set()
 
 
 def _after_fork_in_child() -> None:
@@ -33,6 +36,7 @@ def _after_fork_in_child() -> None:
         link.failure = CheckpointError("this writer link belongs to the parent of a forked process")
         link.handle.forget_in_forked_child()
     _LIVE_LINKS.clear()
+    _BUSY_LINKS.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -53,6 +57,10 @@ class _Pending:
 
 class WriterLink:
     """The socket to one writer process and the futures of the requests sent on it.
+
+    A link dropped without ``shutdown`` (its ``CheckpointProcess`` collected) is released by a finalizer that never
+    waits: the writer sees EOF, commits what it received and exits, and the watcher thread reaps it. Its two threads
+    hold it weakly between messages, so they do not keep it alive.
 
     Args:
         handle: the started process.
@@ -78,9 +86,14 @@ class WriterLink:
             self._sock = socket.socket(fileno=os.dup(self._conn_fd))  # for SCM_RIGHTS and shutdown()
             CHILD_CLOSES.update((self._conn_fd, self._sock.fileno()))
         _LIVE_LINKS.add(self)
-        name = f"lightning_ckpt-writer-{handle.pid}"
-        self._sender = threading.Thread(target=self._send_loop, name=f"{name}-send", daemon=True)
-        self._reader = threading.Thread(target=self._watch, name=f"{name}-watch", daemon=True)
+        self._finalizer = weakref.finalize(self, _release_dropped, self._outbox, conn, self._sock,
+                                           (self._conn_fd, self._sock.fileno()))
+        self._finalizer.atexit = False  # at exit the checkpointers drain and close their links themselves
+        name, ref = f"lightning_ckpt-writer-{handle.pid}", weakref.ref(self)
+        self._sender = threading.Thread(target=_send_loop, args=(ref, self._outbox), name=f"{name}-send",
+                                        daemon=True)
+        self._reader = threading.Thread(target=_watch_loop, args=(ref, handle, config.subprocess_shutdown_timeout_secs),
+                                        name=f"{name}-watch", daemon=True)
         self._sender.start()
         self._reader.start()
 
@@ -99,6 +112,7 @@ class WriterLink:
             future = future or Future()
             with self._plock:
                 self._pending[request.request_id] = _Pending(future, what, timeout_secs, timeout_name, interpret)
+                _BUSY_LINKS.add(self)
         dup = None
         try:
             if fd is not None:
@@ -114,18 +128,6 @@ class WriterLink:
         if self.failure is not None:  # broke meanwhile: nobody else will fail this one
             self._fail_all(self.failure)
         return future
-
-    def _send_loop(self) -> None:
-        while True:
-            item = self._outbox.get()
-            if item is None:
-                return
-            request, what, fd = item
-            try:
-                self._send_one(request, what, fd)
-            finally:
-                if fd is not None:
-                    close_tracked_fd(fd)
 
     def _send_one(self, request: WorkerRequest, what: str, fd: int | None) -> None:
         if self.failure is not None:
@@ -148,22 +150,24 @@ class WriterLink:
 
     # ---------------------------------------------------------------- answers and progress
 
-    def _watch(self) -> None:
-        slice_secs = max(0.01, min(0.5, self.config.stall_timeout_secs / 4, self.config.wait_log_interval_secs / 2))
-        while True:
-            try:
-                if self.conn.poll(slice_secs):
-                    self._on_response(self.conn.recv())
-                    continue
-            except (EOFError, OSError) as e:
-                self._on_disconnect(e)
-                return
-            if self._stopping and not self._pending:
-                return
-            if self.handle.poll() is not None:
-                self._on_disconnect(None)
-                return
-            self._check_progress()
+    def _watch_once(self) -> bool:
+        """One turn of the watcher thread: read an answer, or check on the writer; False ends the thread."""
+        cfg = self.config
+        slice_secs = max(0.01, min(0.5, cfg.stall_timeout_secs / 4, cfg.wait_log_interval_secs / 2))
+        try:
+            if self.conn.poll(slice_secs):
+                self._on_response(self.conn.recv())
+                return True
+        except (EOFError, OSError) as e:
+            self._on_disconnect(e)
+            return False
+        if self._stopping and not self._pending:
+            return False
+        if self.handle.poll() is not None:
+            self._on_disconnect(None)
+            return False
+        self._check_progress()
+        return True
 
     def _on_response(self, response: WorkerResponse) -> None:
         now = time.monotonic()
@@ -243,6 +247,7 @@ class WriterLink:
     def _fail_all(self, reason: CheckpointError) -> None:
         with self._plock:
             pending, self._pending = self._pending, {}
+            _BUSY_LINKS.discard(self)
         for _, p in sorted(pending.items()):
             waited = time.monotonic() - p.since
             error = type(reason)(f"{p.what} did not finish: {reason} (after {waited:.1f}s)")
@@ -261,6 +266,8 @@ class WriterLink:
             if self._pending and pending is not None:  # the next request is now the writer's current one
                 nxt = self._pending[min(self._pending)]
                 nxt.since = nxt.last_progress = nxt.last_warning = max(nxt.since, time.monotonic())
+            elif not self._pending:
+                _BUSY_LINKS.discard(self)
             return pending
 
     def _kill(self, reason: str) -> None:
@@ -327,14 +334,69 @@ class WriterLink:
             if thread is not threading.current_thread():
                 thread.join(timeout=timeout_secs)
         self._closed_conn = True
+        self._finalizer.detach()
         with FORK_LOCK:
             CHILD_CLOSES.difference_update((self._conn_fd, self._sock.fileno()))
             self.conn.close()
             self._sock.close()
         _LIVE_LINKS.discard(self)
+        _BUSY_LINKS.discard(self)
         if not exited:
             raise CheckpointTimeoutError(f"writer pid {handle.pid} did not exit within {timeout_secs}s after "
                                          f"SIGKILL ({_STATES.get(handle.state(), handle.state())})")
+
+
+def _send_loop(ref: "weakref.ref[WriterLink]", outbox: queue.SimpleQueue) -> None:
+    """The sender thread: holds the link only while sending a frame, and keeps no request between frames (a
+    request's payload can reach a staging buffer and its whole stager)."""
+    while True:
+        item = outbox.get()
+        if item is None:
+            return
+        request, what, fd = item
+        del item
+        link = ref()
+        try:
+            if link is not None:
+                link._send_one(request, what, fd)
+        finally:
+            del link, request  # dropping the link here may run its finalizer on this thread: it never waits
+            if fd is not None:
+                close_tracked_fd(fd)
+
+
+def _watch_loop(ref: "weakref.ref[WriterLink]", handle: WriterProcessHandle, shutdown_timeout_secs: float) -> None:
+    """The watcher thread: holds the link for one turn at a time; once it was dropped, reaps its writer."""
+    while True:
+        link = ref()
+        if link is None:
+            _reap_dropped(handle, shutdown_timeout_secs)
+            return
+        if not link._watch_once():
+            return
+        del link
+
+
+def _release_dropped(outbox: queue.SimpleQueue, conn: Connection, sock: socket.socket, fds: tuple[int, int]) -> None:
+    """Finalizer of a link dropped without ``shutdown``; runs on whichever thread collected it (one of the link's
+    own, too), so it never waits: the sender stops, and closing the socket gives the writer EOF after the frames
+    it was sent (it commits them and exits; the watcher thread reaps it)."""
+    outbox.put(None)
+    with FORK_LOCK:
+        CHILD_CLOSES.difference_update(fds)
+        conn.close()
+        sock.close()
+
+
+def _reap_dropped(handle: WriterProcessHandle, timeout_secs: float) -> None:
+    """Wait (bounded) for the writer of a dropped link to exit, killing it past ``timeout_secs``; reap it."""
+    if handle.wait(timeout_secs) is not None:
+        return
+    log.warning("writer pid %d did not exit within %ss of its CheckpointProcess being dropped without close(); "
+                "killing it", handle.pid, timeout_secs)
+    handle.kill()
+    if handle.wait(timeout_secs) is None:
+        log.error("writer pid %d outlived SIGKILL (%s)", handle.pid, _STATES.get(handle.state(), handle.state()))
 
 
 _STATES = {"R": "running", "S": "sleeping", "D": "in uninterruptible I/O (D state: a hung disk or NFS?)",

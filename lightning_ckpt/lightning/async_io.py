@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 from concurrent.futures import Future
 from typing import Any
 
@@ -58,14 +57,5 @@ class AsyncCheckpointIO(LightningCkptIO):
             # Lightning saves on global rank 0 only and each checkpoint is one file: the writer is a single rank.
             self._checkpointer = make_async_checkpointer(self.config, RankInfo(0, 1), commit_hook=self.commit_hook,
                                                          error_store=self.ledger.errors)
-            atexit.register(self._close_at_exit)
+            # At interpreter exit the core drains and closes every open AsyncCheckpointer (logging lost saves).
         return self._checkpointer
-
-    def _close(self, checkpointer: Any) -> None:
-        atexit.unregister(self._close_at_exit)
-        super()._close(checkpointer)
-
-    def _close_at_exit(self) -> None:
-        checkpointer, self._checkpointer = self._checkpointer, None
-        if checkpointer is not None:
-            super()._close(checkpointer)
