@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import threading
 from collections import OrderedDict
-from typing import Hashable
+from typing import Hashable, Iterator
 
 from lightning_ckpt.picklable import PicklableBeforeUse
 
@@ -36,6 +37,8 @@ class ErrorStore(PicklableBeforeUse):
     - ``mark_seen(key)``: the caller looked at this save's outcome itself (its future); it is not raised again.
     - ``take()`` returns the oldest failure not yet raised (each is returned once); ``take_all()`` returns it
       with a note naming the later ones and forgets them all; ``peek()`` looks without taking.
+    - ``raise_pending()`` raises ``take()``'s failure, except inside ``deferred()`` on the same thread: a caller
+      that reports failures later (several ranks agreeing on them) still gets its next save made.
 
     Thread-safe. Bounded: at most ``max_pending`` failures are kept for raising (the oldest are kept, the excess is
     logged and counted by ``take_all``) and ``max_keys`` keys are remembered for de-duplication.
@@ -57,8 +60,10 @@ class ErrorStore(PicklableBeforeUse):
         self._pending: OrderedDict[Hashable, BaseException] = OrderedDict()
         self._known: OrderedDict[Hashable, None] = OrderedDict()
         self._dropped = 0
+        self._deferring = threading.local()
 
-    _RECREATED = {"_lock": threading.Lock, "_pending": OrderedDict, "_known": OrderedDict, "_dropped": int}
+    _RECREATED = {"_lock": threading.Lock, "_pending": OrderedDict, "_known": OrderedDict, "_dropped": int,
+                  "_deferring": threading.local}
 
     def record(self, exc: BaseException, key: Hashable | None = None, what: str = "checkpoint save") -> bool:
         """Keep ``exc`` (the failure of save ``key``) to be raised once, and log it once.
@@ -153,8 +158,21 @@ class ErrorStore(PicklableBeforeUse):
             first.add_note(f"later failed saves (each logged when it failed): {', '.join(later)}{more}")
         return first
 
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """On this thread, ``raise_pending()`` (not ``all_``) raises nothing: failures stay pending."""
+        outer = getattr(self._deferring, "on", False)
+        self._deferring.on = True
+        try:
+            yield
+        finally:
+            self._deferring.on = outer
+
     def raise_pending(self, all_: bool = False) -> None:
-        """Raise the oldest failure not raised yet (``take``; with ``all_``, ``take_all``)."""
+        """Raise the oldest failure not raised yet (``take``; with ``all_``, ``take_all``); inside ``deferred``
+        only with ``all_``."""
+        if not all_ and getattr(self._deferring, "on", False):
+            return
         error = self.take_all() if all_ else self.take()
         if error is not None:
             raise error

@@ -32,8 +32,12 @@ def is_complete(path: str, verify: bool = False, storage_options: dict | None = 
 
     Nothing is unpickled: the pickle bytes and, with ``verify=True``, every storage are checked against the
     checksum record straight from the file. What cannot be used (a temp name, a dangling symlink, a file removed
-    meanwhile, a malformed record, a mismatch) is False, logged. A remote object's record is read with one ranged
-    GET of its tail (``verify`` downloads it); a remote directory's, from its manifest and a listing.
+    meanwhile, a malformed record, a mismatch) is False, logged. A remote object's record is read with ranged GETs
+    of its tail (``verify`` downloads it); a remote directory's, from its manifest and a listing.
+
+    Raises:
+        CheckpointError: a remote store could not be read (denied, unreachable past the retries): that is not
+            "incomplete", so ``find_latest`` never silently falls back to an older checkpoint.
     """
     location = paths.resolve(path, storage_options)
     if isinstance(location, RemotePath):

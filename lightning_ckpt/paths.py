@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 # Protocols that name this machine's filesystem (``file:///abs/k`` is ``/abs/k``).
 LOCAL_PROTOCOLS = ("file", "local")
+_LOCAL_PREFIXES = tuple(f"{p}:" for p in LOCAL_PROTOCOLS)
 # Remote protocols we write to, and the protocol they are normalised to.
 REMOTE_PROTOCOLS = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs"}
 # Per normalised protocol: the pip extra and the module its client needs.
@@ -15,6 +18,9 @@ REMOTE_EXTRAS = {"s3": ("s3", "aiobotocore"), "gs": ("gcs", "gcsfs")}
 # Local directory where remote checkpoints are committed before their upload and downloaded before loading.
 CACHE_DIR_ENV = "LIGHTNING_CKPT_CACHE_DIR"
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "lightning_ckpt")
+
+_CACHE_NAME_BYTES = 128  # a cache file's name: the object's name, sanitized and capped (NAME_MAX is 255)
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._=+@,-]")
 
 _PROCESS_LOCAL = ("memory",)  # stores that live inside one process: the writer process cannot see them
 
@@ -51,14 +57,29 @@ class RemotePath:
                           self.storage_options)
 
     def cache_path(self, kind: str = "upload") -> str:
-        """A local path for this object under the cache directory (``$LIGHTNING_CKPT_CACHE_DIR``)."""
-        return os.path.join(cache_dir(), kind, self.protocol, self.bucket, *self.key.split("/"))
+        """A local path for this object under the cache directory (``$LIGHTNING_CKPT_CACHE_DIR``):
+        ``<cache>/<kind>/<hash of the URL>/<name>``. Keys are arbitrary bytes to a store (``..``, ``.``, empty
+        or 1000-byte segments), so no key segment becomes a local path component: the path is always two levels
+        below ``<cache>/<kind>``, one per URL, and its name is the object's name made safe and short."""
+        digest = hashlib.sha256(self.url.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        return os.path.join(cache_dir(), kind, digest, _cache_name(self.name))
 
     def __str__(self) -> str:
         return self.url
 
 
 Location = Union[str, RemotePath]  # a local absolute path, or a remote object
+
+
+def _cache_name(name: str) -> str:
+    """``name`` as one safe local file name: unusual characters replaced, at most ``_CACHE_NAME_BYTES``, never
+    ``.``/``..``/empty (the extension is kept: logs and tools recognise ``.ckpt``)."""
+    safe = _UNSAFE_NAME_CHARS.sub("_", name).lstrip(".")
+    if len(safe) > _CACHE_NAME_BYTES:
+        stem, dot, ext = safe.rpartition(".")
+        ext = ext[:16] if dot and stem else ""
+        safe = safe[:_CACHE_NAME_BYTES - len(ext) - 1] + ("." + ext if ext else "")
+    return safe or "object"
 
 
 def cache_dir() -> str:
@@ -99,7 +120,7 @@ def resolve(path: Any, storage_options: dict | None = None) -> Location:
     protocol = protocol_of(path)
     text = os.fsdecode(os.fspath(path))
     if protocol in LOCAL_PROTOCOLS:
-        if "://" in text:
+        if "://" in text or text.startswith(_LOCAL_PREFIXES):  # file:/abs (RFC 8089) too, as fsspec reads it
             from fsspec.implementations.local import LocalFileSystem
 
             text = LocalFileSystem._strip_protocol(text)

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
-from lightning_ckpt.errors import CheckpointTimeoutError, CheckpointWriteError
+from lightning_ckpt.commit import remove_path
+from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError, CheckpointWriteError
 from lightning_ckpt.paths import RemotePath
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,10 @@ def upload_timeout_secs(write_timeout_secs: float) -> float:
     """A remote save's deadline inside the writer: before its watchdog kills it at ``write_timeout_secs``, so a
     stuck upload is aborted by its own writer rather than left dangling."""
     return 0.8 * write_timeout_secs
+
+
+class ObjectReplacedError(CheckpointError):
+    """The object was replaced while it was read (its version changed between requests): read it again."""
 
 
 @dataclass
@@ -127,8 +132,10 @@ class RemoteUpload:
 
     def __call__(self, local_path: str) -> dict:
         start = time.monotonic()
-        run(self._upload, local_path)
-        os.remove(local_path)  # the store holds it now; the cache keeps no second copy
+        try:
+            run(self._upload, local_path)
+        finally:  # uploaded: the store holds it; failed: no one uploads this copy again (the next save is new)
+            remove_path(local_path)
         return {"path": self.target.url, "upload_secs": time.monotonic() - start}
 
     async def _upload(self, local_path: str) -> None:
@@ -220,6 +227,9 @@ async def _call(what: str, target: RemotePath, awaitable: Awaitable[Any], deadli
     try:
         return await asyncio.wait_for(awaitable, remaining)
     except asyncio.TimeoutError as e:
+        if time.monotonic() < deadline:  # the request's own read or connect timeout (aiohttp's are TimeoutErrors)
+            raise CheckpointWriteError(f"{what} of {target.url} failed: it timed out ({type(e).__name__}: {e}) "
+                                       f"with {deadline - time.monotonic():.1f} s of its deadline left") from e
         raise CheckpointTimeoutError(
             f"{what} of {target.url} did not finish before its deadline ({remaining:.1f} s left)") from e
     except Exception as e:

@@ -114,10 +114,25 @@ def collect_files(upload: RemoteUpload, generation: str, world: int) -> dict[str
 
 
 def publish_manifest(upload: RemoteUpload, manifest: Manifest) -> None:
-    """The commit of a multi-rank remote checkpoint: its manifest, in one PUT."""
-    remote_files.put_bytes(upload.target.child(layout.MANIFEST_NAME), manifest.to_json(), upload.config,
-                      upload.timeout_secs)
-    remote_files.forget_listings(upload.target)
+    """The commit of a multi-rank remote checkpoint: its manifest, in one PUT; for a step-named checkpoint
+    (``RemoteConfig.no_overwrite_pattern``) only if it has none yet, as for a single object.
+
+    Raises:
+        FileExistsError: a step-named checkpoint is there already (another run's); this save's generation is
+            deleted, theirs is untouched.
+    """
+    target = upload.target
+    try:
+        remote_files.put_bytes(target.child(layout.MANIFEST_NAME), manifest.to_json(), upload.config,
+                               upload.timeout_secs, no_overwrite=upload.config.no_overwrite(target.name))
+    except FileExistsError:
+        generation = generation_of(manifest, target.url)
+        for name in manifest.files:  # ours alone: a fresh random generation that no manifest names
+            remote_files.delete(target.child(name), upload.config, upload.timeout_secs)
+        log.warning("%s exists already: deleted this save's generation %s", target.url, generation)
+        raise
+    finally:
+        remote_files.forget_listings(target)
 
 
 def generation_of(manifest: Manifest, url: str) -> str:
@@ -199,12 +214,15 @@ def read_manifest(location: RemotePath, config: RemoteConfig, timeout_secs: floa
     """The manifest of the checkpoint at ``location``, or None when it has none."""
     target = location.child(layout.MANIFEST_NAME)
     try:
-        size, data = remote_files.read_tail(target, remote_files.TAIL_BYTES, config, timeout_secs)
-        if size > len(data):
-            size, data = remote_files.read_tail(target, size, config, timeout_secs)
+        data = remote_files.read_from_tail(target, _whole, config, timeout_secs)
     except FileNotFoundError:
         return None
     return Manifest.from_json(data, target.url)
+
+
+def _whole(file: Any) -> bytes:
+    file.seek(0)
+    return file.read()
 
 
 def fetch_for_read(location: RemotePath, rank: int, config: RemoteConfig | None = None,
@@ -282,7 +300,11 @@ def list_checkpoints(directory: RemotePath) -> list[remote_files.RemoteObject]:
 def is_complete(location: RemotePath, verify: bool = False) -> bool:
     """True iff ``location`` is a complete remote checkpoint: an object of ours, or a manifest whose every rank
     object is listed with its size (``verify``: and every rank object's tensors check). A damaged object costs
-    one listing more, never a read of a manifest that is not there."""
+    one listing more, never a read of a manifest that is not there.
+
+    Raises:
+        CheckpointError: the store could not be read (``remote_files.is_complete``).
+    """
     if remote_files.is_complete(location, verify):
         return True
     config, timeout = RemoteConfig(), remote_files.LOOKUP_TIMEOUT_SECS
@@ -300,7 +322,7 @@ def is_complete(location: RemotePath, verify: bool = False) -> bool:
                 return False
             if verify and not remote_files.is_complete(location.child(name), verify=True):
                 return False
-    except (OSError, CheckpointError) as e:
+    except remote_files.NOT_A_CHECKPOINT as e:  # a store that cannot be read raises: unknown is not "no"
         log.warning("skipping %s: not a complete checkpoint (%s)", location.url, e)
         return False
     return True

@@ -4,18 +4,19 @@ server-side copy, delete, list, one-request put."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from lightning_ckpt.commit import Commit, remove_path
-from lightning_ckpt.errors import CheckpointError
+from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
 from lightning_ckpt.manifest import ChecksumRecord
 from lightning_ckpt.paths import RemotePath
-from lightning_ckpt.remote import RemoteConfig, RemoteObject, _client, _gather_or_cancel, run
+from lightning_ckpt.remote import RemoteConfig, RemoteObject, ObjectReplacedError, _client, _gather_or_cancel, run
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,10 @@ _FSSPEC_CLASSES = {"s3": (("s3fs", "S3FileSystem"),),
                    "gs": (("gcsfs", "GCSFileSystem"), ("gcsfs.core", "GCSFileSystem"))}
 LOOKUP_TIMEOUT_SECS = 300.0  # listing and checking checkpoints to resume from
 TAIL_BYTES = 1 << 20  # holds the checksum record and the zip's central directory of up to ~10k tensors
+_TAIL_ROUNDS = 4  # fetches of an object's end: the first, then from where a read reached before it (twice for a zip)
+_READ_ATTEMPTS = 3  # downloads of an object replaced while it is read
+# What the bytes say about an object that is not a checkpoint of ours (a store that cannot be read is not that).
+NOT_A_CHECKPOINT = (ValueError, CorruptCheckpointError, IncompleteCheckpointError)
 
 
 def forget_listings(target: RemotePath) -> None:
@@ -56,14 +61,23 @@ def download(target: RemotePath, dest: str, config: RemoteConfig, timeout_secs: 
 
 
 async def _download(target: RemotePath, fd: int, config: RemoteConfig, timeout_secs: float) -> None:
+    """All ranges of one version; an object replaced meanwhile is read again from its HEAD (the new version),
+    ``_READ_ATTEMPTS`` times at most, as the local reader rereads a file replaced under it."""
     deadline = time.monotonic() + timeout_secs
     async with _client(target, config, timeout_secs) as store:
-        size, version = await store.head(target, deadline)
-        limit = asyncio.Semaphore(config.max_concurrency)
-        os.ftruncate(fd, size)
-        step = config.part_size_bytes
-        await _gather_or_cancel([_get_range(store, target, version, fd, off, min(size, off + step) - 1, limit,
-                                            deadline) for off in range(0, size, step)])
+        for attempt in range(1, _READ_ATTEMPTS + 1):
+            size, version = await store.head(target, deadline)
+            limit = asyncio.Semaphore(config.max_concurrency)
+            os.ftruncate(fd, size)
+            step = config.part_size_bytes
+            try:
+                await _gather_or_cancel([_get_range(store, target, version, fd, off, min(size, off + step) - 1,
+                                                    limit, deadline) for off in range(0, size, step)])
+                return
+            except ObjectReplacedError:
+                if attempt == _READ_ATTEMPTS:
+                    raise
+                log.info("%s was replaced during its download; reading the new version", target.url)
 
 
 async def _get_range(store: Any, target: RemotePath, version: str, fd: int, first: int, last: int,
@@ -77,7 +91,11 @@ async def _get_range(store: Any, target: RemotePath, version: str, fd: int, firs
 
 
 class _BeforeTail(OSError):
-    """A read reached before the fetched tail of an object."""
+    """A read reached before the fetched tail of an object (``offset``: where it started)."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
 
 
 class _Tail(io.RawIOBase):
@@ -94,7 +112,10 @@ class _Tail(io.RawIOBase):
         return True
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        if pos < 0:  # as a real file: zipfile probes a too-short object this way
+            raise OSError(errno.EINVAL, f"negative seek position {pos}")
+        self.pos = pos
         return self.pos
 
     def tell(self) -> int:
@@ -102,7 +123,8 @@ class _Tail(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         if self.pos < self.start:
-            raise _BeforeTail(f"offset {self.pos} lies before the last {len(self.data)} bytes that were fetched")
+            raise _BeforeTail(f"offset {self.pos} lies before the last {len(self.data)} bytes that were fetched",
+                              self.pos)
         chunk = self.data[self.pos - self.start:self.pos - self.start + len(buffer)]
         buffer[:len(chunk)] = chunk
         self.pos += len(chunk)
@@ -110,16 +132,40 @@ class _Tail(io.RawIOBase):
 
 
 def read_checksum_record(target: RemotePath, config: RemoteConfig, timeout_secs: float) -> ChecksumRecord | None:
-    """The checksum record of a remote checkpoint, from one ranged GET of its tail (the record is written last);
-    ``checkpoint_file.read_checksum_record`` over those bytes.
+    """The checksum record of a remote checkpoint, from ranged GETs of its tail (the record is written last, one
+    GET for up to ~10k tensors); ``checkpoint_file.read_checksum_record`` over those bytes.
 
     Raises:
-        ValueError: not a readable torch zip. OSError: the record lies before the fetched tail.
+        ValueError: not a readable torch zip. CorruptCheckpointError: a malformed record.
+        CheckpointError: the store refused, or the object kept changing while it was read.
     """
     from lightning_ckpt.checkpoint_file import read_checksum_record as read_record_of
 
-    size, data = read_tail(target, TAIL_BYTES, config, timeout_secs)
-    return read_record_of(_Tail(size, data))
+    return read_from_tail(target, read_record_of, config, timeout_secs)
+
+
+def read_from_tail(target: RemotePath, parse: Callable[[Any], Any], config: RemoteConfig,
+                   timeout_secs: float) -> Any:
+    """``parse(file)`` over the end of ``target``: its last ``TAIL_BYTES`` fetched as a seekable file, fetched
+    again from further back whenever ``parse`` reads before them (a large zip directory, a large manifest).
+
+    Raises:
+        FileNotFoundError: no such object. CheckpointError: still reading before the fetched bytes after
+            ``_TAIL_ROUNDS`` fetches (the object kept changing), or the store refused.
+    """
+    nbytes = TAIL_BYTES
+    for _ in range(_TAIL_ROUNDS):
+        try:
+            size, data = read_tail(target, nbytes, config, timeout_secs)
+        except ObjectReplacedError:  # between a GCS HEAD and its GET: read the new version
+            continue
+        try:
+            return parse(_Tail(size, data))
+        except _BeforeTail as e:
+            if len(data) >= size:  # cannot happen for one version: the object changed between the reads
+                raise CheckpointError(f"{target.url} changed while its end was read; read it again") from e
+            nbytes = size - e.offset
+    raise CheckpointError(f"{target.url}: its end kept changing over {_TAIL_ROUNDS} reads; read it again")
 
 
 def list_checkpoints(directory: RemotePath) -> list[RemoteObject]:
@@ -132,6 +178,10 @@ def is_complete(target: RemotePath, verify: bool = False) -> bool:
 
     A listed object is complete by construction (a multipart upload appears only when completed); the record
     check rules out foreign or damaged objects.
+
+    Raises:
+        CheckpointError: the store could not be read (refused, timed out, dropped after every retry): whether
+            ``target`` is complete is unknown, and a resume must not silently pick an older checkpoint.
     """
     from lightning_ckpt.integrity import check_checkpoint  # from the bytes: never unpickles the download
 
@@ -148,11 +198,9 @@ def is_complete(target: RemotePath, verify: bool = False) -> bool:
             if not result.ok:
                 log.warning("skipping %s: %s (%s)", target.url, result.status, result.detail)
                 return False
-    except _BeforeTail:
-        log.info("%s: checksum record beyond the fetched tail; listed objects are complete", target.url)
     except FileNotFoundError:
         return False
-    except (RuntimeError, OSError, ValueError, CheckpointError) as e:
+    except NOT_A_CHECKPOINT as e:
         log.warning("skipping %s: not a complete checkpoint (%s)", target.url, e)
         return False
     return True

@@ -23,9 +23,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from lightning_ckpt.errors import CheckpointError, CheckpointWriteError
+from lightning_ckpt.errors import CheckpointWriteError
 from lightning_ckpt.paths import RemotePath
-from lightning_ckpt.remote import _ABORT_TIMEOUT_SECS, _LIST_PAGES, Part, RemoteConfig, RemoteObject, _call, _send
+from lightning_ckpt.remote import (
+    _ABORT_TIMEOUT_SECS, _LIST_PAGES, ObjectReplacedError, Part, RemoteConfig, RemoteObject, _call, _send,
+)
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +199,7 @@ class GCSStore:
                 "GET", "b/{}/o/{}", target.bucket, target.key, alt="media", generation=version,
                 headers={"Range": f"bytes={first}-{last}"}), deadline)
         except FileNotFoundError as e:  # that generation is gone
-            raise CheckpointError(f"{target.url} was replaced during its download; load it again") from e
+            raise ObjectReplacedError(f"{target.url} was replaced during its download; load it again") from e
         return contents
 
     async def read_tail(self, target: RemotePath, nbytes: int, deadline: float) -> tuple[int, bytes]:

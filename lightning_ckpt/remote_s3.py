@@ -9,22 +9,24 @@ from ``storage_options`` (s3fs's names: ``endpoint_url``, ``key``, ``secret``, `
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from lightning_ckpt.errors import CheckpointError, CheckpointWriteError
+from lightning_ckpt.errors import CheckpointWriteError
 from lightning_ckpt.paths import RemotePath
 from lightning_ckpt.remote import (
-    _ABORT_TIMEOUT_SECS, _LIST_PAGES, MAX_COPY_OBJECT_BYTES, MAX_PARTS, Part, RemoteConfig, RemoteObject, _call,
-    _gather_or_cancel, _send,
+    _ABORT_TIMEOUT_SECS, _LIST_PAGES, MAX_COPY_OBJECT_BYTES, MAX_PARTS, ObjectReplacedError, Part, RemoteConfig,
+    RemoteObject, _call, _gather_or_cancel, _send,
 )
 
 log = logging.getLogger(__name__)
 
 _COPY_PART_BYTES = 512 << 20
+_BODY_BACKOFF_MAX_SECS = 2.0
 _sessions: dict[str | None, Any] = {}  # one botocore session per profile and process
 
 
@@ -95,7 +97,7 @@ def translate_error(what: str, target: RemotePath, e: BaseException) -> BaseExce
                 f"{target.url} already exists (another run wrote it?); step-named checkpoints are never "
                 "overwritten (RemoteConfig.no_overwrite_pattern)")
         if code == "PreconditionFailed" and what == "GetObject":
-            return CheckpointError(f"{target.url} was replaced during its download; load it again")
+            return ObjectReplacedError(f"{target.url} was replaced during its download; load it again")
         return CheckpointWriteError(f"{what} of {target.url} failed: {code} (HTTP {status}) {message}")
     if isinstance(e, BotoCoreError):
         return CheckpointWriteError(f"{what} of {target.url} failed: {type(e).__name__}: {e}")
@@ -169,17 +171,31 @@ class S3Store:
         return int(head["ContentLength"]), head["ETag"]
 
     async def get_range(self, target: RemotePath, version: str, first: int, last: int, deadline: float) -> bytes:
-        response = await _call("GetObject", target, self.client.get_object(
-            Bucket=target.bucket, Key=target.key, Range=f"bytes={first}-{last}", IfMatch=version), deadline)
-        async with response["Body"] as stream:
-            return await _call("GetObject body", target, stream.read(), deadline)
+        _, body = await _call("GetObject", target, self._get_object(
+            target, Range=f"bytes={first}-{last}", IfMatch=version), deadline)
+        return body
 
     async def read_tail(self, target: RemotePath, nbytes: int, deadline: float) -> tuple[int, bytes]:
-        response = await _call("GetObject", target, self.client.get_object(
-            Bucket=target.bucket, Key=target.key, Range=f"bytes=-{nbytes}"), deadline)
-        size = int(response.get("ContentRange", "/0").rsplit("/", 1)[-1] or response["ContentLength"])
-        async with response["Body"] as stream:
-            return size, await _call("GetObject body", target, stream.read(), deadline)
+        response, body = await _call("GetObject", target, self._get_object(target, Range=f"bytes=-{nbytes}"),
+                                     deadline)
+        return int(response.get("ContentRange", "/0").rsplit("/", 1)[-1] or response["ContentLength"]), body
+
+    async def _get_object(self, target: RemotePath, **kwargs: Any) -> tuple[dict, bytes]:
+        """A GetObject and its whole body, the pair repeated when the body stalls past the read timeout or the
+        connection drops mid-body (``config.max_attempts`` in all; botocore's own retries end with the headers,
+        before the body is read). The caller's ``_call`` bounds it all by the deadline."""
+        for attempt in range(1, self.config.max_attempts + 1):
+            response = await self.client.get_object(Bucket=target.bucket, Key=target.key, **kwargs)
+            try:
+                async with response["Body"] as stream:
+                    return response, await stream.read()
+            except Exception as e:  # noqa: BLE001 - any failure mid-body: a timeout, a reset, a short read
+                if attempt == self.config.max_attempts:
+                    raise
+                log.warning("the body of GetObject %s failed (%s: %s); retrying (attempt %d of %d)", target.url,
+                            type(e).__name__, e, attempt + 1, self.config.max_attempts)
+                await asyncio.sleep(min(_BODY_BACKOFF_MAX_SECS, 0.1 * 2 ** attempt))
+        raise AssertionError("unreachable")
 
     async def copy(self, source: RemotePath, dest: RemotePath, deadline: float) -> None:
         size, _ = await self.head(source, deadline)

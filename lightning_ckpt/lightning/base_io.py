@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import time
 import warnings
 from concurrent.futures import Future
@@ -12,6 +14,7 @@ from typing import Any, Literal, Optional
 
 import torch
 from lightning.fabric.plugins.io import CheckpointIO
+from lightning.pytorch.trainer.states import TrainerStatus
 from typing_extensions import override
 
 from lightning_ckpt import commit, paths, remote_files
@@ -22,8 +25,8 @@ from lightning_ckpt.checkpointer import SyncCheckpointer
 from lightning_ckpt.checkpoint_writer import WriterHook
 from lightning_ckpt.config import CheckpointerConfig
 from lightning_ckpt.errors import CheckpointWriteError
-from lightning_ckpt.futures import completed_future
-from lightning_ckpt.lightning.binding import StrategyBarrier, TrainerBinding
+from lightning_ckpt.futures import completed_future, peek_exception
+from lightning_ckpt.lightning.binding import StrategyBarrier, TrainerBinding, calling_trainer
 from lightning_ckpt.lightning.ledger import SaveLedger, wait_in_process
 from lightning_ckpt.lightning.plugin_config import coerce_config
 from lightning_ckpt.lightning.snapshot_window import SnapshotWindow
@@ -71,8 +74,9 @@ class LightningCkptIO(CheckpointIO):
     Remote paths (``s3://bucket/run/x.ckpt``): the checkpoint is committed in the local cache
     (``$LIGHTNING_CKPT_CACHE_DIR``, default ``~/.cache/lightning_ckpt``), then the writer uploads it with a multipart
     upload whose completion is the commit; the save counts as done (removals, ``last.ckpt``, ``load``) only then.
-    A remote save of the same step and unchanged weights as the previous remote save (ModelCheckpoint's
-    ``save_last=True``) becomes a server-side copy of that object once it is complete, never a second upload.
+    ModelCheckpoint's ``save_last=True`` save of the very checkpoint it has just uploaded (same step, the whole
+    checkpoint unchanged) becomes a server-side copy of that object once it is complete, never a second upload;
+    every other remote save is uploaded.
     With ``RemoteConfig(stream_from_staging=True)`` nothing is written locally: the parts are serialized from the
     staging memory into the upload, which holds that memory until the upload completes.
 
@@ -93,7 +97,7 @@ class LightningCkptIO(CheckpointIO):
         self.commit_hook = commit_hook
         self.storage_options = dict(storage_options or {})
         self.remote_config = remote_config if remote_config is not None else RemoteConfig()
-        self._last_remote: tuple | None = None  # (step, weights fingerprint, RemotePath) of the last upload
+        self._last_remote: _RemoteSave | None = None  # the last remote upload (for ModelCheckpoint's save_last)
         self.rank_info = RankInfo(0, 1)
         self.barrier: Barrier | None = None
         self.window = SnapshotWindow()
@@ -128,29 +132,42 @@ class LightningCkptIO(CheckpointIO):
         self._check_world()
         self.raise_pending_error()
         step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
-        local, after_commit = location, None
-        if isinstance(location, RemotePath):
-            if self._copy_instead(location, checkpoint, step):
+        local, after_commit, fingerprint = location, None, None
+        remote = isinstance(location, RemotePath)
+        commit_now = self.binding.commits_before_return(trainer, location.key if remote else location)
+        if remote:
+            if self._copy_instead(trainer, location, checkpoint, step, commit_now):
                 return
+            self._last_remote = None
+            if _save_last_callbacks(trainer):  # the next save may be its last.ckpt: a copy of this one
+                fingerprint = _checkpoint_fingerprint(checkpoint)
             local, after_commit = location.cache_path(), RemoteUpload(location, self.remote_config,
                                                                       self._remote_timeout())
         if after_commit is None or not self.remote_config.stream_from_staging:
             ensure_directory(local)  # a streamed upload writes nothing locally
-        commit_now = self.binding.commits_before_return(trainer, local)
         start = time.perf_counter()
+        # Deferred errors are raised later on every rank together: an earlier failure must not stop this save.
+        deferring = self.ledger.errors.deferred() if self._defer_errors else contextlib.nullcontext()
         try:
-            if commit_now:
-                stage_future, write_future = self._write_now(local, checkpoint, step, after_commit)
-            else:
-                stage_future, write_future = self._save(local, checkpoint, step, after_commit)
+            with deferring:
+                if commit_now:
+                    stage_future, write_future = self._write_now(local, checkpoint, step, after_commit)
+                else:
+                    stage_future, write_future = self._save(local, checkpoint, step, after_commit)
         except Exception as e:
-            if self.error_policy == "raise" and not self._defer_errors:
-                raise
-            self.ledger.record_error(e)
+            self._fail(e)
             return
-        if isinstance(location, RemotePath):
+        if remote:
             write_future.add_done_callback(lambda _: remote_files.forget_listings(location))
+            if fingerprint is not None and step is not None:
+                self._last_remote = _RemoteSave(location, step, fingerprint, write_future)
         self.ledger.add_save(location, step, stage_future, write_future, time.perf_counter() - start)
+
+    def _fail(self, error: Exception) -> None:
+        """A save that failed before ``save_checkpoint`` returned: raised (policy ``raise``), else kept."""
+        if self.error_policy == "raise" and not self._defer_errors:
+            raise error
+        self.ledger.record_error(error)
 
     @override
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None,
@@ -204,8 +221,11 @@ class LightningCkptIO(CheckpointIO):
         """Drain pending saves, run what waits on them, and raise a failed save once; idempotent, reusable after.
 
         Raises:
-            CheckpointError: a save failed and was not raised yet (``error_policy="raise"``).
+            CheckpointError: a save failed and was not raised yet (``error_policy="raise"``). When Lightning tears
+                down on the way out of another exception (``fit`` interrupted), that exception propagates instead,
+                with the failed save logged and added to its notes.
         """
+        trainer = calling_trainer(self) or self.binding.trainer
         self.window.close()
         for name in ("_checkpointer", "_writer"):
             checkpointer = getattr(self, name)
@@ -218,9 +238,16 @@ class LightningCkptIO(CheckpointIO):
             self.ledger.record_error(e)
         self.binding.flush(self.binding.trainer)
         self.ledger.run_main_thread_actions()
+        self.binding.note_teardown(trainer)
         error = self.ledger.take_error(all_=True)
-        if error is not None:
+        if error is None:
+            return
+        handled = _exception_being_handled(trainer)
+        if handled is None:
             raise error
+        # Lightning tears down on the way out of an exception (the user's, a Ctrl-C): that one propagates.
+        log.error("a checkpoint save failed while %s propagated: %s", type(handled).__name__, error)
+        handled.add_note(f"lightning_ckpt: a checkpoint save had also failed: {type(error).__name__}: {error}")
 
     def wait_for_saves(self, path: Any = None) -> None:
         """Block until every pending save (of ``path``) is committed or failed; errors stay pending.
@@ -268,17 +295,32 @@ class LightningCkptIO(CheckpointIO):
     def _remote_timeout(self) -> float:
         return upload_timeout_secs(self.config.process_config.write_timeout_secs)
 
-    def _copy_instead(self, location: RemotePath, checkpoint: dict[str, Any], step: int | None) -> bool:
-        """A save of the same step and weights as the last upload becomes a server-side copy of it."""
-        fingerprint = _weights_fingerprint(checkpoint)
+    def _copy_instead(self, trainer: Any, location: RemotePath, checkpoint: dict[str, Any], step: int | None,
+                      commit_now: bool) -> bool:
+        """ModelCheckpoint's ``save_last=True`` save of the checkpoint it has just uploaded becomes a server-side
+        copy of that upload: only that case (nothing runs between the two saves, so not even a ``.data`` write
+        that no version counter sees can change the weights), and only if the whole checkpoint is the same (its
+        tensors the same objects at the same version, everything else equal; the callback's own
+        ``last_model_path`` aside, as with ``save_last="link"``). Outside the training loop the copy is made
+        before returning. Returns False (upload it) otherwise, or when the upload to copy failed."""
         last = self._last_remote
-        if (last is not None and step is not None and fingerprint is not None and last[:2] == (step, fingerprint)
-                and last[2] != location and last[2].bucket == location.bucket
-                and last[2].storage_options == location.storage_options):
-            self._request_copy(last[2], location)
+        if (last is None or step != last.step or last.location == location
+                or (last.location.bucket, last.location.storage_options) != (location.bucket,
+                                                                             location.storage_options)
+                or last.failed() or not _is_save_last_of(trainer, location, last.location)
+                or _checkpoint_fingerprint(checkpoint) != last.fingerprint):
+            return False
+        if not commit_now:
+            self._request_copy(last.location, location)  # once the upload commits; skipped if it fails
             return True
-        self._last_remote = (step, fingerprint, location)
-        return False
+        self.ledger.wait(self.config.wait_timeout_secs)  # like _write_now: after the saves already pending
+        if last.failed():
+            return False
+        try:
+            remote_files.copy(last.location, location, self.remote_config, self._remote_timeout())
+        except Exception as e:
+            self._fail(_copy_error(last.location, location, e))
+        return True
 
     def _request_copy(self, source: paths.Location, dest: paths.Location) -> None:
         if not (isinstance(source, RemotePath) and isinstance(dest, RemotePath)):
@@ -288,9 +330,7 @@ class LightningCkptIO(CheckpointIO):
             try:
                 remote_files.copy(source, dest, self.remote_config, self._remote_timeout())
             except Exception as e:  # noqa: BLE001 - raised at the next step like a failed save
-                error = CheckpointWriteError(f"server-side copy of {source} to {dest} failed: {e}")
-                error.__cause__ = e
-                self.ledger.record_error(error)
+                self.ledger.record_error(_copy_error(source, dest, e))
 
         self.ledger.request_link(source, dest, make_link=copy)
 
@@ -348,12 +388,86 @@ class LightningCkptIO(CheckpointIO):
             )
 
 
-def _weights_fingerprint(checkpoint: Any) -> tuple | None:
-    """Identity and version of every tensor in ``checkpoint["state_dict"]``: equal means unchanged weights."""
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not state:
+@dataclasses.dataclass(frozen=True)
+class _RemoteSave:
+    """The last remote upload a ``save_last`` save may copy: where, its step, what it held, and its outcome."""
+
+    location: RemotePath
+    step: int
+    fingerprint: tuple
+    write_future: Future
+
+    def failed(self) -> bool:
+        return self.write_future.done() and peek_exception(self.write_future) is not None
+
+
+def _copy_error(source: RemotePath, dest: RemotePath, e: Exception) -> CheckpointWriteError:
+    error = CheckpointWriteError(f"server-side copy of {source} to {dest} failed: {e}")
+    error.__cause__ = e
+    return error
+
+
+def _exception_being_handled(trainer: Any) -> BaseException | None:
+    """The exception an interrupted ``trainer`` is tearing down for (Lightning calls teardown inside its
+    ``except`` clause), else None."""
+    if trainer is None or trainer.state.status != TrainerStatus.INTERRUPTED:
         return None
-    try:
-        return tuple((k, v.data_ptr(), v._version) for k, v in state.items() if isinstance(v, torch.Tensor))
-    except RuntimeError:  # tensors without storage (meta, some subclasses): never treated as unchanged
-        return None
+    return sys.exc_info()[1]
+
+
+def _save_last_callbacks(trainer: Any) -> list:
+    """``trainer``'s ModelCheckpoints that save a last checkpoint (none without a trainer)."""
+    if trainer is None:
+        return []
+    return [c for c in getattr(trainer, "checkpoint_callbacks", []) if getattr(c, "save_last", None)]
+
+
+def _is_save_last_of(trainer: Any, dest: RemotePath, source: RemotePath) -> bool:
+    """``dest`` is the last checkpoint a ModelCheckpoint is saving right after its save of ``source`` (Lightning
+    sets ``last_model_path`` before that save, ``_last_checkpoint_saved`` after the one before)."""
+    for callback in _save_last_callbacks(trainer):
+        try:
+            if (paths.path_key(callback.last_model_path) == dest.url
+                    and paths.path_key(getattr(callback, "_last_checkpoint_saved", None) or "") == source.url):
+                return True
+        except (TypeError, ValueError, ImportError):  # an unusual path: never a copy
+            continue
+    return False
+
+
+class _Identity:
+    """A value in a fingerprint that equals only the same object (held: its id is never reused meanwhile)."""
+
+    __slots__ = ("value",)
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.value is self.value
+
+
+def _checkpoint_fingerprint(checkpoint: Any) -> tuple:
+    """What makes two checkpoints the same: the whole tree, tensors by storage, layout and version (the same
+    objects, unchanged), plain values by value, anything else by identity (held, so its id is never reused).
+    ModelCheckpoint states' ``last_model_path`` is left out: the one field a ``save_last`` save changes."""
+    def walk(value: Any, in_callbacks: bool = False) -> Any:
+        if isinstance(value, torch.Tensor):
+            try:
+                return ("tensor", value.device.type, value.dtype, tuple(value.shape), value.stride(),
+                        value.data_ptr(), value._version, value.untyped_storage().nbytes())
+            except Exception:  # noqa: BLE001 - no storage (meta, DTensor and other subclasses): never the same
+                return _Identity(object())
+        if value is None or isinstance(value, (bool, int, float, str, bytes)):
+            return (type(value).__name__, value)
+        if isinstance(value, dict):
+            items = sorted(((repr(k), k) for k in value), key=lambda kv: kv[0])
+            return (type(value).__name__, tuple(
+                (r, walk(value[k], in_callbacks=in_callbacks or k == "callbacks" and value is checkpoint))
+                for r, k in items if not (in_callbacks and k == "last_model_path")))
+        if isinstance(value, (list, tuple)):
+            return (type(value).__name__, tuple(walk(v) for v in value))
+        return _Identity(value)
+
+    return walk(checkpoint)

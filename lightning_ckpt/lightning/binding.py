@@ -7,9 +7,9 @@ import os
 import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 
 if TYPE_CHECKING:
@@ -104,6 +104,7 @@ class TrainerBinding:
         self.saves: list[CompletedSave] = []
         self._trainer: Any = None  # weakref.ref to the bound trainer
         self._flushed_by_callback = False
+        self._torn_down_at: tuple | None = None  # where the bound trainer's loop stood at the plugin's teardown
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_trainer": None, "saves": []}
@@ -134,18 +135,30 @@ class TrainerBinding:
             self.bind(trainer)
         return trainer
 
-    @staticmethod
-    def commits_before_return(trainer: Any, path: str) -> bool:
+    def commits_before_return(self, trainer: Any, path: str) -> bool:
         """True when the caller may read ``path`` as soon as the save returns: a save through a Trainer outside
-        its running fit (after ``fit``, in ``on_exception``, a SLURM requeue save made right before the job dies),
-        or from a background thread (Lightning's own ``AsyncCheckpointIO`` wrapping ours). Inside the fit loop,
-        and for direct calls on the main thread (whoever holds the plugin waits with ``wait_for_saves``), the
-        save stays in flight."""
+        its running fit (after ``fit``, in ``on_exception``, in ``on_fit_end`` or a callback's ``teardown``,
+        which Lightning runs after the plugin's teardown, a SLURM requeue save made right before the job dies),
+        a save inside the fit from anything but a checkpoint callback (Lightning's ``Checkpoint``, e.g.
+        ModelCheckpoint) or AsyncCheckpointCallback (the user's callback or module may read the file next, as it
+        can with ``TorchCheckpointIO``), or from a background thread (Lightning's own ``AsyncCheckpointIO``
+        wrapping ours). Saves of those callbacks in the fit loop, and
+        direct calls on the main thread (whoever holds the plugin waits with ``wait_for_saves``), stay in
+        flight."""
         if trainer is None:
             return threading.current_thread() is not threading.main_thread()
         state = trainer.state
         in_loop = state.fn == TrainerFn.FITTING and state.status == TrainerStatus.RUNNING
+        if in_loop and self._torn_down_at is not None and self._torn_down_at == _loop_position(trainer):
+            in_loop = False  # still FITTING and RUNNING, but the plugin was torn down and nothing drains it
+        if in_loop and not _from_checkpoint_callback():
+            in_loop = False  # the user's code (their callback, the module) may read the file next, as with torch
         return not in_loop or bool(trainer.received_sigterm) or os.path.basename(path).startswith(HPC_PREFIX)
+
+    def note_teardown(self, trainer: Any) -> None:
+        """The plugin was torn down by ``trainer`` (None: not by a trainer): until its loop moves on (another
+        fit), saves commit before returning."""
+        self._torn_down_at = _loop_position(trainer) if trainer is not None else None
 
     def flush(self, trainer: Any) -> None:
         """Deferred logger calls and metrics of committed saves, on the training thread (rank 0 only)."""
@@ -156,8 +169,60 @@ class TrainerBinding:
         for done in ledger.pop_completed():
             self.saves.append(done)
             if trainer.logger is not None:
-                step = done.step if done.step is not None else trainer.global_step
-                trainer.logger.log_metrics(done.metrics(), step=step)
+                # At the step Lightning logs at now, never an older one (a commit lands steps after its save;
+                # loggers such as W&B drop steps that go back): the save's own step is a metric.
+                now = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+                metrics = done.metrics()
+                if done.step is not None:
+                    metrics["ckpt/step"] = float(done.step)
+                trainer.logger.log_metrics(metrics, step=max(now, done.step or 0))
+
+
+class CallbackPass(NamedTuple):
+    """A save's place in Lightning's callback loop (``_call_callback_hooks``): the hook, the callbacks that
+    loop runs, the one running now, and the id of the loop's frame (one per pass)."""
+
+    hook: str
+    callbacks: list
+    callback: Any
+    pass_id: int
+
+
+_PASS_FRAMES = 48  # from the plugin's save up to Lightning's callback loop (about 8 frames for ModelCheckpoint)
+
+
+def callback_pass() -> CallbackPass | None:
+    """Where the save being made now sits in Lightning's callback loop, or None outside any callback hook."""
+    from lightning.pytorch.trainer import call
+
+    loop_code = call._call_callback_hooks.__code__
+    frame = sys._getframe(1)
+    for _ in range(_PASS_FRAMES):
+        if frame is None:
+            return None
+        if frame.f_code is loop_code:
+            local = frame.f_locals
+            hook, callbacks = local.get("hook_name"), local.get("callbacks")
+            if not isinstance(hook, str) or not isinstance(callbacks, list) or "callback" not in local:
+                return None
+            return CallbackPass(hook, callbacks, local["callback"], id(frame))
+        frame = frame.f_back
+    return None
+
+
+def _from_checkpoint_callback() -> bool:
+    """True when the save being made now comes from the hook of a checkpoint callback (Lightning's
+    ``Checkpoint``: ModelCheckpoint and its kin) or of ours."""
+    from lightning_ckpt.lightning.callback import AsyncCheckpointCallback
+
+    site = callback_pass()
+    return site is not None and isinstance(site.callback, (Checkpoint, AsyncCheckpointCallback))
+
+
+def _loop_position(trainer: Any) -> tuple:
+    """Where ``trainer``'s fit loop stands: its batches and epochs started so far (moves with every batch)."""
+    loop = trainer.fit_loop
+    return id(trainer), loop.epoch_loop.batch_progress.total.ready, loop.epoch_progress.total.ready
 
 
 class _Flusher(Callback):

@@ -46,8 +46,9 @@ class AsyncCheckpointCallback(Callback):
     together instead of the others hanging in the next collective.
 
     Metrics: after each committed save (ours, ModelCheckpoint's, any through the plugin), ``ckpt/stall_ms``,
-    ``ckpt/write_secs``, ``ckpt/gb_per_s`` and ``ckpt/bytes`` are logged (logger ``lightning_ckpt.lightning`` and,
-    from rank 0 on the training thread, the trainer's logger at the save's step). ``saves`` keeps them.
+    ``ckpt/write_secs``, ``ckpt/gb_per_s``, ``ckpt/bytes`` and ``ckpt/step`` are logged (logger
+    ``lightning_ckpt.lightning`` and, from rank 0 on the training thread, the trainer's logger at the step it logs
+    at when the save lands, never an earlier one). ``saves`` keeps them.
 
     Args:
         dirpath: where its checkpoints go; default ``<default_root_dir>/checkpoints``.

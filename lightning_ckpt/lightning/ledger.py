@@ -56,7 +56,7 @@ class CompletedSave:
     stall_secs: float
 
     def metrics(self) -> dict[str, float]:
-        """What goes to the trainer's logger, at the save's step."""
+        """What goes to the trainer's logger (with ``ckpt/step``, at the step Lightning logs at when it lands)."""
         stats = self.stats
         return {
             "ckpt/stall_ms": self.stall_secs * 1e3,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable, Iterable
 
 import torch
 
+from lightning_ckpt.lightning.binding import callback_pass
 from lightning_ckpt.tree import map_leaves
 
 
@@ -65,7 +65,6 @@ class SnapshotWindow:
         return clone_aliasing(checkpoint, pointers, self._clones) if pointers else checkpoint
 
 
-_CALLER_FRAMES = 48  # from the plugin's save up to Lightning's callback loop (about 8 frames for ModelCheckpoint)
 # Lightning's callbacks that read the training state in their hooks and never write it (no save, no weight change).
 _OBSERVER_MODULES = ("lightning.pytorch.callbacks.progress", "lightning.pytorch.callbacks.lr_monitor",
                      "lightning.pytorch.callbacks.throughput_monitor", "lightning.pytorch.callbacks.device_stats_monitor",
@@ -79,31 +78,18 @@ def _callback_pass_site() -> tuple | None:
     ``group`` counts the callbacks before the saver that run code of the user's in this hook; None when the save
     does not come from Lightning's own checkpoint callbacks (ModelCheckpoint's or ours, hooks not overridden).
 
-    Two saves with one site are of the same pass, with only Lightning's and our code between them. The pass is
-    the ``_call_callback_hooks`` frame: a trusted saver saves at most once per step and hook (each skips a step
-    it saved), so the id of a frame reused by a later pass never meets the same step and hook again.
+    Two saves with one site are of the same pass, with only Lightning's and our code between them. A trusted
+    saver saves at most once per step and hook (each skips a step it saved), so the id of a loop frame reused by
+    a later pass never meets the same step and hook again.
     """
-    from lightning.pytorch.trainer import call
-
-    loop_code = call._call_callback_hooks.__code__
-    frame = sys._getframe(2)
-    for _ in range(_CALLER_FRAMES):
-        if frame is None:
-            return None
-        if frame.f_code is loop_code:
-            break
-        frame = frame.f_back
-    else:
-        return None
-    local = frame.f_locals
-    hook, callbacks, saver = local.get("hook_name"), local.get("callbacks"), local.get("callback")
-    if not isinstance(hook, str) or not isinstance(callbacks, list) or _role(saver, hook) != "saver":
+    site = callback_pass()
+    if site is None or _role(site.callback, site.hook) != "saver":
         return None
     group = 0
-    for callback in callbacks:
-        if callback is saver:
-            return hook, id(frame), group
-        group += _role(callback, hook) == "user"
+    for callback in site.callbacks:
+        if callback is site.callback:
+            return site.hook, site.pass_id, group
+        group += _role(callback, site.hook) == "user"
     return None
 
 

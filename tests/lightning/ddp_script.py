@@ -1,6 +1,8 @@
 """Run by test_ddp.py: a 2-rank CPU DDP fit (Lightning's ddp launcher re-executes this file for rank 1).
 
-Usage: python tests/lightning/ddp_script.py <dir> <ok|fail> [ddp|ddp_spawn]
+Usage: python tests/lightning/ddp_script.py <dir> <ok|fail|fail_alone> [ddp|ddp_spawn]
+
+``fail_alone``: the plugin without our callback, ModelCheckpoint saving every step, the save of step 2 failing.
 """
 
 from __future__ import annotations
@@ -27,17 +29,21 @@ class Report(Callback):
 def main() -> None:
     directory, mode = sys.argv[1], sys.argv[2]
     strategy = sys.argv[3] if len(sys.argv) > 3 else "ddp"  # ddp_spawn pickles the trainer, plugin and callback
-    hook = FailCommitHook("step=2") if mode == "fail" else None
-    trainer = pl.Trainer(
-        default_root_dir=directory, accelerator="cpu", devices=2, strategy=strategy, max_steps=4 if mode == "ok" else 40,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        plugins=[AsyncCheckpointIO(commit_hook=hook)],
-        callbacks=[
+    hook = FailCommitHook("step=2") if mode.startswith("fail") else None
+    if mode == "fail_alone":
+        callbacks = [Report(), ModelCheckpoint(dirpath=os.path.join(directory, "mc"), every_n_train_steps=1,
+                                               save_top_k=-1)]
+    else:
+        callbacks = [
             Report(),
             AsyncCheckpointCallback(dirpath=os.path.join(directory, "own"), every_n_train_steps=1, keep_last_k=2),
             ModelCheckpoint(dirpath=os.path.join(directory, "mc"), every_n_train_steps=1, save_top_k=1,
                             save_last="link"),
-        ],
+        ]
+    trainer = pl.Trainer(
+        default_root_dir=directory, accelerator="cpu", devices=2, strategy=strategy, max_steps={"ok": 4, "fail_alone": 6}.get(mode, 40),
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        plugins=[AsyncCheckpointIO(commit_hook=hook)], callbacks=callbacks,
     )
     trainer.fit(TinyModel(), loader(n=1024))
 

@@ -56,3 +56,14 @@ def test_ddp_failure_on_rank0_fails_both_ranks_quickly(tmp_path):
     files = helpers.final_files(tmp_path / "own")
     # the failed step 2 never appears; step 1 stays unless step 3 was committed before the ranks stopped
     assert "step=2.ckpt" not in files and ("step=1.ckpt" in files or "step=3.ckpt" in files), files
+
+
+def test_ddp_with_the_plugin_alone_keeps_saving_after_a_failed_save(tmp_path):
+    """Without the callback errors are deferred to teardown (raising on rank 0 alone would hang rank 1); a failed
+    save must not make every later save fail with it: steps 3-6 are written, step 2 is reported."""
+    proc, _ = _run(tmp_path, "fail_alone")
+    out = proc.stdout + proc.stderr
+    assert helpers.final_files(tmp_path / "mc") == [f"epoch=0-step={s}.ckpt" for s in (1, 3, 4, 5, 6)], out[-4000:]
+    assert "injected write failure" in out, out[-4000:]
+    assert proc.returncode != 0, out[-4000:]  # rank 0 raises the failed save from teardown
+    assert helpers.temp_files(tmp_path) == []

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
 from lightning_ckpt.errors import CheckpointWriteError
 from lightning_ckpt.lightning import AsyncCheckpointIO, SyncCheckpointIO
@@ -42,8 +42,9 @@ def test_direct_api_contract(cls, tmp_path):
     assert helpers.temp_files(tmp_path) == []
 
 
-class _InLoop(Callback):
-    """Runs ``script(trainer)`` in the first ``on_train_batch_end``: saves there stay in flight after returning."""
+class _InLoop(Checkpoint):
+    """Runs ``script(trainer)`` in the first ``on_train_batch_end``: a checkpoint callback's saves there stay in
+    flight after returning."""
 
     def __init__(self, script):
         self.script = script
@@ -57,7 +58,7 @@ class _InLoop(Callback):
 
 def _run_in_loop(tmp_path, plugin, script):
     probe = _InLoop(script)
-    helpers.trainer(tmp_path / "run", max_steps=1, plugins=[plugin], callbacks=[probe]).fit(
+    helpers.trainer(tmp_path / "run", max_steps=1, plugins=[plugin], callbacks=[probe], enable_checkpointing=True).fit(
         TinyModel(), helpers.loader())
     assert probe.ran
 

@@ -6,7 +6,8 @@ seen since the last ``DELETE /__log__``. A rule: ``{"op": "UploadPart", "key": "
 "skip": 0, "times": 1, "action": "error"|"delay"|"hang"|"drop", "status": 503, "code": "SlowDown", "secs": 1.0}``.
 "hang" (or "delay") waits ``secs`` before reading the request's body: a body larger than the socket buffers then
 stalls its sender on a full TCP window, as a store or proxy that stops reading would. "drop" reads the whole body,
-then closes the connection unanswered.
+then closes the connection unanswered. "stallbody" answers with the headers and the first half of the response
+body, waits ``secs``, then sends the rest (a store that pauses mid-download).
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class FaultInjector:
                 return _error(start_response, rule.get("status", 500), rule.get("code", "InternalError"))
             if action == "drop":
                 return _drop(environ)
+            if action == "stallbody":
+                return _stall_body(self.app(environ, start_response), float(rule.get("secs", HANG_MAX_SECS)))
             time.sleep(min(float(rule.get("secs", HANG_MAX_SECS)), HANG_MAX_SECS))
         return self.app(environ, start_response)
 
@@ -110,6 +113,13 @@ def _error(start_response, status: int, code: str):
             f"<Message>injected by the test server</Message></Error>").encode()
     start_response(f"{status} Injected", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
     return [body]
+
+
+def _stall_body(chunks, secs: float):
+    body = b"".join(chunks)
+    yield body[:len(body) // 2]
+    time.sleep(min(secs, HANG_MAX_SECS))
+    yield body[len(body) // 2:]
 
 
 def _drop(environ: dict):

@@ -113,11 +113,11 @@ def test_sigkill_of_the_trainer_alone_mid_upload_never_shows_a_partial_object(s3
 
 
 def _train(url: str, root: str) -> None:
-    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.callbacks import Checkpoint
 
     from tests.lightning.helpers import TinyModel, loader, trainer
 
-    class SaveThenWait(Callback):
+    class SaveThenWait(Checkpoint):  # a checkpoint callback's save in the loop stays in flight
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == 1:
                 trainer.save_checkpoint(url)  # inside the loop: returns once staged, the upload in flight
@@ -125,7 +125,8 @@ def _train(url: str, root: str) -> None:
                 time.sleep(WAIT_SECS)  # until the test's SIGKILL
                 sys.exit(3)
 
-    trainer(root, plugins=[AsyncCheckpointIO()], callbacks=[SaveThenWait()]).fit(TinyModel(), loader(n=64))
+    trainer(root, plugins=[AsyncCheckpointIO()], callbacks=[SaveThenWait()], enable_checkpointing=True).fit(
+        TinyModel(), loader(n=64))
 
 
 if __name__ == "__main__":
