@@ -24,11 +24,11 @@ from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpointer import SyncCheckpointer
 from lightning_ckpt.checkpoint_writer import WriterHook
 from lightning_ckpt.config import CheckpointerConfig
-from lightning_ckpt.errors import CheckpointWriteError
-from lightning_ckpt.futures import completed_future, peek_exception
+from lightning_ckpt.futures import completed_future
 from lightning_ckpt.lightning.binding import StrategyBarrier, TrainerBinding, calling_trainer
 from lightning_ckpt.lightning.ledger import SaveLedger, wait_in_process
 from lightning_ckpt.lightning.plugin_config import coerce_config
+from lightning_ckpt.lightning.remote_copy import SaveLastCopies
 from lightning_ckpt.lightning.snapshot_window import SnapshotWindow
 from lightning_ckpt.paths import RemotePath
 from lightning_ckpt.remote import RemoteConfig, RemoteUpload, upload_timeout_secs
@@ -97,7 +97,7 @@ class LightningCkptIO(CheckpointIO):
         self.commit_hook = commit_hook
         self.storage_options = dict(storage_options or {})
         self.remote_config = remote_config if remote_config is not None else RemoteConfig()
-        self._last_remote: _RemoteSave | None = None  # the last remote upload (for ModelCheckpoint's save_last)
+        self.save_last_copies = SaveLastCopies(self)  # remote save_last: a server-side copy, not an upload
         self.rank_info = RankInfo(0, 1)
         self.barrier: Barrier | None = None
         self.window = SnapshotWindow()
@@ -136,11 +136,9 @@ class LightningCkptIO(CheckpointIO):
         remote = isinstance(location, RemotePath)
         commit_now = self.binding.commits_before_return(trainer, location.key if remote else location)
         if remote:
-            if self._copy_instead(trainer, location, checkpoint, step, commit_now):
+            if self.save_last_copies.copy_instead(trainer, location, checkpoint, step, commit_now):
                 return
-            self._last_remote = None
-            if _save_last_callbacks(trainer):  # the next save may be its last.ckpt: a copy of this one
-                fingerprint = _checkpoint_fingerprint(checkpoint)
+            fingerprint = self.save_last_copies.before_upload(trainer, checkpoint)
             local, after_commit = location.cache_path(), RemoteUpload(location, self.remote_config,
                                                                       self._remote_timeout())
         if after_commit is None or not self.remote_config.stream_from_staging:
@@ -159,8 +157,7 @@ class LightningCkptIO(CheckpointIO):
             return
         if remote:
             write_future.add_done_callback(lambda _: remote_files.forget_listings(location))
-            if fingerprint is not None and step is not None:
-                self._last_remote = _RemoteSave(location, step, fingerprint, write_future)
+            self.save_last_copies.after_upload(location, step, fingerprint, write_future)
         self.ledger.add_save(location, step, stage_future, write_future, time.perf_counter() - start)
 
     def _fail(self, error: Exception) -> None:
@@ -277,7 +274,7 @@ class LightningCkptIO(CheckpointIO):
         remote store: a server-side copy). ModelCheckpoint's ``save_last="link"`` goes through here."""
         link, source = self._locate(linkpath, None), self._locate(target, None)
         if isinstance(link, RemotePath) or isinstance(source, RemotePath):
-            self._request_copy(source, link)
+            self.save_last_copies.request_copy(source, link)
             return
         self.ledger.request_link(source, link)
 
@@ -294,45 +291,6 @@ class LightningCkptIO(CheckpointIO):
 
     def _remote_timeout(self) -> float:
         return upload_timeout_secs(self.config.process_config.write_timeout_secs)
-
-    def _copy_instead(self, trainer: Any, location: RemotePath, checkpoint: dict[str, Any], step: int | None,
-                      commit_now: bool) -> bool:
-        """ModelCheckpoint's ``save_last=True`` save of the checkpoint it has just uploaded becomes a server-side
-        copy of that upload: only that case (nothing runs between the two saves, so not even a ``.data`` write
-        that no version counter sees can change the weights), and only if the whole checkpoint is the same (its
-        tensors the same objects at the same version, everything else equal; the callback's own
-        ``last_model_path`` aside, as with ``save_last="link"``). Outside the training loop the copy is made
-        before returning. Returns False (upload it) otherwise, or when the upload to copy failed."""
-        last = self._last_remote
-        if (last is None or step != last.step or last.location == location
-                or (last.location.bucket, last.location.storage_options) != (location.bucket,
-                                                                             location.storage_options)
-                or last.failed() or not _is_save_last_of(trainer, location, last.location)
-                or _checkpoint_fingerprint(checkpoint) != last.fingerprint):
-            return False
-        if not commit_now:
-            self._request_copy(last.location, location)  # once the upload commits; skipped if it fails
-            return True
-        self.ledger.wait(self.config.wait_timeout_secs)  # like _write_now: after the saves already pending
-        if last.failed():
-            return False
-        try:
-            remote_files.copy(last.location, location, self.remote_config, self._remote_timeout())
-        except Exception as e:
-            self._fail(_copy_error(last.location, location, e))
-        return True
-
-    def _request_copy(self, source: paths.Location, dest: paths.Location) -> None:
-        if not (isinstance(source, RemotePath) and isinstance(dest, RemotePath)):
-            raise ValueError(f"cannot link {dest} to {source}: both must be in one remote store, or both local")
-
-        def copy(*_: Any) -> None:
-            try:
-                remote_files.copy(source, dest, self.remote_config, self._remote_timeout())
-            except Exception as e:  # noqa: BLE001 - raised at the next step like a failed save
-                self.ledger.record_error(_copy_error(source, dest, e))
-
-        self.ledger.request_link(source, dest, make_link=copy)
 
     # ------------------------------------------------------------------ for subclasses
 
@@ -388,25 +346,6 @@ class LightningCkptIO(CheckpointIO):
             )
 
 
-@dataclasses.dataclass(frozen=True)
-class _RemoteSave:
-    """The last remote upload a ``save_last`` save may copy: where, its step, what it held, and its outcome."""
-
-    location: RemotePath
-    step: int
-    fingerprint: tuple
-    write_future: Future
-
-    def failed(self) -> bool:
-        return self.write_future.done() and peek_exception(self.write_future) is not None
-
-
-def _copy_error(source: RemotePath, dest: RemotePath, e: Exception) -> CheckpointWriteError:
-    error = CheckpointWriteError(f"server-side copy of {source} to {dest} failed: {e}")
-    error.__cause__ = e
-    return error
-
-
 def _exception_being_handled(trainer: Any) -> BaseException | None:
     """The exception an interrupted ``trainer`` is tearing down for (Lightning calls teardown inside its
     ``except`` clause), else None."""
@@ -414,60 +353,3 @@ def _exception_being_handled(trainer: Any) -> BaseException | None:
         return None
     return sys.exc_info()[1]
 
-
-def _save_last_callbacks(trainer: Any) -> list:
-    """``trainer``'s ModelCheckpoints that save a last checkpoint (none without a trainer)."""
-    if trainer is None:
-        return []
-    return [c for c in getattr(trainer, "checkpoint_callbacks", []) if getattr(c, "save_last", None)]
-
-
-def _is_save_last_of(trainer: Any, dest: RemotePath, source: RemotePath) -> bool:
-    """``dest`` is the last checkpoint a ModelCheckpoint is saving right after its save of ``source`` (Lightning
-    sets ``last_model_path`` before that save, ``_last_checkpoint_saved`` after the one before)."""
-    for callback in _save_last_callbacks(trainer):
-        try:
-            if (paths.path_key(callback.last_model_path) == dest.url
-                    and paths.path_key(getattr(callback, "_last_checkpoint_saved", None) or "") == source.url):
-                return True
-        except (TypeError, ValueError, ImportError):  # an unusual path: never a copy
-            continue
-    return False
-
-
-class _Identity:
-    """A value in a fingerprint that equals only the same object (held: its id is never reused meanwhile)."""
-
-    __slots__ = ("value",)
-    __hash__ = None  # type: ignore[assignment]
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Identity) and other.value is self.value
-
-
-def _checkpoint_fingerprint(checkpoint: Any) -> tuple:
-    """What makes two checkpoints the same: the whole tree, tensors by storage, layout and version (the same
-    objects, unchanged), plain values by value, anything else by identity (held, so its id is never reused).
-    ModelCheckpoint states' ``last_model_path`` is left out: the one field a ``save_last`` save changes."""
-    def walk(value: Any, in_callbacks: bool = False) -> Any:
-        if isinstance(value, torch.Tensor):
-            try:
-                return ("tensor", value.device.type, value.dtype, tuple(value.shape), value.stride(),
-                        value.data_ptr(), value._version, value.untyped_storage().nbytes())
-            except Exception:  # noqa: BLE001 - no storage (meta, DTensor and other subclasses): never the same
-                return _Identity(object())
-        if value is None or isinstance(value, (bool, int, float, str, bytes)):
-            return (type(value).__name__, value)
-        if isinstance(value, dict):
-            items = sorted(((repr(k), k) for k in value), key=lambda kv: kv[0])
-            return (type(value).__name__, tuple(
-                (r, walk(value[k], in_callbacks=in_callbacks or k == "callbacks" and value is checkpoint))
-                for r, k in items if not (in_callbacks and k == "last_model_path")))
-        if isinstance(value, (list, tuple)):
-            return (type(value).__name__, tuple(walk(v) for v in value))
-        return _Identity(value)
-
-    return walk(checkpoint)
