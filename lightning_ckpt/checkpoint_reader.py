@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -77,7 +78,9 @@ class CheckpointReader:
             path: a checkpoint directory (``checkpoint_<rank>.pt`` inside) or a checkpoint file; or a remote URL
                 (``s3://``; endpoint from ``AWS_ENDPOINT_URL`` and the like, or a ``paths.RemotePath`` with its
                 storage options): a directory's manifest names this rank's object, which is downloaded and read
-                like a local file.
+                like a local file; a verified partial read onto the CPU of an object of ours fetches only the
+                ranges the local partial read reads (ranged GETs of one version; ``last_read_stats`` is then a
+                ``remote_partial.RemoteReadStats`` with ``fetched_bytes``).
             state_dict: for a partial read, the keys to load, as torch's reader takes them: its tensors are
                 filled in place (dicts key by key, lists item by item), other leaves replaced; only those tensors'
                 bytes are read. None reads everything.
@@ -126,21 +129,35 @@ class CheckpointReader:
         record = _checked_record(source, verify)
         self.last_read_stats = None
         if _is_cpu(map_location):
-            fast = load_storages(source.opened, record, state_dict, weights_only, self.read_threads)
+            fast = self._read_storages(source, record, state_dict, weights_only)
             if fast is not None:
-                loaded, self.last_read_stats = fast
-                if state_dict is None:
-                    return loaded, []
-                return state_dict, _fill(state_dict, loaded, source.opened.path, None)
+                return fast
         return _read_with_torch_load(source.opened, record, state_dict, map_location, weights_only, verify)
+
+    def _read_storages(self, source: _Source, record: ChecksumRecord | None, state_dict: STATE_DICT | None,
+                       weights_only: bool) -> tuple[STATE_DICT, list[str]] | None:
+        """The CPU load of stored bytes (``load_storages``); None (nothing read, no target written) where
+        ``torch.load`` must read the file instead."""
+        fast = load_storages(source.opened, record, state_dict, weights_only, self.read_threads)
+        if fast is None:
+            return None
+        loaded, self.last_read_stats = fast
+        if state_dict is None:
+            return loaded, []
+        return state_dict, _fill(state_dict, loaded, source.opened.path, None)
 
     def _read_remote(self, location: Any, state_dict: STATE_DICT | None, map_location: Any,
                      weights_only: bool | None, verify: bool) -> tuple[STATE_DICT, list[str]]:
         """A remote checkpoint: download this rank's object (a directory's requires its manifest), then read the
-        download like a local file, checked against the manifest's size and digest."""
+        download like a local file, checked against the manifest's size and digest. A verified partial read onto
+        the CPU of an object of ours fetches only what the local partial read would read (``remote_partial``)."""
         from lightning_ckpt import remote_dirs
         from lightning_ckpt.commit import remove_path
 
+        if state_dict is not None and verify and _is_cpu(map_location):
+            partial = self._read_remote_partial(location, state_dict, weights_only)
+            if partial is not None:
+                return partial
         local, url, entry = remote_dirs.fetch_for_read(location, self.rank_info.global_rank)
         dir_fd = os.open(os.path.dirname(local), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -154,6 +171,33 @@ class CheckpointReader:
             return self._read_source(_Source(url, opened, entry), state_dict, map_location, weights_only, verify)
         finally:
             opened.close()
+
+    def _read_remote_partial(self, location: Any, state_dict: STATE_DICT, weights_only: bool | None,
+                             ) -> tuple[STATE_DICT, list[str]] | None:
+        """A partial read from a sparse copy of this rank's object (``remote_partial.fetch_partial``), read as a
+        local file is; ``last_read_stats`` is a ``RemoteReadStats``. None (no target written): the object is not
+        ours, or ``torch.load`` must read it: the caller downloads it whole."""
+        from lightning_ckpt import remote_dirs
+        from lightning_ckpt.remote_partial import RemoteReadStats, fetch_partial
+
+        copy, url, entry = remote_dirs.fetch_for_read(
+            location, self.rank_info.global_rank,
+            fetch=lambda target, config, timeout_secs: fetch_partial(target, state_dict, config, timeout_secs))
+        if copy is None:
+            return None
+        try:
+            if entry is not None:
+                check_size(copy, entry)
+            source = _Source(url, copy, entry)
+            weights_only = resolve_weights_only(weights_only)
+            read = self._read_storages(source, _checked_record(source, True), state_dict, weights_only)
+        finally:
+            copy.close()
+        if read is not None:
+            fetched_bytes, fetch_requests = copy.fetched
+            self.last_read_stats = RemoteReadStats(**dataclasses.asdict(self.last_read_stats),
+                                                   fetched_bytes=fetched_bytes, fetch_requests=fetch_requests)
+        return read
 
 
 def _identity(path: str) -> tuple[int, int] | None:
@@ -236,13 +280,21 @@ def _manifest_entry(path: str, dir_fd: int, names: set[str], rank: int) -> tuple
 
 def open_rank_file(path: str, dir_fd: int, name: str, entry: dict) -> OpenedFile:
     opened = OpenedFile(os.path.join(path, name), dir_fd=dir_fd, name=name)
-    if opened.size != entry["nbytes"]:
+    try:
+        check_size(opened, entry)
+    except CorruptCheckpointError:
         opened.close()
+        raise
+    return opened
+
+
+def check_size(opened: OpenedFile, entry: dict) -> None:
+    """Raise CorruptCheckpointError unless ``opened`` is as large as its manifest ``entry`` says."""
+    if opened.size != entry["nbytes"]:
         raise CorruptCheckpointError(
             f"corrupt checkpoint {opened.path}: size {opened.size} bytes, manifest says {entry['nbytes']}",
             path=opened.path, expected=str(entry["nbytes"]), actual=str(opened.size),
         )
-    return opened
 
 
 def open_unmanifested(path: str, dir_fd: int, names: set[str], rank: int) -> OpenedFile:

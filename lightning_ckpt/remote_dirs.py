@@ -226,26 +226,35 @@ def _whole(file: Any) -> bytes:
 
 
 def fetch_for_read(location: RemotePath, rank: int, config: RemoteConfig | None = None,
-                   timeout_secs: float = remote_files.LOOKUP_TIMEOUT_SECS) -> tuple[str, str, dict | None]:
-    """Download what rank ``rank`` reads of the remote checkpoint at ``location`` into the local cache.
+                   timeout_secs: float = remote_files.LOOKUP_TIMEOUT_SECS,
+                   fetch: Callable[[RemotePath, RemoteConfig, float], Any] | None = None,
+                   ) -> tuple[Any, str, dict | None]:
+    """Fetch what rank ``rank`` reads of the remote checkpoint at ``location``: by default, download it into the
+    local cache.
+
+    Args:
+        fetch: ``(object, config, timeout_secs) -> fetched`` instead of the download (``remote_partial``: only
+            some ranges); it raises FileNotFoundError for a missing object.
 
     Returns:
-        ``(local file, URL of the object, manifest entry)``: a directory's rank object with its manifest entry
-        (``nbytes``, ``data_pkl_xxh3``), or a single object with None. The caller removes the local file.
+        ``(fetched, URL of the object, manifest entry)``: a directory's rank object with its manifest entry
+        (``nbytes``, ``data_pkl_xxh3``), or a single object with None; ``fetched`` is by default the local file,
+        which the caller removes.
 
     Raises:
         FileNotFoundError: nothing at ``location``.
         IncompleteCheckpointError: objects under ``location`` but no manifest, or no object for this rank.
     """
     config = config or RemoteConfig()
+    fetch = fetch or _download
     for attempt in range(_READ_ATTEMPTS):
         manifest = read_manifest(location, config, timeout_secs)
         if manifest is None:
-            return _fetch_single(location, config, timeout_secs)
+            return _fetch_single(location, config, timeout_secs, fetch)
         name = _rank_entry(manifest, location, rank)
         target = location.child(name)
         try:
-            local = remote_files.download(target, target.cache_path("download"), config, timeout_secs)
+            fetched = fetch(target, config, timeout_secs)
         except FileNotFoundError:
             again = read_manifest(location, config, timeout_secs)
             if again is not None and again.files != manifest.files and attempt + 1 < _READ_ATTEMPTS:
@@ -254,8 +263,12 @@ def fetch_for_read(location: RemotePath, rank: int, config: RemoteConfig | None 
             raise IncompleteCheckpointError(
                 f"incomplete checkpoint: {location.url} lacks {name}, which its manifest lists") from None
         entry = manifest.files[name]
-        return local, target.url, {"nbytes": entry.nbytes, "data_pkl_xxh3": entry.data_pkl_xxh3}
+        return fetched, target.url, {"nbytes": entry.nbytes, "data_pkl_xxh3": entry.data_pkl_xxh3}
     raise AssertionError("unreachable")
+
+
+def _download(target: RemotePath, config: RemoteConfig, timeout_secs: float) -> str:
+    return remote_files.download(target, target.cache_path("download"), config, timeout_secs)
 
 
 def _rank_entry(manifest: Manifest, location: RemotePath, rank: int) -> str:
@@ -268,10 +281,10 @@ def _rank_entry(manifest: Manifest, location: RemotePath, rank: int) -> str:
                                     f"(manifest lists {sorted(manifest.files)})")
 
 
-def _fetch_single(location: RemotePath, config: RemoteConfig, timeout_secs: float) -> tuple[str, str, None]:
+def _fetch_single(location: RemotePath, config: RemoteConfig, timeout_secs: float,
+                  fetch: Callable[[RemotePath, RemoteConfig, float], Any]) -> tuple[Any, str, None]:
     try:
-        return remote_files.download(location, location.cache_path("download"), config, timeout_secs), \
-            location.url, None
+        return fetch(location, config, timeout_secs), location.url, None
     except FileNotFoundError:
         if remote.list_tree(location, config, timeout_secs):
             raise IncompleteCheckpointError(

@@ -1,5 +1,5 @@
-"""Operations on committed remote checkpoints (any store of ``remote.STORES``): ranged parallel download, tail read,
-server-side copy, delete, list, one-request put."""
+"""Operations on committed remote checkpoints (any store of ``remote.STORES``): ranged parallel download, ranged
+reads of some byte ranges of one version, tail read, server-side copy, delete, list, one-request put."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 from lightning_ckpt.commit import Commit, remove_path
 from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
@@ -27,6 +28,7 @@ LOOKUP_TIMEOUT_SECS = 300.0  # listing and checking checkpoints to resume from
 TAIL_BYTES = 1 << 20  # holds the checksum record and the zip's central directory of up to ~10k tensors
 _TAIL_ROUNDS = 4  # fetches of an object's end: the first, then from where a read reached before it (twice for a zip)
 _READ_ATTEMPTS = 3  # downloads of an object replaced while it is read
+_MERGE_GAP_BYTES = 64 << 10  # ranges closer than this are fetched as one GET (a round trip costs more)
 # What the bytes say about an object that is not a checkpoint of ours (a store that cannot be read is not that).
 NOT_A_CHECKPOINT = (ValueError, CorruptCheckpointError, IncompleteCheckpointError)
 
@@ -153,19 +155,130 @@ def read_from_tail(target: RemotePath, parse: Callable[[Any], Any], config: Remo
         FileNotFoundError: no such object. CheckpointError: still reading before the fetched bytes after
             ``_TAIL_ROUNDS`` fetches (the object kept changing), or the store refused.
     """
+    return run(_read_from_tail, target, parse, config, timeout_secs)
+
+
+async def _read_from_tail(target: RemotePath, parse: Callable[[Any], Any], config: RemoteConfig,
+                          timeout_secs: float) -> Any:
+    deadline = time.monotonic() + timeout_secs
+    async with _client(target, config, timeout_secs) as store:
+
+        async def read(nbytes: int) -> tuple[int, bytes] | None:
+            try:
+                return await store.read_tail(target, nbytes, deadline)
+            except ObjectReplacedError:  # between a GCS HEAD and its GET: read the new version
+                return None
+
+        parsed, _, _ = await _parse_tail(read, parse, target.url)
+        return parsed
+
+
+async def _parse_tail(read: Callable[[int], Awaitable[tuple[int, bytes] | None]], parse: Callable[[Any], Any],
+                      url: str) -> tuple[Any, int, bytes]:
+    """``(parse(tail), object size, tail bytes)``: the tail read reads the object's size and its last ``nbytes``
+    (None: the object was replaced in between; read again), from further back while ``parse`` reads before it."""
     nbytes = TAIL_BYTES
     for _ in range(_TAIL_ROUNDS):
-        try:
-            size, data = read_tail(target, nbytes, config, timeout_secs)
-        except ObjectReplacedError:  # between a GCS HEAD and its GET: read the new version
+        got = await read(nbytes)
+        if got is None:
             continue
+        size, data = got
         try:
-            return parse(_Tail(size, data))
+            return parse(_Tail(size, data)), size, data
         except _BeforeTail as e:
             if len(data) >= size:  # cannot happen for one version: the object changed between the reads
-                raise CheckpointError(f"{target.url} changed while its end was read; read it again") from e
+                raise CheckpointError(f"{url} changed while its end was read; read it again") from e
             nbytes = size - e.offset
-    raise CheckpointError(f"{target.url}: its end kept changing over {_TAIL_ROUNDS} reads; read it again")
+    raise CheckpointError(f"{url}: its end kept changing over {_TAIL_ROUNDS} reads; read it again")
+
+
+@dataclass
+class RangesRead:
+    """What ``read_ranges`` fetched of one version of an object: its size, ``plan``'s result, and the bytes
+    fetched (tails included, of every attempt) in how many requests (HEADs and GETs)."""
+
+    size: int
+    planned: Any
+    fetched_bytes: int = 0
+    requests: int = 0
+
+
+def read_ranges(target: RemotePath, plan: Callable[[Any], tuple[Any, list[tuple[int, int]] | None]], fd: int,
+                config: RemoteConfig, timeout_secs: float) -> RangesRead:
+    """Fetch some byte ranges of one version of ``target`` into the local file ``fd`` (at their own offsets, the
+    file as long as the object; what is not fetched reads as zeros).
+
+    ``plan(tail)`` gets the object's end as a seekable file (as ``read_from_tail``'s ``parse``; ``tail.start``:
+    the offset its fetched bytes begin at) and returns
+    ``(planned, ranges)``: ``ranges`` are ``(offset, length)`` pairs to fetch, None to fetch nothing (then the
+    tail is not written either). Adjacent or nearby ranges are fetched as one, large ones in parts of
+    ``config.part_size_bytes``, ``config.max_concurrency`` GETs at once, all of the version the HEAD named; an
+    object replaced meanwhile is read again from its HEAD (the new version), ``_READ_ATTEMPTS`` times at most,
+    as ``download`` does.
+
+    Raises:
+        FileNotFoundError: no such object. CheckpointError: the object kept changing, or the store refused.
+    """
+    return run(_read_ranges, target, plan, fd, config, timeout_secs)
+
+
+async def _read_ranges(target: RemotePath, plan: Callable[[Any], Any], fd: int, config: RemoteConfig,
+                       timeout_secs: float) -> RangesRead:
+    deadline = time.monotonic() + timeout_secs
+    async with _client(target, config, timeout_secs) as store:
+        done = RangesRead(0, None)  # counts what every attempt fetched
+        for attempt in range(1, _READ_ATTEMPTS + 1):
+            size, version = await store.head(target, deadline)
+            done.size = size
+            done.requests += 1
+
+            async def read(nbytes: int) -> tuple[int, bytes]:
+                data = b"" if size == 0 else await store.get_range(target, version, max(0, size - nbytes),
+                                                                   size - 1, deadline)
+                done.fetched_bytes += len(data)
+                done.requests += 1
+                return size, data
+
+            try:
+                (done.planned, ranges), _, tail = await _parse_tail(read, plan, target.url)
+                if ranges is None:
+                    return done
+                os.ftruncate(fd, 0)  # nothing of a version read before stays
+                os.ftruncate(fd, size)
+                os.pwrite(fd, tail, size - len(tail))
+                limit = asyncio.Semaphore(config.max_concurrency)
+                pieces = _pieces(_coalesce(ranges, size - len(tail)), config.part_size_bytes)
+                if pieces:
+                    await _gather_or_cancel([_get_range(store, target, version, fd, first, last, limit, deadline)
+                                             for first, last in pieces])
+                done.fetched_bytes += sum(last - first + 1 for first, last in pieces)
+                done.requests += len(pieces)
+                return done
+            except ObjectReplacedError:
+                if attempt == _READ_ATTEMPTS:
+                    raise
+                log.info("%s was replaced while its ranges were read; reading the new version", target.url)
+    raise AssertionError("unreachable")
+
+
+def _coalesce(ranges: list[tuple[int, int]], fetched_from: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` ranges as sorted ``[first, end)`` spans, those less than ``_MERGE_GAP_BYTES`` apart
+    merged, less what lies at or after ``fetched_from`` (the tail, fetched already)."""
+    merged: list[list[int]] = []
+    for offset, length in sorted(ranges):
+        end = min(offset + length, fetched_from)
+        if end <= offset:
+            continue
+        if merged and offset <= merged[-1][1] + _MERGE_GAP_BYTES:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([offset, end])
+    return [(first, end) for first, end in merged]
+
+
+def _pieces(spans: list[tuple[int, int]], part_bytes: int) -> list[tuple[int, int]]:
+    """``[first, end)`` spans as inclusive ``(first, last)`` GET ranges of at most ``part_bytes`` each."""
+    return [(off, min(end, off + part_bytes) - 1) for first, end in spans for off in range(first, end, part_bytes)]
 
 
 def list_checkpoints(directory: RemotePath) -> list[RemoteObject]:
@@ -204,16 +317,6 @@ def is_complete(target: RemotePath, verify: bool = False) -> bool:
         log.warning("skipping %s: not a complete checkpoint (%s)", target.url, e)
         return False
     return True
-
-
-def read_tail(target: RemotePath, nbytes: int, config: RemoteConfig, timeout_secs: float) -> tuple[int, bytes]:
-    """The object's size and its last ``nbytes`` bytes (one ranged GET)."""
-    return run(_read_tail, target, nbytes, config, timeout_secs)
-
-
-async def _read_tail(target: RemotePath, nbytes: int, config: RemoteConfig, timeout_secs: float) -> tuple[int, bytes]:
-    async with _client(target, config, timeout_secs) as store:
-        return await store.read_tail(target, nbytes, time.monotonic() + timeout_secs)
 
 
 def copy(source: RemotePath, dest: RemotePath, config: RemoteConfig, timeout_secs: float) -> None:
