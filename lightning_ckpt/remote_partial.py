@@ -16,8 +16,8 @@ from lightning_ckpt.manifest import ChecksumRecord
 from lightning_ckpt.paths import RemotePath
 from lightning_ckpt.read_engine import ReadStats
 from lightning_ckpt.remote import RemoteConfig
-from lightning_ckpt.storage_load import _wanted
-from lightning_ckpt.torch_zip import _central_entries, read_record
+from lightning_ckpt.storage_load import wanted_storages
+from lightning_ckpt.torch_zip import central_entries, read_record
 from lightning_ckpt.verification import OpenedFile
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def fetch_partial(target: RemotePath, state_dict: dict, config: RemoteConfig, ti
     """The sparse copy of ``target`` that a partial read of ``state_dict``'s keys needs, or None where a full
     download must do instead: not an object of ours (no checksum record, compressed records, a zip whose records
     are not where its directory implies). The records are chosen as the local partial read chooses them
-    (``storage_load._wanted``); their checksums are checked when the copy is read, as for a local file.
+    (``storage_load.wanted_storages``); their checksums are checked when the copy is read, as for a local file.
 
     Raises:
         FileNotFoundError: no such object. CheckpointError: the object kept changing, or the store refused.
@@ -102,7 +102,7 @@ def _plan(tail: Any, state_dict: dict, url: str) -> _Plan | None:
     """From the object's tail (``remote_files.read_ranges``'s ``plan`` file; ``tail.start``: where its bytes
     begin): the records to fetch, or None when the object is not ours."""
     try:
-        entries = _central_entries(tail)
+        entries = central_entries(tail)
         payload = None if entries is None else read_record(tail, layout.CHECKSUM_RECORD)
         if payload is None:
             return None
@@ -115,7 +115,7 @@ def _plan(tail: Any, state_dict: dict, url: str) -> _Plan | None:
         return None
     spans, header_at = located
     storage_spans = {name[len("data/"):]: span for name, span in spans.items() if name.startswith("data/")}
-    needed = [f"data/{key}" for key in _wanted(state_dict, record, storage_spans)]
+    needed = [f"data/{key}" for key in wanted_storages(state_dict, record, storage_spans)]
     needed += [name for name in _ALWAYS_READ if name in spans]
     return _Plan(spans, {name: header_at[name] for name in needed})
 

@@ -75,7 +75,7 @@ def load_storages(opened: OpenedFile, record: ChecksumRecord | None, state_dict:
     if spans is None or (state_dict is not None and record is None):
         return None
     storage_spans = {name[len("data/"):]: span for name, span in spans.items() if name.startswith("data/")}
-    wanted = storage_spans if state_dict is None else _wanted(state_dict, record, storage_spans)
+    wanted = storage_spans if state_dict is None else wanted_storages(state_dict, record, storage_spans)
     checks = [] if record is None else _checks(record, wanted)
     meta = frozenset(storage_spans.keys() - wanted.keys())
     into = {} if state_dict is None else _destinations(state_dict, record, wanted)
@@ -117,7 +117,7 @@ def _spans(opened: OpenedFile) -> dict[str, tuple[int, int]] | None:
     return spans
 
 
-def _wanted(state_dict: dict, record: ChecksumRecord, storage_spans: dict) -> dict[str, tuple[int, int]]:
+def wanted_storages(state_dict: dict, record: ChecksumRecord, storage_spans: dict) -> dict[str, tuple[int, int]]:
     """The storages a partial read needs: those under a requested leaf, and any that no key path reaches."""
     requested = set(_requested_paths(state_dict, ()))
     reached: set[str] = set()
@@ -130,7 +130,8 @@ def _wanted(state_dict: dict, record: ChecksumRecord, storage_spans: dict) -> di
 
 
 def _requested_leaves(target: Any, prefix: tuple) -> Any:
-    """``(key path, leaf)`` of the requested leaves, through dicts, lists and tuples (as ``_fill`` fills them)."""
+    """``(key path, leaf)`` of the requested leaves, through dicts, lists and tuples (as
+    ``partial_read.fill_targets`` fills them)."""
     if isinstance(target, dict):
         for k, v in target.items():
             yield from _requested_leaves(v, prefix + (json_key(k),))
@@ -177,8 +178,9 @@ def _laid_out_as(loaded: Any, state_dict: dict, record: ChecksumRecord, into: di
 
 
 def _requested_paths(target: Any, prefix: tuple) -> Any:
-    """Key paths of what a partial read reads: dicts select their keys; a list or tuple is read whole (``_fill``
-    fills the target's items and takes the file's items past the target's end, as torch's reader does)."""
+    """Key paths of what a partial read reads: dicts select their keys; a list or tuple is read whole
+    (``partial_read.fill_targets`` fills the target's items and takes the file's items past the target's end, as
+    torch's reader does)."""
     if not isinstance(target, dict):
         yield prefix
         return

@@ -255,7 +255,7 @@ def _stored_spans(f: BinaryIO, names: set[str] | None) -> dict[str, tuple[int, i
     Returns None for anything unusual (a compressed or encrypted record, a multi-disk or damaged directory): the
     caller then reads the file through zipfile, which names what is wrong.
     """
-    entries = _central_entries(f)
+    entries = central_entries(f)
     if entries is None:
         return None
     wanted = [(name.split("/", 1)[-1], offset, size) for name, offset, size in entries
@@ -280,7 +280,7 @@ def _stored_spans(f: BinaryIO, names: set[str] | None) -> dict[str, tuple[int, i
     return {name: spans[name] for name, _, _ in wanted}  # the directory's order, as zipfile gives it
 
 
-def _central_entries(f: BinaryIO) -> list[tuple[str, int, int]] | None:
+def central_entries(f: BinaryIO) -> list[tuple[str, int, int]] | None:
     """``(name, local header offset, size)`` of every stored record, in directory order; None if unusual."""
     end = f.seek(0, os.SEEK_END)
     tail_len = min(end, 22 + 0xFFFF)
