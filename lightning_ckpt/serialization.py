@@ -74,11 +74,52 @@ class StorageLayout:
     Attributes:
         storages: one tensor per storage, covering it whole (its dtype is the storage's).
         members: ``id(tensor) -> (storage index, storage offset in elements, shape tuple)`` for every such
-            tensor; each is a plain ``torch.Tensor`` of that dtype without Python state, alive while pickling.
+            tensor; each is of that dtype, ``pickles_as_view`` and alive while pickling (its strides are its own).
     """
 
     storages: list[torch.Tensor]
     members: dict[int, tuple[int, int, tuple]]
+
+
+def pickles_as_view(t: torch.Tensor) -> bool:
+    """Whether ``torch.save`` writes ``t`` as a bare view of its storage (``_rebuild_tensor_v2`` without metadata): a
+    plain ``torch.Tensor`` without requires_grad, Python state or conj/neg bit. Only such tensors may be members of a
+    ``StorageLayout``; any other goes through torch's own reduction: in a synchronous write the caller's tensor, in a
+    staged one its copy made the same kind of tensor (``as_kind_of``), so both write what torch.save does."""
+    return type(t) is _TENSOR and not (t.requires_grad or t.__dict__ or _tensor_metadata(t))
+
+
+_TENSOR = torch.Tensor
+_tensor_metadata = torch._C._get_tensor_metadata  # what torch.save writes beside a tensor: its conj/neg bits
+
+
+def has_bits(t: torch.Tensor) -> bool:
+    """Whether ``t`` has a conj or neg bit (written by ``torch.save`` beside its bytes)."""
+    return bool(_tensor_metadata(t))
+
+
+def raw_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its conj/neg bits: a view of the same bytes, which is what staging copies (``torch.save`` too
+    writes the bytes as they are, with the bits beside them)."""
+    if t.is_conj():
+        t = t.conj()
+    if t.is_neg():
+        t = torch._neg_view(t)
+    return t
+
+
+def as_kind_of(copy: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """A new tensor on ``copy``'s memory (staging's copy of ``leaf``'s raw bytes) that is the kind of tensor ``leaf``
+    is, as ``torch.load`` rebuilds it: its type (``nn.Parameter``, a subclass), requires_grad, conj/neg bits and
+    Python state (attributes shared with ``leaf``, as a shallow copy)."""
+    out = torch.Tensor._make_subclass(type(leaf), copy, leaf.requires_grad)
+    metadata = torch._utils.get_tensor_metadata(leaf)
+    if metadata:
+        torch._utils.set_tensor_metadata(out, metadata)
+    state = torch._utils._get_obj_state(leaf)
+    if state:
+        torch._utils._set_obj_state(out, state)
+    return out
 
 
 class _StorageRef:
