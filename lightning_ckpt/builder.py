@@ -68,6 +68,7 @@ def make_async_checkpointer(config: CheckpointerConfig | None = None, rank_info:
     every rank, from the main thread).
     """
     config = config or CheckpointerConfig()
+    config.check_async("make_async_checkpointer")
     rank_info = rank_info or RankInfo.from_env()
     barrier_config = _async_barrier_config(config.barrier_config, rank_info)
     if checkpoint_writer_init_fn is None:

@@ -93,9 +93,15 @@ def _format(info: dict[str, Any]) -> str:
 
 
 def _latest(args: argparse.Namespace) -> int:
+    from lightning_ckpt.errors import CheckpointError
     from lightning_ckpt.latest import find_latest_checkpoint
 
-    path = find_latest_checkpoint(args.dir, args.filename, verify=args.verify)
+    filename = args.filename[: -len(".ckpt")] if args.filename.endswith(".ckpt") else args.filename
+    try:
+        path = find_latest_checkpoint(args.dir, filename, verify=args.verify)
+    except (OSError, CheckpointError) as e:
+        print(f"{args.dir}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
     if path is None:
         print(f"no complete checkpoint named {args.filename!r} in {args.dir}", file=sys.stderr)
         return EXIT_FAILED

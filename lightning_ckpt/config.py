@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,11 +44,19 @@ class CheckpointerConfig:
             raise ValueError(f"CheckpointerConfig.verify_on_load must be a bool, got {self.verify_on_load!r}")
         if self.max_in_flight < 1:
             raise ValueError(f"CheckpointerConfig.max_in_flight must be >= 1, got {self.max_in_flight}")
-        if not self.wait_timeout_secs > 0:  # NaN too
-            raise ValueError(f"CheckpointerConfig.wait_timeout_secs must be > 0, got {self.wait_timeout_secs}")
-        budget = self.staging_config.budget_bytes
-        if budget is not None and self.max_in_flight > 1 and self.staging_config.use_shared_memory is False:
-            raise ValueError("CheckpointerConfig: the async checkpointer needs staging_config.use_shared_memory=True")
+        if not 0 < self.wait_timeout_secs <= threading.TIMEOUT_MAX:  # NaN and inf too (a wait could not be bounded)
+            raise ValueError(f"CheckpointerConfig.wait_timeout_secs must be > 0 and at most {threading.TIMEOUT_MAX:.0f},"
+                             f" got {self.wait_timeout_secs}")
+
+    def check_async(self, where: str = "CheckpointerConfig") -> None:
+        """Refuse what the async checkpointer cannot run with (its writer process maps the staging memory).
+
+        Raises:
+            ValueError: ``staging_config.use_shared_memory`` is False.
+        """
+        if self.staging_config.use_shared_memory is False:
+            raise ValueError(f"{where}: the async checkpointer needs staging_config.use_shared_memory=True (its writer "
+                             "process reads the staged tensors from shared memory), got False")
 
 
 _SUB_CONFIGS: dict[str, type] = {"writer_config": CheckpointWriterConfig, "barrier_config": BarrierConfig,

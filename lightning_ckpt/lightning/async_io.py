@@ -33,6 +33,10 @@ class AsyncCheckpointIO(LightningCkptIO):
     Args: see ``LightningCkptIO`` (``config``, ``error_policy``, ``commit_hook``).
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config.check_async(f"{type(self).__name__}.config")
+
     def _save(self, path: str, checkpoint: dict[str, Any], step: int | None,
               after_commit: Any = None) -> tuple[Future, Future]:
         checkpointer = self._ensure_checkpointer()

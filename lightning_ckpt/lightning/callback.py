@@ -74,16 +74,28 @@ class AsyncCheckpointCallback(Callback):
                  every_n_train_steps: Optional[int] = None, every_n_seconds: Optional[float] = None,
                  save_on_train_end: bool = True, keep_last_k: Optional[int] = None,
                  overlap_staging: Optional[bool] = None) -> None:
+        _check_type("dirpath", dirpath, (str, os.PathLike), optional=True)
+        _check_type("filename", filename, str)
+        for name, value in (("every_n_train_steps", every_n_train_steps), ("keep_last_k", keep_last_k)):
+            _check_type(name, value, int, optional=True)
+        _check_type("every_n_seconds", every_n_seconds, (int, float), optional=True)
+        _check_type("save_on_train_end", save_on_train_end, bool)
+        _check_type("overlap_staging", overlap_staging, bool, optional=True)
         if keep_last_k is not None and keep_last_k < 1:
             raise ValueError(f"AsyncCheckpointCallback.keep_last_k must be >= 1 or None, got {keep_last_k}")
         if every_n_train_steps is not None and every_n_train_steps < 1:
             raise ValueError(
                 f"AsyncCheckpointCallback.every_n_train_steps must be >= 1 or None, got {every_n_train_steps}"
             )
-        if every_n_seconds is not None and every_n_seconds <= 0:
+        if every_n_seconds is not None and not every_n_seconds > 0:  # NaN too
             raise ValueError(f"AsyncCheckpointCallback.every_n_seconds must be > 0 or None, got {every_n_seconds}")
         if "{step}" not in filename:
             raise ValueError(f"AsyncCheckpointCallback.filename must contain '{{step}}', got {filename!r}")
+        try:  # a save mid-fit must not be the first to find a bad pattern
+            filename.format(step=0, epoch=0)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"AsyncCheckpointCallback.filename {filename!r} is not a pattern of {{step}} and "
+                             f"{{epoch}}: {type(e).__name__}: {e}") from None
         self.dirpath = dirpath
         self.filename = _stem(filename)
         self.every_n_train_steps = every_n_train_steps
@@ -308,6 +320,17 @@ class AsyncCheckpointCallback(Callback):
     def _flush(self, trainer: Any) -> None:
         if self.io is not None:
             self.io.binding.flush(trainer)
+
+
+def _check_type(name: str, value: Any, types: Any, optional: bool = False) -> None:
+    """Refuse a ``value`` of another type, naming the field (``bool`` is not an ``int`` here)."""
+    if value is None and optional:
+        return
+    wants_number = types is int or (isinstance(types, tuple) and int in types)
+    if not isinstance(value, types) or (wants_number and isinstance(value, bool)):
+        expected = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise ValueError(f"AsyncCheckpointCallback.{name} must be {expected}{' or None' if optional else ''}, "
+                         f"got {value!r}")
 
 
 def _stem(filename: str) -> str:

@@ -99,3 +99,13 @@ def test_the_console_script_runs_the_same_command_line(tmp_path):
     done = _run("verify", path, entry=entry)
     assert done.returncode == 0 and done.stdout.startswith("VERIFIED"), done.stderr
     assert _run("verify", str(tmp_path / "nothing"), entry=entry).returncode == 1
+
+
+def test_latest_takes_the_callbacks_filename_with_or_without_ckpt_and_reports_a_bad_dir_in_one_line(tmp_path):
+    write_ours(tmp_path / "step=3.ckpt", _state(3))
+    for pattern in ("step={step}", "step={step}.ckpt"):  # the callback accepts both
+        done = _run("latest", str(tmp_path), "--filename", pattern)
+        assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "step=3.ckpt"), (pattern, done.stderr)
+    done = _run("latest", str(tmp_path / "step=3.ckpt"))  # a file, not a directory
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert str(tmp_path / "step=3.ckpt") in done.stderr and "NotADirectoryError" in done.stderr
