@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.checkpoint.utils import _DistWrapper
 
 from lightning_ckpt.checkpoint_process import CheckpointProcess, CheckpointProcessConfig
-from lightning_ckpt.dcp.failures import unwrapped_failures
+from lightning_ckpt.dcp.failures import name_lost_ranks, unwrapped_failures
 from lightning_ckpt.dcp.manifest import CHUNK_FILE_TEMPLATE, ChunkInfo
 from lightning_ckpt.dcp.storage_writer import StorageWriter, rank_target
 from lightning_ckpt.errors import CheckpointTimeoutError
@@ -106,7 +106,12 @@ class AsyncShardedSaver:
             log.debug("staging the save of %s failed on rank %d: %r", writer.path, rank, e)
             written, staged = _resolved(_raise, e), None
         with self._lock:
-            return self._executor.submit(self._complete, planned, written, staged)
+            writer.mark_in_flight()  # from here on only the completion finishes or aborts the coordinator's temp
+            try:
+                return self._executor.submit(self._complete, planned, written, staged)
+            except BaseException:
+                writer.abort(in_flight=True)
+                raise
 
     def _start(self) -> None:
         """Start the stager, the writer process link and the gloo group on first use (the caller's thread)."""
@@ -199,9 +204,12 @@ class AsyncShardedSaver:
         try:
             with unwrapped_failures(f"saving {writer.path}", writing=True):
                 return dist_w.all_reduce("write", write_step, finish_step)
-        except BaseException:
-            writer.abort()  # the coordinator's temp, when another rank failed
-            raise
+        except BaseException as e:
+            writer.abort(in_flight=True)  # the coordinator's temp, when another rank failed
+            lost = name_lost_ranks(e, "saving", writer.path, self._group)
+            if lost is e:
+                raise
+            raise lost from e
 
     def close(self) -> None:
         """Stop the background thread, the writer process and the staging buffers, free the group; idempotent.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch.distributed as dist
@@ -42,7 +42,8 @@ class DistributedCheckpointer:
         no_dist: save and load in this process alone (no collectives).
         load_planner: DCP load planner (default: DCP's).
         save_planner: DCP save planner (default: DCP's).
-        timeout_secs: how long ``async_save`` waits for the previous save before starting the next.
+        timeout_secs: how long ``save``/``async_save``/``load``/``close`` wait for the async save in flight (past it
+            they raise ``CheckpointTimeoutError`` and the save stays in flight: the next call waits again).
     """
 
     def __init__(self, storage_writer: _DCPStorageWriter | str | os.PathLike,
@@ -116,7 +117,8 @@ class DistributedCheckpointer:
         """Plan and stage ``state_dict`` now, write and commit it in the background; returns a future of the
         metadata (on every rank; a failure on any rank fails every rank's future, naming the rank).
 
-        The caller may change the state as soon as this returns. The previous save is waited for first. With our
+        The caller may change the state as soon as this returns. The previous save is waited for first; if it
+        failed and nobody read its future, its error is raised here (once) and this save does not start. With our
         ``StorageWriter``, DCP plans on this thread, the local shards are copied into lightning_ckpt's reused
         shared-memory staging and written by this rank's persistent writer process (``AsyncShardedSaver``);
         another storage writer is staged by DCP's stager and saved by a background thread on a gloo group.
@@ -129,7 +131,8 @@ class DistributedCheckpointer:
                 if self._saver is None:
                     self._saver = AsyncShardedSaver(self.process_group, self.coordinator_rank,
                                                     timeout_secs=self.timeout_secs)
-            self._pending = self._saver.save(state_dict, self.storage_writer, self.save_planner)
+            self._pending = _SaveFuture.following(self._saver.save(state_dict, self.storage_writer,
+                                                                    self.save_planner))
             return self._pending
         return self._async_save_foreign(state_dict, checkpoint_id)
 
@@ -141,7 +144,7 @@ class DistributedCheckpointer:
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-dcp")
-            self._pending = self._executor.submit(self._save, staged, checkpoint_id, group)
+            self._pending = _SaveFuture.following(self._executor.submit(self._save, staged, checkpoint_id, group))
             return self._pending
 
     def _background_group(self) -> dist.ProcessGroup | None:
@@ -154,16 +157,22 @@ class DistributedCheckpointer:
         return self._async_group
 
     def _wait_pending(self) -> None:
-        pending, self._pending = self._pending, None
+        """Wait for the save in flight; raise, once, its failure if nobody read its future.
+
+        Raises:
+            CheckpointTimeoutError: it is still in flight after ``timeout_secs``; it stays pending, so the next
+                call waits for it again (a new save must not overlap it: they share the storage writer).
+        """
+        pending = self._pending
         if pending is None:
             return
-        try:
-            pending.result(timeout=self.timeout_secs)
-        except TimeoutError as e:
-            raise CheckpointTimeoutError(f"the previous async DCP save did not finish within "
-                                         f"{self.timeout_secs}s") from e
-        except Exception:  # noqa: BLE001 - its caller saw it through the future; a new save still runs
-            log.debug("the previous async DCP save failed; its future holds the error")
+        if not wait([pending], timeout=self.timeout_secs).done:
+            raise CheckpointTimeoutError(f"the previous async DCP save did not finish within {self.timeout_secs}s "
+                                         "(it is still in flight; the next save waits for it again)")
+        self._pending = None
+        error = pending.unread_error()
+        if error is not None:
+            raise error
 
     def load(self, state_dict: dict[str, Any], *, checkpoint_id: str | os.PathLike | None = None) -> None:
         """Load into ``state_dict`` in place (every rank calls; DCP reshards to this world size).
@@ -201,3 +210,46 @@ class DistributedCheckpointer:
             group, self._async_group = self._async_group, None
             if group is not None and dist.is_initialized():
                 dist.destroy_process_group(group)
+
+
+class _SaveFuture(Future):
+    """The future ``async_save`` returns: it remembers whether its caller saw the outcome (``result`` or
+    ``exception`` on a finished save), so that a failure nobody saw is raised by the next call instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen = False
+
+    @classmethod
+    def following(cls, inner: Future) -> _SaveFuture:
+        """A future that finishes as ``inner`` does."""
+        outer = cls()
+        inner.add_done_callback(outer._copy)
+        return outer
+
+    def _copy(self, inner: Future) -> None:
+        if inner.cancelled():
+            self.cancel()
+            self.set_running_or_notify_cancel()
+        elif inner.exception() is not None:
+            self.set_exception(inner.exception())
+        else:
+            self.set_result(inner.result())
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return super().result(timeout)
+        finally:
+            self._seen = self._seen or self.done()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            return super().exception(timeout)
+        finally:
+            self._seen = self._seen or self.done()
+
+    def unread_error(self) -> BaseException | None:
+        """The save's failure if the caller never looked at the finished future (None otherwise)."""
+        if self._seen or self.cancelled():
+            return None
+        return super().exception(0)

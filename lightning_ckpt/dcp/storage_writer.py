@@ -76,6 +76,7 @@ class StorageWriter(_DCPStorageWriter):
         self.is_coordinator = True
         self._extra_files: dict[str, bytes] = {}
         self._commit: Commit | None = None
+        self._in_flight = False  # ``_commit`` belongs to a save completing in the background
 
     def add_file(self, name: str, data: bytes) -> None:
         """Commit ``data`` as ``<path>/<name>`` together with the next checkpoint (used on the coordinator).
@@ -105,6 +106,9 @@ class StorageWriter(_DCPStorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """On the coordinator, between gathering and scattering the plans: create this save's temp directory."""
+        if self._in_flight:
+            raise CheckpointError(f"StorageWriter for {self.path}: the previous save is still committing (temp "
+                                  f"{self._commit.token}); wait for it before saving again with this writer")
         self.abort()  # a save that failed on another rank left its temp open
         parent = os.path.dirname(self.path)
         os.makedirs(parent, exist_ok=True)
@@ -151,7 +155,7 @@ class StorageWriter(_DCPStorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """On the coordinator, once every rank wrote: metadata, extra files, manifest, fsync, commit."""
-        commit, self._commit = self._commit, None
+        commit, self._commit, self._in_flight = self._commit, None, False
         if commit is None:
             raise CheckpointError(f"StorageWriter.finish for {self.path}: no temp directory (prepare_global_plan "
                                   "did not run on this coordinator)")
@@ -162,9 +166,22 @@ class StorageWriter(_DCPStorageWriter):
             commit.publish()
         self._extra_files = {}
 
-    def abort(self) -> None:
-        """Give up the save in progress on this coordinator (its temp is removed); nothing changes at ``path``."""
-        commit, self._commit = self._commit, None
+    def mark_in_flight(self) -> None:
+        """Hand this save's temp (on the coordinator) to a completion in the background: until its ``finish`` or
+        ``abort(in_flight=True)``, a new save is refused and a plain ``abort`` leaves the temp alone."""
+        self._in_flight = self._commit is not None
+
+    def abort(self, *, in_flight: bool = False) -> None:
+        """Give up the save in progress on this coordinator (its temp is removed); nothing changes at ``path``.
+
+        Args:
+            in_flight: the caller is the background completion that owns the save (``mark_in_flight``);
+                otherwise a save in flight is left to it.
+        """
+        if self._in_flight and not in_flight:
+            log.debug("StorageWriter for %s: not aborting the save still in flight", self.path)
+            return
+        commit, self._commit, self._in_flight = self._commit, None, False
         if commit is not None:
             commit.abort()
 
