@@ -246,6 +246,23 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def start_with_writer(module: str, args: list, directory: Any, log_path: Any, what: str) -> tuple[subprocess.Popen, str]:
+    """Run ``python -m module *args`` (stdout and stderr to ``log_path``) until it writes ``directory/pids`` (the
+    pids of the writer it started, and any more); returns the process and that file's text."""
+    with open(log_path, "w") as log_file:  # the child (and the writer it starts) hold their own copies
+        proc = subprocess.Popen(module_cmd(module, *args), env=child_env(), stdin=subprocess.DEVNULL,
+                                stdout=log_file, stderr=log_file)
+    pids = os.path.join(str(directory), "pids")
+    try:
+        wait_for(lambda: os.path.exists(pids) or proc.poll() is not None, 120, what)
+        assert proc.poll() is None, open(log_path).read()
+    except BaseException:
+        stop(proc)
+        raise
+    with open(pids) as f:
+        return proc, f.read()
+
+
 def stop(proc: subprocess.Popen, timeout_secs: float = 30.0) -> None:
     """Kill ``proc`` if it still runs and reap it (for ``finally`` blocks)."""
     if proc.poll() is None:

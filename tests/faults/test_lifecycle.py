@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import os
 import signal
-import subprocess
 import threading
 import weakref
 
@@ -16,7 +15,7 @@ import torch
 import lightning_ckpt as lc
 from lightning_ckpt.staging_buffer import StagingBuffer
 from tests._helpers import GateHook, wait_for
-from tests.faults._faults import child_env, load_verified, module_cmd, stop, tmp_leftovers, wait_pid_gone
+from tests.faults._faults import load_verified, start_with_writer, stop, tmp_leftovers, wait_pid_gone
 from tests.faults.lifecycle_worker import exit_state, make_config, step_state
 
 
@@ -24,17 +23,9 @@ def _start_worker(mode: str, directory, layout: str = "file"):
     """Start ``lifecycle_worker`` and wait until its writer runs; returns the process, its writer's pid and the
     file that collects both processes' stderr."""
     log_path = directory.parent / f"{mode}-stderr.txt"
-    with open(log_path, "w") as log_file:  # the trainer and the writer it starts hold their own copies
-        proc = subprocess.Popen(module_cmd("tests.faults.lifecycle_worker", mode, directory, layout), env=child_env(),
-                                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
-    pids = directory / "pids"
-    try:
-        wait_for(lambda: pids.exists() or proc.poll() is not None, 120, "the worker to start its writer")
-        assert proc.poll() is None, log_path.read_text()
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, int(pids.read_text()), log_path
+    proc, pids = start_with_writer("tests.faults.lifecycle_worker", [mode, directory, layout], directory, log_path,
+                                   "the worker to start its writer")
+    return proc, int(pids), log_path
 
 
 def _reaped(pid: int) -> bool:

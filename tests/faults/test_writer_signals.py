@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import threading
 
 import pytest
@@ -13,24 +12,13 @@ import torch
 
 import lightning_ckpt as lc
 from tests._helpers import wait_for
-from tests.faults._faults import child_env, load_verified, module_cmd, pid_gone, stop, wait_pid_gone
+from tests.faults._faults import load_verified, pid_gone, start_with_writer, stop, wait_pid_gone
 
 
 def _start_trainer(mode: str, directory, stderr_path):
-    stderr = open(stderr_path, "w")
-    try:
-        proc = subprocess.Popen(module_cmd("tests.faults.signal_trainer", mode, directory), env=child_env(),
-                                stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
-    finally:
-        stderr.close()  # the trainer (and the writer it starts) hold their own copies
-    pids_file = directory / "pids"
-    try:
-        wait_for(lambda: pids_file.exists() or proc.poll() is not None, 120, "the trainer to start its writer")
-        assert proc.poll() is None, stderr_path.read_text()
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, [int(p) for p in pids_file.read_text().split()]
+    proc, pids = start_with_writer("tests.faults.signal_trainer", [mode, directory], directory, stderr_path,
+                                   "the trainer to start its writer")
+    return proc, [int(p) for p in pids.split()]
 
 
 @pytest.mark.timeout(240)
