@@ -31,7 +31,9 @@ new one; the old one then sits in the temp and is removed at ``close``. Where th
 checkpoint at the final path for that instant, but the committed one stays in the temp as ``aside`` and
 ``remove_stale_temps`` renames it back instead of deleting it. The stale-temp cleanup removes a temp only when it is
 ours (owner uid) and no process holds its lock; it never deletes a complete checkpoint that is not also at its
-final path. Across hosts this relies on the filesystem's lock support (NFSv4 locks; local filesystems).
+final path. Across hosts this relies on the filesystem's lock support (NFSv4 locks; local filesystems). Every
+publish holds an ``flock`` on the parent directory across its look at the final path and its rename, so
+``publish(only_if_unchanged=True)`` compares and replaces in one step as seen by any other publish.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import re
 import secrets
 import shutil
 import stat
+import time
 from typing import Callable
 
 from lightning_ckpt._libc import libc_function
@@ -61,6 +64,7 @@ ASIDE_NAME = "aside"  # the committed checkpoint moved aside by the two-rename f
 _TEMP_RE = re.compile(r"\.lckpt-[0-9a-f]{16}\.tmp")
 _TOKEN_RE = re.compile(r"[0-9a-f]{16}")
 _CREATE_ATTEMPTS = 16
+_PUBLISH_LOCK_SECS = 30.0  # bounds the wait for another publish into the same directory (held for microseconds)
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -246,7 +250,8 @@ class Commit:
             only_if_unchanged: publish only if ``final_path`` is still what it was when the temp was made (same
                 entry, not modified; or still absent): a writer whose trainer is gone must not put its older
                 checkpoint over one that a newer run committed meanwhile. An absent path is claimed without
-                replacing (``RENAME_NOREPLACE``); an existing one is compared just before the rename.
+                replacing (``RENAME_NOREPLACE``); an existing one is compared and replaced under an ``flock`` of
+                the parent directory that every publish takes, so no other publish falls between the two.
 
         Raises:
             CommitError: this is a joined temp, or it was already published or closed.
@@ -257,16 +262,17 @@ class Commit:
             raise CommitError(f"cannot publish {self.final_path}: not the owner, or already published/closed")
         if self.fsync and self.directory:
             os.fsync(self._payload_fd)  # the payload's entries (files of every rank)
-        old = _lstat_at(self._parent_fd, self.final_name)
-        if only_if_unchanged and _identity(old) != self.found:
-            raise CommitSuperseded(f"{self.final_path} changed since this save started: not replaced")
-        if old is None:
-            self._rename_new(replace=not only_if_unchanged)
-        elif self.directory or stat.S_ISDIR(old.st_mode):
-            self._exchange()
-        else:
-            self._keep_replaced(old)
-            os.rename(PAYLOAD_NAME, self.final_name, src_dir_fd=self._tmp_fd, dst_dir_fd=self._parent_fd)
+        with _PublishLock(self._parent_fd, self.final_path):
+            old = _lstat_at(self._parent_fd, self.final_name)
+            if only_if_unchanged and _identity(old) != self.found:
+                raise CommitSuperseded(f"{self.final_path} changed since this save started: not replaced")
+            if old is None:
+                self._rename_new(replace=not only_if_unchanged)
+            elif self.directory or stat.S_ISDIR(old.st_mode):
+                self._exchange()
+            else:
+                self._keep_replaced(old)
+                os.rename(PAYLOAD_NAME, self.final_name, src_dir_fd=self._tmp_fd, dst_dir_fd=self._parent_fd)
         self.published = True
         if self.fsync:
             os.fsync(self._parent_fd)
@@ -423,6 +429,46 @@ def _make_temp(parent_fd: int, token: str, final_name: str, directory: bool) -> 
         for fd in fds:
             os.close(fd)
         raise
+
+
+class _PublishLock:
+    """An exclusive ``flock`` on the parent directory around a publish's check and rename.
+
+    Every publish takes it, so ``publish(only_if_unchanged=True)``'s comparison and its rename are one step as
+    seen by any other publish into the same directory (an orphaned writer cannot put its older checkpoint over
+    one committed between the two). It is held for microseconds; a wait is bounded by ``_PUBLISH_LOCK_SECS``, and
+    where the filesystem has no ``flock`` on directories (NFS emulates it with byte-range locks, which a read-only
+    descriptor cannot take) the publish goes on unlocked, as it did before the lock existed.
+    """
+
+    def __init__(self, parent_fd: int, final_path: str) -> None:
+        self._fd = parent_fd
+        self._final_path = final_path
+        self._held = False
+
+    def __enter__(self) -> "_PublishLock":
+        deadline = time.monotonic() + _PUBLISH_LOCK_SECS
+        pause = 0.0005
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._held = True
+                return self
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    log.warning("publishing %s without the directory lock: another process held it for %.0fs",
+                                self._final_path, _PUBLISH_LOCK_SECS)
+                    return self
+                time.sleep(pause)
+                pause = min(pause * 2, 0.01)
+            except OSError as e:  # no flock on this filesystem's directories
+                log.debug("no directory lock for %s (%s): publishing unlocked", self._final_path, e)
+                return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._held:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._held = False
 
 
 def _check_ours(st: os.stat_result, name: str) -> None:

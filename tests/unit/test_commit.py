@@ -273,3 +273,56 @@ def test_stale_cleanup_ignores_names_that_are_not_temps(tmp_path):
     assert len(os.listdir(tmp_path)) == 3
     assert is_temp_name(".lckpt-0123456789abcdef.tmp") and not is_temp_name(".lckpt-0123456789ABCDEF.tmp")
 
+
+
+def test_a_publish_cannot_fall_between_an_orphans_check_and_its_rename(tmp_path, monkeypatch):
+    """``only_if_unchanged`` compares and renames as one step against every other publish into the directory.
+
+    The newer save's publish is started right after the orphaned writer's comparison found the path unchanged:
+    without the directory lock it lands first and the orphan's rename then replaces it with the older checkpoint.
+    """
+    import threading
+
+    final = tmp_path / "last.ckpt"
+    final.write_bytes(b"previous run")
+    orphan = Commit.create(final)
+    orphan.write_bytes(None, b"older save of the orphaned writer")
+    newer = Commit.create(final)
+    newer.write_bytes(None, b"newer save of the next run")
+    racer = threading.Thread(target=newer.publish, daemon=True)
+    real_identity = commit_mod._identity
+
+    def identity_then_race(st):
+        result = real_identity(st)
+        if threading.current_thread() is threading.main_thread() and not racer.is_alive() and racer.ident is None:
+            racer.start()
+            racer.join(timeout=0.5)  # the newer publish gets every chance to land in the window
+        return result
+
+    monkeypatch.setattr(commit_mod, "_identity", identity_then_race)
+    orphan.publish(only_if_unchanged=True)
+    racer.join(timeout=10)
+    assert not racer.is_alive()
+    assert newer.published
+    assert final.read_bytes() == b"newer save of the next run"
+    orphan.close()
+    newer.close()
+    assert _temps(tmp_path) == []
+
+
+def test_publish_goes_on_unlocked_where_directories_have_no_flock(tmp_path, monkeypatch):
+    """NFS-style directories refuse ``flock`` on a read-only descriptor: the publish still happens."""
+    real_flock = commit_mod.fcntl.flock
+
+    def no_dir_flock(fd, op):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(9, "Bad file descriptor")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(commit_mod.fcntl, "flock", no_dir_flock)
+    final = tmp_path / "a.ckpt"
+    final.write_bytes(b"old")
+    with Commit.create(final) as c:
+        c.write_bytes(None, b"new")
+        c.publish(only_if_unchanged=True)
+    assert final.read_bytes() == b"new"
