@@ -184,6 +184,13 @@ class DistributedCheckpointer:
         """
         self._wait_pending()
         reader = self.storage_reader
+        try:
+            self._dcp_load(state_dict, checkpoint_id, reader)
+        finally:
+            if isinstance(reader, StorageReader):
+                reader.close()  # a load DCP abandoned after read_metadata (another rank failed) left it open
+
+    def _dcp_load(self, state_dict: dict[str, Any], checkpoint_id: Any, reader: _DCPStorageReader) -> None:
         with unwrapped_failures(f"loading {checkpoint_id or getattr(reader, 'checkpoint_id', '')}", writing=False):
             if self.coordinator_rank == 0:
                 dcp.load(state_dict, checkpoint_id=checkpoint_id, storage_reader=reader,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -73,23 +74,59 @@ def read_manifest(path: str) -> dict:
         IncompleteCheckpointError: ``path`` has no manifest (never committed, or written by plain DCP).
         CorruptCheckpointError: the manifest is unreadable or not a DCP manifest.
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    manifest_path = os.path.join(path, layout.MANIFEST_NAME)
-    if not os.path.isdir(path) or not os.path.isfile(manifest_path):
-        raise IncompleteCheckpointError(
-            f"incomplete checkpoint: {path} has no {layout.MANIFEST_NAME} (never committed, or not written by "
-            "lightning_ckpt; torch.distributed.checkpoint.FileSystemReader reads it unverified)"
-        )
+    dir_fd = open_checkpoint_dir(path)
     try:
-        with open(manifest_path, "rb") as f:
-            manifest = json.loads(f.read())
+        return read_manifest_at(path, dir_fd)[0]
+    finally:
+        os.close(dir_fd)
+
+
+def open_checkpoint_dir(path: str) -> int:
+    """A descriptor of the checkpoint directory ``path``: what a later commit over ``path`` does not change.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        IncompleteCheckpointError: ``path`` is not a directory.
+    """
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no checkpoint at {path}") from e
+    except NotADirectoryError as e:
+        raise _no_manifest(path) from e
+
+
+def read_manifest_at(path: str, dir_fd: int) -> tuple[dict, bytes]:
+    """The manifest of the checkpoint directory ``path`` open as ``dir_fd``, and its bytes.
+
+    Raises:
+        IncompleteCheckpointError: the directory has no manifest.
+        CorruptCheckpointError: the manifest is unreadable or not a DCP manifest.
+    """
+    manifest_path = os.path.join(path, layout.MANIFEST_NAME)
+    try:
+        fd = os.open(layout.MANIFEST_NAME, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise _no_manifest(path) from e
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise _no_manifest(path)
+            data = f.read()
+        manifest = json.loads(data)
     except (OSError, ValueError) as e:
         raise CorruptCheckpointError(f"corrupt checkpoint {path}: unreadable manifest: {e}", path=manifest_path) from e
     if not isinstance(manifest, dict) or manifest.get("layout") != MANIFEST_LAYOUT or "chunks" not in manifest:
         raise CorruptCheckpointError(f"corrupt checkpoint {path}: {layout.MANIFEST_NAME} is not a DCP manifest",
                                      path=manifest_path)
-    return manifest
+    return manifest, data
+
+
+def _no_manifest(path: str) -> IncompleteCheckpointError:
+    return IncompleteCheckpointError(
+        f"incomplete checkpoint: {path} has no {layout.MANIFEST_NAME} (never committed, or not written by "
+        "lightning_ckpt; torch.distributed.checkpoint.FileSystemReader reads it unverified)"
+    )
 
 
 def verify_bytes(path: str, key: str, data: Any, expected: str | None) -> None:
