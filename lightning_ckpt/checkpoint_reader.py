@@ -149,22 +149,11 @@ class CheckpointReader:
         """A remote checkpoint: download this rank's object (a directory's requires its manifest), then read the
         download like a local file, checked against the manifest's size and digest. A verified partial read onto
         the CPU of an object of ours fetches only what the local partial read would read (``remote_partial``)."""
-        from lightning_ckpt import remote_dirs
-        from lightning_ckpt.commit import remove_path
-
         if state_dict is not None and verify and _is_cpu(map_location):
             partial = self._read_remote_partial(location, state_dict, weights_only)
             if partial is not None:
                 return partial
-        local, url, entry = remote_dirs.fetch_for_read(location, self.rank_info.global_rank)
-        dir_fd = os.open(os.path.dirname(local), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            name = os.path.basename(local)
-            shown = url.rsplit("/", 1)[0]
-            opened = open_rank_file(shown, dir_fd, name, entry) if entry else OpenedFile(url, dir_fd=dir_fd, name=name)
-        finally:
-            os.close(dir_fd)
-            remove_path(local)  # the descriptor keeps the bytes until the read ends
+        opened, url, entry = open_remote_rank_file(location, self.rank_info.global_rank)
         try:
             return self._read_source(_Source(url, opened, entry), state_dict, map_location, weights_only, verify)
         finally:
@@ -235,6 +224,33 @@ def _open_source(path: str, rank: int) -> _Source:
         return _Source(path, open_unmanifested(path, dir_fd, names, rank), unverified_layout=True)
     finally:
         os.close(dir_fd)
+
+
+def open_remote_rank_file(location: Any, rank: int) -> tuple[OpenedFile, str, dict | None]:
+    """Download what rank ``rank`` reads of the remote checkpoint at ``location`` (``remote_dirs.fetch_for_read``:
+    a directory's rank object, named by its manifest, or a single object) and open the download, checked against
+    its manifest entry's size. The download is removed at once: the descriptor keeps its bytes. Errors name the
+    object's URL.
+
+    Returns:
+        ``(opened file, URL of the object, manifest entry or None)``; the caller closes the file.
+
+    Raises:
+        As ``remote_dirs.fetch_for_read``; CorruptCheckpointError: not the size its manifest says.
+    """
+    from lightning_ckpt import remote_dirs
+    from lightning_ckpt.commit import remove_path
+
+    local, url, entry = remote_dirs.fetch_for_read(location, rank)
+    dir_fd = os.open(os.path.dirname(local), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        name = os.path.basename(local)
+        shown = url.rsplit("/", 1)[0]
+        opened = open_rank_file(shown, dir_fd, name, entry) if entry else OpenedFile(url, dir_fd=dir_fd, name=name)
+    finally:
+        os.close(dir_fd)
+        remove_path(local)
+    return opened, url, entry
 
 
 def rank_file_names(rank: int) -> list[str]:

@@ -9,6 +9,11 @@ import sys
 from typing import Any, Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_REMOTE_HELP = ("Paths may be remote URLs (s3://bucket/key, gs://bucket/key) or file:// URLs. A remote store is "
+                "reached as the plugins reach it, through the environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE (any S3-compatible store); GOOGLE_APPLICATION_CREDENTIALS, "
+                "STORAGE_EMULATOR_HOST (GCS). A remote checkpoint is downloaded to check it (into "
+                "$LIGHTNING_CKPT_CACHE_DIR, removed afterwards), also with --quick.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -21,27 +26,51 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lightning-ckpt", description="Check lightning_ckpt checkpoints without loading them into a model.")
+        prog="lightning-ckpt", description="Check lightning_ckpt checkpoints without loading them into a model.",
+        epilog=_REMOTE_HELP)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is done (to stderr)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     verify = sub.add_parser("verify", help="check checksums and manifests; exit 0 only when every path verifies")
-    verify.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files or directories")
+    verify.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files or directories, or their URLs")
     verify.add_argument("--quick", action="store_true", help="check structure, manifest and pickle only, not tensors")
     verify.set_defaults(run=_verify)
 
     inspect = sub.add_parser("inspect", help="keys, shapes, dtypes, bytes, epoch/step, versions, checksum status")
-    inspect.add_argument("path", metavar="PATH")
-    inspect.add_argument("--rank", type=int, default=0, help="which rank's file of a directory (default 0)")
+    inspect.add_argument("path", metavar="PATH", help="a checkpoint file or directory, or its URL")
+    inspect.add_argument("--rank", type=_rank, default=0,
+                         help="which rank's file of a directory (default 0; one the checkpoint lacks is an error)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(run=_inspect)
 
     latest = sub.add_parser("latest", help="print the newest complete checkpoint in DIR (as find_latest)")
-    latest.add_argument("dir", metavar="DIR")
-    latest.add_argument("--filename", default="step={step}", help="the name pattern (default: step={step})")
+    latest.add_argument("dir", metavar="DIR", help="a directory, or a remote prefix (s3://bucket/run)")
+    latest.add_argument("--filename", type=_filename_pattern, default="step={step}",
+                        help="the name pattern, with {step} and/or {epoch} (default: step={step}; .ckpt optional)")
     latest.add_argument("--verify", action="store_true", help="also hash every tensor of the candidate")
     latest.set_defaults(run=_latest)
     return parser
+
+
+def _rank(text: str) -> int:
+    try:
+        rank = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a rank is an integer >= 0, got {text!r}") from None
+    if rank < 0:
+        raise argparse.ArgumentTypeError(f"a rank is an integer >= 0, got {rank}")
+    return rank
+
+
+def _filename_pattern(text: str) -> str:
+    """``text`` if ``latest`` can find the checkpoints it names (``latest.check_pattern``)."""
+    from lightning_ckpt.latest import check_pattern
+
+    try:
+        check_pattern(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -60,7 +89,11 @@ def _verify(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from lightning_ckpt.integrity import describe_checkpoint
 
-    info = describe_checkpoint(args.path, rank=args.rank)
+    try:
+        info = describe_checkpoint(args.path, rank=args.rank)
+    except ValueError as e:  # a rank the checkpoint lacks
+        print(f"lightning-ckpt inspect: {e}", file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
         print(json.dumps(info, indent=1, default=str))
     else:

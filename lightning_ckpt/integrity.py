@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import pickle
@@ -9,11 +10,12 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_ckpt import layout
+from lightning_ckpt import layout, paths
 from lightning_ckpt.checkpoint_reader import (
-    open_rank_file, open_unmanifested, rank_file_names, read_manifest,
+    open_rank_file, open_remote_rank_file, open_unmanifested, rank_file_names, read_manifest,
 )
-from lightning_ckpt.errors import CorruptCheckpointError, IncompleteCheckpointError
+from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
+from lightning_ckpt.paths import RemotePath
 from lightning_ckpt.verification import OpenedFile, is_temp, read_checksum_record, verify_records
 
 # A DCP directory's manifest says ``"layout": "dcp"`` (``lightning_ckpt.dcp.manifest``, not imported here: it pulls
@@ -42,6 +44,13 @@ class CheckResult:
     files: list[str] = field(default_factory=list)
     hashed_bytes: int = 0
     manifest: dict | None = None
+    nbytes: int = 0  # of the files checked
+
+    def add(self, other: CheckResult) -> None:
+        """Count the files ``other`` checked as this checkpoint's."""
+        self.files += other.files
+        self.hashed_bytes += other.hashed_bytes
+        self.nbytes += other.nbytes
 
     @property
     def ok(self) -> bool:
@@ -49,15 +58,50 @@ class CheckResult:
         return self.status in (VERIFIED, COMPLETE)
 
 
-def check_checkpoint(path: str | os.PathLike, *, deep: bool = True) -> CheckResult:
+def check_checkpoint(path: str | os.PathLike | RemotePath, *, deep: bool = True,
+                     storage_options: dict | None = None) -> CheckResult:
     """Checks the checkpoint at ``path`` (a file, or a directory of rank files) from its bytes; never unpickles.
 
+    A remote checkpoint (``s3://``, ``gs://``: a single object, or a directory's manifest and rank objects) is
+    downloaded as the reader downloads it and its files checked as local ones are; messages name the URLs.
+
     Args:
-        path: the checkpoint.
+        path: the checkpoint: a local path, a ``file://`` or remote URL, or a ``paths.RemotePath``.
         deep: hash every storage against its checksum (False: check the structure, the manifest and the pickle
             bytes only).
+        storage_options: for a remote store (endpoint, credentials; default: the environment's, as the plugins').
     """
-    path = os.fspath(path)
+    return _check(path, deep, storage_options)[0]
+
+
+def _check(path: Any, deep: bool, storage_options: dict | None,
+           keep_rank: int | None = None) -> tuple[CheckResult, OpenedFile | None]:
+    """``check_checkpoint``, and for a remote checkpoint, the download of rank ``keep_rank`` left open (the caller
+    closes it): ``describe_checkpoint`` reads it without downloading it twice."""
+    shown = path.url if isinstance(path, RemotePath) else os.fsdecode(os.fspath(path))
+    try:
+        location = paths.resolve(path, storage_options)
+    except (ValueError, ImportError) as e:  # memory://, an unknown protocol, no bucket; the client not installed
+        return CheckResult(shown, UNREADABLE, str(e)), None
+    if not isinstance(location, RemotePath):  # a plain path as given (messages name it so); a file:// URL's path
+        return _check_local(shown if location == os.path.abspath(shown) else location, deep), None
+    try:
+        return _check_remote(location, deep, keep_rank)
+    except FileNotFoundError as e:
+        return CheckResult(location.url, MISSING, str(e)), None
+    except (CheckpointError, OSError) as e:  # CheckpointError: also a store that cannot be read
+        return _failed(location.url, e), None
+
+
+def _failed(path: str, e: BaseException) -> CheckResult:
+    if isinstance(e, IncompleteCheckpointError):
+        return CheckResult(path, INCOMPLETE, str(e))
+    if isinstance(e, CorruptCheckpointError):
+        return CheckResult(path, CORRUPT, str(e))
+    return CheckResult(path, UNREADABLE, f"{type(e).__name__}: {e}")
+
+
+def _check_local(path: str, deep: bool) -> CheckResult:
     try:
         if is_temp(os.path.basename(path.rstrip(os.sep))):
             raise IncompleteCheckpointError(f"{path} is a temp of an uncommitted save")
@@ -68,12 +112,8 @@ def check_checkpoint(path: str | os.PathLike, *, deep: bool = True) -> CheckResu
             return _check_file(opened, path, deep)
     except FileNotFoundError as e:
         return CheckResult(path, MISSING, str(e) if os.path.lexists(path) else f"nothing at {path}")
-    except IncompleteCheckpointError as e:
-        return CheckResult(path, INCOMPLETE, str(e))
-    except CorruptCheckpointError as e:
-        return CheckResult(path, CORRUPT, str(e))
-    except OSError as e:
-        return CheckResult(path, UNREADABLE, f"{type(e).__name__}: {e}")
+    except (IncompleteCheckpointError, CorruptCheckpointError, OSError) as e:
+        return _failed(path, e)
 
 
 def _check_file(opened: OpenedFile, path: str, deep: bool, expected_pkl: str | None = None) -> CheckResult:
@@ -81,12 +121,13 @@ def _check_file(opened: OpenedFile, path: str, deep: bool, expected_pkl: str | N
     if record is None:
         torch_only = opened.torch_only()  # still a torch file? (CorruptCheckpointError: not one)
         how = f"; {torch_only}, read by torch.load" if torch_only else ""
-        return CheckResult(path, UNVERIFIED, f"no checksums (not written by lightning_ckpt{how})", [opened.path])
+        return CheckResult(path, UNVERIFIED, f"no checksums (not written by lightning_ckpt{how})", [opened.path],
+                           nbytes=opened.size)
     if expected_pkl is not None and expected_pkl != record.data_pkl_xxh3:
         raise CorruptCheckpointError(f"corrupt checkpoint {opened.path}: not the file its manifest lists",
                                      path=opened.path, key="data.pkl")
     hashed = verify_records(opened, record) if deep else 0
-    return CheckResult(path, VERIFIED if deep else COMPLETE, "", [opened.path], hashed)
+    return CheckResult(path, VERIFIED if deep else COMPLETE, "", [opened.path], hashed, nbytes=opened.size)
 
 
 def _check_directory(path: str, deep: bool) -> CheckResult:
@@ -113,11 +154,52 @@ def _check_directory(path: str, deep: bool) -> CheckResult:
             if one.status == UNVERIFIED:
                 raise CorruptCheckpointError(f"corrupt checkpoint {path}: {name} has no checksum record",
                                              path=os.path.join(path, name))
-            result.files += one.files
-            result.hashed_bytes += one.hashed_bytes
+            result.add(one)
         return result
     finally:
         os.close(dir_fd)
+
+
+def _check_remote(location: RemotePath, deep: bool, keep_rank: int | None) -> tuple[CheckResult, OpenedFile | None]:
+    """A remote checkpoint: a single object, checked as a local file is; or a directory's manifest and the object
+    of every rank it names, each downloaded as the reader downloads it (``open_remote_rank_file``) and checked
+    as a local directory's rank file is."""
+    from lightning_ckpt import remote_dirs, remote_files
+    from lightning_ckpt.remote import RemoteConfig
+
+    if is_temp(location.name):
+        raise IncompleteCheckpointError(f"{location.url} is a temp of an uncommitted save")
+    manifest = remote_dirs.read_manifest(location, RemoteConfig(), remote_files.LOOKUP_TIMEOUT_SECS)
+    result = CheckResult(location.url, VERIFIED if deep else COMPLETE,
+                         manifest=None if manifest is None else dataclasses.asdict(manifest))
+    kept, checked = None, set()
+    try:
+        for rank in range(1 if manifest is None else manifest.world_size):
+            opened, url, entry = open_remote_rank_file(location, rank)
+            try:
+                one = _check_file(opened, location.url, deep, entry and entry["data_pkl_xxh3"])
+            finally:
+                if rank == keep_rank:
+                    kept = opened
+                else:
+                    opened.close()
+            if manifest is None:
+                return one, kept
+            if one.status == UNVERIFIED:
+                raise CorruptCheckpointError(f"corrupt checkpoint {location.url}: {url} has no checksum record",
+                                             path=url)
+            result.add(one)
+            checked.add(url[len(location.url) + 1:])
+        unchecked = sorted(set(manifest.files) - checked)
+        if unchecked and checked <= set(manifest.files):  # (names of another manifest: re-saved meanwhile)
+            raise CorruptCheckpointError(f"corrupt checkpoint {location.url}: its manifest lists {unchecked}, "
+                                         f"objects of no rank below its world size {manifest.world_size}",
+                                         path=location.child(layout.MANIFEST_NAME).url, key="files")
+    except BaseException:
+        if kept is not None:
+            kept.close()
+        raise
+    return result, kept
 
 
 def _check_dcp_directory(path: str, dir_fd: int, names: set[str], manifest: dict, deep: bool) -> CheckResult:
@@ -137,6 +219,7 @@ def _check_dcp_directory(path: str, dir_fd: int, names: set[str], manifest: dict
         with open_rank_file(path, dir_fd, name, entry) as opened:
             result.hashed_bytes += _check_dcp_file(opened, name, entry, chunks.get(name, []), deep)
         result.files.append(opened.path)
+        result.nbytes += opened.size
     unlisted = sorted(set(chunks) - set(files))
     if unlisted:
         raise CorruptCheckpointError(f"corrupt checkpoint {path}: chunks in {unlisted}, which its manifest does not "
@@ -189,48 +272,89 @@ def _check_unmanifested(path: str, dir_fd: int, names: set[str]) -> CheckResult:
         raise IncompleteCheckpointError(
             f"incomplete checkpoint: {path} is a DCP directory without {layout.MANIFEST_NAME} (a sharded save that "
             "never committed, or one by plain torch.distributed.checkpoint or a stock Lightning strategy)")
-    files = []
+    files, nbytes = [], 0
     rank = 0
     while rank == 0 or f"checkpoint_{rank}.pt" in names:
         with open_unmanifested(path, dir_fd, names, rank) as opened:
             opened.torch_only()  # a torn file is neither a readable zip nor one of torch's legacy files
             files.append(opened.path)
+            nbytes += opened.size
         rank += 1
-    return CheckResult(path, UNVERIFIED, "no manifest and no checksums (written by PyTorch's checkpoint writer)", files)
+    return CheckResult(path, UNVERIFIED, "no manifest and no checksums (written by PyTorch's checkpoint writer)", files,
+                       nbytes=nbytes)
 
 
-def describe_checkpoint(path: str | os.PathLike, rank: int = 0) -> dict[str, Any]:
+def describe_checkpoint(path: str | os.PathLike | RemotePath, rank: int = 0, *,
+                        storage_options: dict | None = None) -> dict[str, Any]:
     """Keys, shapes, dtypes and bytes of one rank's state, epoch/step, versions and checksum status, as JSON-able data.
 
     The structure is loaded with ``torch.load(weights_only=True)``, which never runs code from the file; when that
     refuses (objects other than tensors and containers), the tensors are listed from the checksum record instead.
+    A remote checkpoint is checked as ``check_checkpoint`` checks it, and the rank's download described.
+
+    Args:
+        path: as for ``check_checkpoint``.
+        rank: which rank's file of a directory (a single file is rank 0; a sharded DCP directory is described
+            whole, for any of its ranks).
+        storage_options: as for ``check_checkpoint``.
+
+    Raises:
+        ValueError: the checkpoint checks but has no rank ``rank`` (the message names the path, the rank and the
+            ranks it has).
     """
+    shown = path.url if isinstance(path, RemotePath) else os.fsdecode(os.fspath(path))
+    check, opened = _check(path, True, storage_options, keep_rank=rank)
+    try:
+        out: dict[str, Any] = {"path": shown, "status": check.status, "detail": check.detail, "files": check.files,
+                               "bytes": check.nbytes}
+        if check.manifest is not None:
+            out["world_size"] = check.manifest.get("world_size")
+            out["versions"] = {k: check.manifest.get(k) for k in ("format", "lightning_ckpt_version", "torch_version")}
+        if not check.files:  # nothing that checks: nothing to describe
+            return out
+        ranks = _ranks(check)
+        if rank not in ranks:
+            raise ValueError(f"{shown} has no rank {rank} (its ranks: {_span(ranks)})")
+        if check.manifest is not None and check.manifest.get("layout") == _DCP_LAYOUT:
+            return _describe_dcp(check.path, check.manifest, out)
+        if opened is None:
+            file_path = _rank_file(check.path, check, rank)
+            if file_path is None:
+                return out
+            opened = OpenedFile(file_path)
+        _describe_file(opened, out)
+        return out
+    finally:
+        if opened is not None:
+            opened.close()
+
+
+def _describe_file(opened: OpenedFile, out: dict[str, Any]) -> None:
     import torch
 
-    path = os.fspath(path)
-    check = check_checkpoint(path, deep=True)
-    out: dict[str, Any] = {"path": path, "status": check.status, "detail": check.detail, "files": check.files,
-                           "bytes": sum(_size(f) for f in check.files)}
-    if check.manifest is not None:
-        out["world_size"] = check.manifest.get("world_size")
-        out["versions"] = {k: check.manifest.get(k) for k in ("format", "lightning_ckpt_version", "torch_version")}
-    if check.manifest is not None and check.manifest.get("layout") == _DCP_LAYOUT:
-        return _describe_dcp(path, check.manifest, out)
-    file_path = _rank_file(path, check, rank)
-    if file_path is None:
-        return out
-    with OpenedFile(file_path) as opened:
-        record = _record_or_none(opened)
-        if record is not None:
-            out["metadata"] = record.metadata
-        try:
-            state = torch.load(opened.source, map_location="cpu", weights_only=True, mmap=True)
-        except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError) as e:
-            out["structure"] = f"not loaded: {str(e).splitlines()[0][:300]}"
-            state = None
+    record = _record_or_none(opened)
+    if record is not None:
+        out["metadata"] = record.metadata
+    try:
+        state = torch.load(opened.source, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError) as e:
+        out["structure"] = f"not loaded: {str(e).splitlines()[0][:300]}"
+        state = None
     out["tensors"] = _tensors(state, record)
     _add_state_fields(state, out)
-    return out
+
+
+def _ranks(check: CheckResult) -> range:
+    """The ranks of a checkpoint that checked: a manifest's world size (every rank below it has a file), PyTorch's
+    directory's ``checkpoint_<r>.pt`` files, or a single file's rank 0."""
+    world = (check.manifest or {}).get("world_size")
+    if isinstance(world, int):
+        return range(world)
+    return range(len(check.files)) if os.path.isdir(check.path) else range(1)
+
+
+def _span(ranks: range) -> str:
+    return "none" if not ranks else str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
 
 
 def _add_state_fields(state: Any, out: dict[str, Any]) -> None:
@@ -259,13 +383,6 @@ def _describe_dcp(path: str, manifest: dict, out: dict[str, Any]) -> dict[str, A
         return out
     _add_state_fields(state, out)
     return out
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
 
 
 def _rank_file(path: str, check: CheckResult, rank: int) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import string
 from typing import Callable
 
 from lightning_ckpt import paths, remote_dirs
@@ -15,6 +16,26 @@ from lightning_ckpt.verification import is_temp
 log = logging.getLogger(__name__)
 
 CKPT_SUFFIX = ".ckpt"
+
+
+PLACEHOLDERS = ("step", "epoch")  # what a name pattern may hold, and all that ``pattern_regex`` matches
+
+
+def check_pattern(filename: str) -> None:
+    """Refuse a name pattern whose files ``pattern_regex`` could never find: placeholders other than ``{step}`` and
+    ``{epoch}``, a format spec or conversion (``{step:05d}``), or a malformed one (``step={step``).
+
+    Raises:
+        ValueError: naming the pattern and its first bad placeholder.
+    """
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(filename) if name is not None]
+    except ValueError as e:
+        raise ValueError(f"{filename!r} is not a name pattern: {e}") from None
+    for name, spec, conv in fields:
+        if name not in PLACEHOLDERS or spec or conv:
+            shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"{filename!r}: only {{step}} and {{epoch}} are filled in (no format spec), got {shown}")
 
 
 def pattern_regex(filename: str) -> re.Pattern:

@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from lightning_ckpt import paths
 from lightning_ckpt.errors import CheckpointWriteError
+from lightning_ckpt.latest import check_pattern
 from lightning_ckpt.lightning.base_io import LightningCkptIO
 from lightning_ckpt.lightning.ledger import CompletedSave
 from lightning_ckpt.lightning.resume import CKPT_SUFFIX, find_latest_checkpoint, matching_checkpoints
@@ -91,11 +92,10 @@ class AsyncCheckpointCallback(Callback):
             raise ValueError(f"AsyncCheckpointCallback.every_n_seconds must be > 0 or None, got {every_n_seconds}")
         if "{step}" not in filename:
             raise ValueError(f"AsyncCheckpointCallback.filename must contain '{{step}}', got {filename!r}")
-        try:  # a save mid-fit must not be the first to find a bad pattern
-            filename.format(step=0, epoch=0)
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"AsyncCheckpointCallback.filename {filename!r} is not a pattern of {{step}} and "
-                             f"{{epoch}}: {type(e).__name__}: {e}") from None
+        try:  # a save mid-fit must not be the first to find a bad pattern, nor resume miss what was saved
+            check_pattern(filename)
+        except ValueError as e:
+            raise ValueError(f"AsyncCheckpointCallback.filename: {e}") from None
         self.dirpath = dirpath
         self.filename = _stem(filename)
         self.every_n_train_steps = every_n_train_steps

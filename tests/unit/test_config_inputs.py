@@ -32,6 +32,8 @@ def test_the_async_checkpointer_without_shared_memory_is_refused_before_any_save
 @pytest.mark.parametrize("kwargs, field", [
     ({"filename": "{step}_{foo}"}, "filename"),
     ({"filename": "{step}{"}, "filename"),
+    ({"filename": "step={step:05d}"}, "filename"),  # saved as step=00005.ckpt, which resume would never find
+    ({"filename": "{epoch!r}-{step}"}, "filename"),
     ({"filename": None}, "filename"),
     ({"every_n_train_steps": 2.5}, "every_n_train_steps"),
     ({"every_n_train_steps": "5"}, "every_n_train_steps"),
