@@ -497,15 +497,26 @@ def _still_linked(parent_fd: int, name: str, tmp_fd: int, lock_fd: int) -> bool:
 
 
 def _remove_temp(parent_fd: int, name: str, tmp_fd: int) -> None:
-    """Remove a temp's contents, its lock file and itself (the caller holds its lock)."""
-    for entry in os.listdir(tmp_fd):
-        if entry == LOCK_NAME:
-            continue
-        st = os.stat(entry, dir_fd=tmp_fd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(entry, dir_fd=tmp_fd)  # fd-based: never follows a symlink inside
-        else:
-            os.unlink(entry, dir_fd=tmp_fd)
+    """Remove a temp's contents, its lock file and itself (the caller holds its lock).
+
+    What cannot be removed yet stays for ``remove_stale_temps`` (logged): on NFS a file that a reader still holds
+    open is silly-renamed, so the replaced checkpoint's directory is not empty until that reader closes it, and a
+    publish that already happened must not be reported as a failure for it.
+    """
+    try:
+        for entry in os.listdir(tmp_fd):
+            if entry == LOCK_NAME:
+                continue
+            st = os.stat(entry, dir_fd=tmp_fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(entry, dir_fd=tmp_fd)  # fd-based: never follows a symlink inside
+            else:
+                os.unlink(entry, dir_fd=tmp_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("could not remove temp %s yet (a later cleanup will): %s", name, e)
+        return
     for remove in (lambda: os.unlink(LOCK_NAME, dir_fd=tmp_fd), lambda: os.rmdir(name, dir_fd=parent_fd)):
         try:
             remove()

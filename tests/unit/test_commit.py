@@ -326,3 +326,27 @@ def test_publish_goes_on_unlocked_where_directories_have_no_flock(tmp_path, monk
         c.write_bytes(None, b"new")
         c.publish(only_if_unchanged=True)
     assert final.read_bytes() == b"new"
+
+
+def test_a_replaced_checkpoint_that_cannot_be_removed_yet_does_not_fail_the_publish(tmp_path, monkeypatch):
+    """NFS: a reader holding the replaced directory's files keeps it non-empty; the commit already happened."""
+    final = tmp_path / "ckpt"
+    with Commit.create(final, directory=True) as c:
+        _write_dir_checkpoint(c, "old")
+        c.publish()
+    real_rmtree = commit_mod.shutil.rmtree
+
+    def busy_rmtree(*args, **kwargs):
+        raise OSError(39, "Directory not empty")
+
+    monkeypatch.setattr(commit_mod.shutil, "rmtree", busy_rmtree)
+    c = Commit.create(final, directory=True)
+    _write_dir_checkpoint(c, "new")
+    c.publish()
+    c.close()  # must not raise: the new checkpoint is published
+    assert _read_dir_checkpoint(str(final)) == "new"
+    assert len(_temps(tmp_path)) == 1  # the replaced one waits for a later cleanup
+    monkeypatch.setattr(commit_mod.shutil, "rmtree", real_rmtree)
+    assert len(remove_stale_temps(str(tmp_path))) == 1
+    assert _temps(tmp_path) == []
+    assert _read_dir_checkpoint(str(final)) == "new"
