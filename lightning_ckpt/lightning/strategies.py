@@ -21,10 +21,10 @@ from typing_extensions import override
 
 from lightning_ckpt.dcp.checkpointer import DistributedCheckpointer
 from lightning_ckpt.dcp.failures import unwrapped_failures
-from lightning_ckpt.dcp.manifest import read_manifest, verify_bytes
+from lightning_ckpt.dcp.manifest import open_checkpoint_dir, read_manifest, verify_bytes
 from lightning_ckpt.dcp.storage_reader import StorageReader
 from lightning_ckpt.dcp.storage_writer import StorageWriter
-from lightning_ckpt.errors import CheckpointTimeoutError
+from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError, IncompleteCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,19 @@ class _CommittedShards:
         path = Path(self.broadcast(checkpoint_path))
         if not path.is_dir():
             return super().load_checkpoint(path, weights_only)
-        verify_sharded(path)
-        with unwrapped_failures(f"loading {path}", writing=False), self._verified_reads():
-            return super().load_checkpoint(path, weights_only)
+        with pinned_directory(path) as pinned:
+            try:
+                verify_sharded(pinned)
+                with unwrapped_failures(f"loading {path}", writing=False), self._verified_reads(), \
+                        _own_pin_broadcast(self, pinned):
+                    return super().load_checkpoint(pinned, weights_only)
+            except (IncompleteCheckpointError, FileNotFoundError) as e:
+                if _same_directory(path, pinned):
+                    raise
+                raise CheckpointError(
+                    f"{path} was replaced by another save while it was being loaded, and the version this load "
+                    f"began with was removed before all of it was read ({e}); no pass read the newer version: "
+                    "load it again") from e
 
 
 class FSDPStrategy(_CommittedShards, _LightningFSDPStrategy):
@@ -198,6 +208,54 @@ def _saves_async(strategy: Any) -> bool:
     fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING and \
         trainer.state.status == TrainerStatus.RUNNING
     return fitting and isinstance(find_plugin(strategy), AsyncCheckpointIO)
+
+
+@contextlib.contextmanager
+def pinned_directory(path: Path) -> Iterator[Path]:
+    """``path`` as the one version of the checkpoint directory there now, for the whole of a load.
+
+    Lightning reads a sharded checkpoint in several passes by path (the model's shards, each optimizer's, then
+    ``meta.pt``); a save committing over ``path`` between two of them (it exchanges the directory) would give a
+    model of one save and an optimizer and loop state of another. The directory is opened once here and every
+    pass reads through ``/proc/self/fd/<fd>``, which resolves to that directory whatever is at ``path`` later; a
+    file of the replaced version already removed is then missing (an error), never another save's. Without
+    ``/proc`` the path itself is used.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        IncompleteCheckpointError: ``path`` is not a directory.
+    """
+    fd = open_checkpoint_dir(os.fspath(path))
+    try:
+        held = Path(f"/proc/self/fd/{fd}")
+        yield held if held.is_dir() else path
+    finally:
+        os.close(fd)
+
+
+def _same_directory(path: Path, pinned: Path) -> bool:
+    try:
+        now, held = os.stat(path), os.stat(pinned)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
+@contextlib.contextmanager
+def _own_pin_broadcast(strategy: Any, pinned: Path) -> Iterator[None]:
+    """Lightning's load broadcasts the path it was given from rank 0; each rank's pin is its own descriptor, so
+    broadcasting it still runs (the ranks stay in step) but gives every rank back its own."""
+    broadcast = strategy.broadcast
+
+    def own_pin(obj: Any, src: int = 0) -> Any:
+        out = broadcast(obj, src)
+        return pinned if obj == pinned else out
+
+    strategy.broadcast = own_pin
+    try:
+        yield
+    finally:
+        del strategy.broadcast
 
 
 def verify_sharded(path: Path) -> None:
