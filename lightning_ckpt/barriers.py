@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from lightning_ckpt.config_fields import AT_LEAST_ONE, TIMEOUT, Range, check_call_args, check_fields
 from lightning_ckpt.errors import BarrierPeerError, BarrierTimeoutError, CheckpointError
 from lightning_ckpt.types import RankInfo
 
@@ -506,16 +507,21 @@ class BarrierConfig:
     barrier_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         self.barrier_type = _TYPE_ALIASES.get(self.barrier_type, self.barrier_type)
-        if self.barrier_type is not None and self.barrier_type not in BARRIER_REGISTRY:
+        if self.barrier_type is None:
+            return
+        if self.barrier_type not in BARRIER_REGISTRY:
             raise ValueError(
                 f"BarrierConfig.barrier_type must be one of {sorted(BARRIER_REGISTRY)} or None, got {self.barrier_type!r}"
             )
-        args = canonical_barrier_args(self.barrier_args)
-        for name in ("timeout_secs", "timeout_barrier_init_secs"):
-            value = args.get(name)
-            if value is not None and not float(value) > 0:  # NaN too
-                raise ValueError(f"BarrierConfig.barrier_args['{name}'] must be > 0, got {value}")
+        check_call_args(BARRIER_REGISTRY[self.barrier_type], canonical_barrier_args(self.barrier_args),
+                        "BarrierConfig.barrier_args", _BARRIER_ARG_RANGES)
+
+
+_BARRIER_ARG_RANGES = {"timeout_secs": TIMEOUT, "timeout_barrier_init_secs": TIMEOUT,
+                       "tcpstore_port": Range(ge=0, le=65535), "global_rank": Range(ge=0),
+                       "global_world_size": AT_LEAST_ONE}
 
 
 def create_barrier_from_config(barrier_config: BarrierConfig | None,

@@ -21,6 +21,7 @@ from lightning_ckpt._writer_main import make_default_writer
 from lightning_ckpt.barriers import BarrierConfig, needs_main_thread
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint
 from lightning_ckpt.checkpoint_writer import CheckpointWriterConfig, WriterHook, WriteStats
+from lightning_ckpt.config_fields import TIMEOUT, Range, check_fields
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError, CheckpointWriteError, WriterProcessDiedError
 from lightning_ckpt.picklable import PicklableBeforeUse
 from lightning_ckpt.types import RankInfo
@@ -65,15 +66,9 @@ class CheckpointProcessConfig:
     writer_niceness: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("subprocess_init_timeout_secs", "subprocess_shutdown_timeout_secs", "write_timeout_secs",
-                     "stall_timeout_secs", "wait_log_interval_secs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:  # NaN too
-                raise ValueError(f"CheckpointProcessConfig.{name} must be a number > 0, got {value!r}")
-        if isinstance(self.writer_niceness, bool) or not isinstance(self.writer_niceness, int) \
-                or not 0 <= self.writer_niceness <= 19:
-            raise ValueError(f"CheckpointProcessConfig.writer_niceness must be an int in [0, 19], "
-                             f"got {self.writer_niceness!r}")
+        check_fields(self, {"subprocess_init_timeout_secs": TIMEOUT, "subprocess_shutdown_timeout_secs": TIMEOUT,
+                            "write_timeout_secs": TIMEOUT, "stall_timeout_secs": TIMEOUT,
+                            "wait_log_interval_secs": TIMEOUT, "writer_niceness": Range(ge=0, le=19)})
 
     @property
     def startup_timeout_secs(self) -> float:

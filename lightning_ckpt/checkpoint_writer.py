@@ -12,6 +12,7 @@ from lightning_ckpt import commit, layout, paths, remote_dirs
 from lightning_ckpt.barriers import Barrier, KeyedBarrier, barrier_report_error, barrier_wait
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint, read_checksum_record, write_file
 from lightning_ckpt.commit import Commit
+from lightning_ckpt.config_fields import TIMEOUT, check_fields
 from lightning_ckpt.errors import IncompleteCheckpointError
 from lightning_ckpt.manifest import ChecksumRecord, Manifest, ManifestFile
 from lightning_ckpt.remote import RemoteUpload
@@ -57,12 +58,9 @@ class CheckpointWriterConfig:
     layout: str = layout.LAYOUT_DIR
 
     def __post_init__(self) -> None:
+        check_fields(self, {"write_barrier_timeout_secs": TIMEOUT})
         if self.layout not in (layout.LAYOUT_DIR, layout.LAYOUT_FILE):
             raise ValueError(f"CheckpointWriterConfig.layout must be 'dir' or 'file', got {self.layout!r}")
-        if not self.write_barrier_timeout_secs > 0:  # NaN too
-            raise ValueError(
-                f"CheckpointWriterConfig.write_barrier_timeout_secs must be > 0, got {self.write_barrier_timeout_secs}"
-            )
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
 from lightning_ckpt.commit import remove_path
+from lightning_ckpt.config_fields import AT_LEAST_ONE, POSITIVE, TIMEOUT, check_fields
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError, CheckpointWriteError
 from lightning_ckpt.paths import RemotePath
 
@@ -79,18 +80,16 @@ class RemoteConfig:
     stream_from_staging: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self, {"max_concurrency": AT_LEAST_ONE, "max_attempts": AT_LEAST_ONE,
+                            "connect_timeout_secs": TIMEOUT, "read_timeout_secs": TIMEOUT,
+                            "min_send_bytes_per_sec": POSITIVE})
         if not MIN_PART_BYTES <= self.part_size_bytes <= MAX_PART_BYTES:
             raise ValueError(f"RemoteConfig.part_size_bytes must be in [5 MiB, 5 GiB], got {self.part_size_bytes}")
-        for name in ("max_concurrency", "max_attempts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"RemoteConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("connect_timeout_secs", "read_timeout_secs"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"RemoteConfig.{name} must be > 0 or None, got {value}")
-        if not self.min_send_bytes_per_sec > 0:
-            raise ValueError(f"RemoteConfig.min_send_bytes_per_sec must be > 0, got {self.min_send_bytes_per_sec}")
-        re.compile(self.no_overwrite_pattern)
+        try:
+            re.compile(self.no_overwrite_pattern)
+        except re.error as e:
+            raise ValueError(f"RemoteConfig.no_overwrite_pattern is not a regex ({e}): "
+                             f"{self.no_overwrite_pattern!r}") from e
 
     def no_overwrite(self, name: str) -> bool:
         return bool(self.no_overwrite_pattern) and re.search(self.no_overwrite_pattern, name) is not None

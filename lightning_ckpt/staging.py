@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint
+from lightning_ckpt.config_fields import POSITIVE, TIMEOUT, check_fields
 from lightning_ckpt.futures import uncancellable_future
 from lightning_ckpt.picklable import PicklableBeforeUse
 from lightning_ckpt.serialization import StorageLayout, for_transfer, prepare
@@ -29,9 +30,6 @@ log = logging.getLogger(__name__)
 
 class StagingConfigError(ValueError, AssertionError):
     """A staging option this machine cannot honour (an ``AssertionError`` too, as PyTorch's stager raises)."""
-
-
-_AUTO_OPTIONS = ("use_pinned_memory", "use_non_blocking_copy")  # None: on when CUDA is there
 
 
 @dataclass
@@ -60,20 +58,7 @@ class CheckpointStagerConfig:
     buffer_wait_timeout_secs: float = 3600.0
 
     def __post_init__(self) -> None:
-        for name in ("use_async_staging", "use_shared_memory", "use_pinned_memory", "use_non_blocking_copy"):
-            value = getattr(self, name)
-            if not isinstance(value, bool) and not (value is None and name in _AUTO_OPTIONS):
-                raise ValueError(f"CheckpointStagerConfig.{name} must be a bool"
-                                 f"{' or None' if name in _AUTO_OPTIONS else ''}, got {value!r}")
-        budget = self.budget_bytes
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
-            raise ValueError(f"CheckpointStagerConfig.budget_bytes must be an int or None, got {budget!r}")
-        if self.budget_bytes is not None and self.budget_bytes <= 0:
-            raise ValueError(f"CheckpointStagerConfig.budget_bytes must be > 0 or None, got {self.budget_bytes}")
-        if not self.buffer_wait_timeout_secs > 0:  # NaN too
-            raise ValueError(
-                f"CheckpointStagerConfig.buffer_wait_timeout_secs must be > 0, got {self.buffer_wait_timeout_secs}"
-            )
+        check_fields(self, {"budget_bytes": POSITIVE, "buffer_wait_timeout_secs": TIMEOUT})
 
     @property
     def pinned(self) -> bool:

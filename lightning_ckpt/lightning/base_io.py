@@ -27,7 +27,7 @@ from lightning_ckpt.config import CheckpointerConfig
 from lightning_ckpt.futures import completed_future
 from lightning_ckpt.lightning.binding import StrategyBarrier, TrainerBinding, calling_trainer
 from lightning_ckpt.lightning.ledger import SaveLedger, wait_in_process
-from lightning_ckpt.lightning.plugin_config import coerce_config
+from lightning_ckpt.lightning.plugin_config import coerce_config, coerce_remote_config, coerce_storage_options
 from lightning_ckpt.lightning.remote_copy import SaveLastCopies
 from lightning_ckpt.lightning.snapshot_window import SnapshotWindow
 from lightning_ckpt.paths import RemotePath
@@ -69,7 +69,8 @@ class LightningCkptIO(CheckpointIO):
         commit_hook: a ``WriterHook`` called around each commit (importable by module path).
         storage_options: fsspec options for remote paths (``s3://``): ``endpoint_url``, ``key``, ``secret``,
             ``client_kwargs``, ``config_kwargs``; Lightning's per-call ``storage_options`` are merged over them.
-        remote_config: part size, concurrency and retries of remote uploads and downloads.
+        remote_config: part size, concurrency and retries of remote uploads and downloads, or the same as a
+            dict (YAML); checked like ``config``.
 
     Remote paths (``s3://bucket/run/x.ckpt``): the checkpoint is committed in the local cache
     (``$LIGHTNING_CKPT_CACHE_DIR``, default ``~/.cache/lightning_ckpt``), then the writer uploads it with a multipart
@@ -81,7 +82,8 @@ class LightningCkptIO(CheckpointIO):
     staging memory into the upload, which holds that memory until the upload completes.
 
     Raises:
-        ValueError: a bad ``config`` field or ``error_policy`` (named).
+        ValueError: a bad ``config`` or ``remote_config`` field, ``storage_options`` or ``error_policy`` (named;
+            a value of the wrong type raises ``ConfigTypeError``, a ``TypeError`` too).
     """
 
     def __init__(self, config: Optional[CheckpointerConfig] = None, error_policy: ErrorPolicy = "raise",
@@ -95,8 +97,8 @@ class LightningCkptIO(CheckpointIO):
         self.config = dataclasses.replace(self.config, writer_config=dataclasses.replace(self.config.writer_config, layout="file"))
         self.error_policy = error_policy
         self.commit_hook = commit_hook
-        self.storage_options = dict(storage_options or {})
-        self.remote_config = remote_config if remote_config is not None else RemoteConfig()
+        self.storage_options = coerce_storage_options(storage_options, f"{name}.storage_options")
+        self.remote_config = coerce_remote_config(remote_config, f"{name}.remote_config")
         self.save_last_copies = SaveLastCopies(self)  # remote save_last: a server-side copy, not an upload
         self.rank_info = RankInfo(0, 1)
         self.barrier: Barrier | None = None
