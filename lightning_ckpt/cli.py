@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -136,7 +137,9 @@ def _latest(args: argparse.Namespace) -> int:
         print(f"{args.dir}: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILED
     if path is None:
-        print(f"no complete checkpoint named {args.filename!r} in {args.dir}", file=sys.stderr)
+        missing = "://" not in args.dir and not os.path.isdir(args.dir)
+        print(f"{args.dir} is not a directory" if missing else
+              f"no complete checkpoint named {args.filename!r} in {args.dir}", file=sys.stderr)
         return EXIT_FAILED
     print(path)
     return EXIT_OK

@@ -141,8 +141,10 @@ def _check_directory(path: str, deep: bool) -> CheckResult:
             return _check_dcp_directory(path, dir_fd, names, manifest, deep)
         result = CheckResult(path, VERIFIED if deep else COMPLETE, manifest=manifest)
         world = manifest.get("world_size")
-        ranks = range(world) if isinstance(world, int) and world > 0 else ()
-        for rank in ranks:
+        if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+            raise CorruptCheckpointError(f"malformed manifest {os.path.join(path, layout.MANIFEST_NAME)}: world_size "
+                                         f"must be an integer >= 1, got {world!r}", path=path, key="world_size")
+        for rank in range(world):
             name = next((n for n in rank_file_names(rank) if n in manifest["files"]), None)
             if name is None:
                 raise IncompleteCheckpointError(f"incomplete checkpoint: {path} has no file for rank {rank}")

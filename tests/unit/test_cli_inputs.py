@@ -114,3 +114,23 @@ def test_verify_of_a_location_no_store_reads_says_why_not_missing(tmp_path, caps
     assert [line.split()[0] for line in lines] == ["UNREADABLE", "UNREADABLE"]
     assert "memory://" in lines[0] and "separate writer process" in lines[0]
     assert "needs a bucket and a key" in lines[1]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("world_size", [0, -1, "2", True])
+def test_a_manifest_without_a_valid_world_size_is_corrupt_not_verified(tmp_path, capsys, world_size):
+    path = _two_rank_directory(tmp_path)
+    manifest_path = os.path.join(path, layout.MANIFEST_NAME)
+    manifest = json.loads(open(manifest_path).read())
+    with open(manifest_path, "w") as f:
+        json.dump({**manifest, "world_size": world_size, **({"files": {}} if world_size == 0 else {})}, f)
+    assert main(["verify", path]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("CORRUPT") and "world_size" in out
+
+
+@pytest.mark.timeout(60)
+def test_latest_of_a_directory_that_does_not_exist_says_so(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-dir")
+    assert main(["latest", missing]) == 1
+    assert capsys.readouterr().err.strip() == f"{missing} is not a directory"
