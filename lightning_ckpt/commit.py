@@ -32,7 +32,8 @@ checkpoint at the final path for that instant, but the committed one stays in th
 ``remove_stale_temps`` renames it back instead of deleting it. The stale-temp cleanup removes a temp only when it is
 ours (owner uid) and no process holds its lock; it never deletes a complete checkpoint that is not also at its
 final path. Across hosts this relies on the filesystem's lock support (NFSv4 locks; local filesystems). Every
-publish holds an ``flock`` on the parent directory across its look at the final path and its rename, so
+publish holds an ``flock`` on a short-lived lock file of ours in the parent directory (``.lckpt-publish-<uid>.lock``,
+never the directory itself) across its look at the final path and its rename, so
 ``publish(only_if_unchanged=True)`` compares and replaces in one step as seen by any other publish.
 """
 
@@ -250,8 +251,8 @@ class Commit:
             only_if_unchanged: publish only if ``final_path`` is still what it was when the temp was made (same
                 entry, not modified; or still absent): a writer whose trainer is gone must not put its older
                 checkpoint over one that a newer run committed meanwhile. An absent path is claimed without
-                replacing (``RENAME_NOREPLACE``); an existing one is compared and replaced under an ``flock`` of
-                the parent directory that every publish takes, so no other publish falls between the two.
+                replacing (``RENAME_NOREPLACE``); an existing one is compared and replaced under the publish lock
+                of the parent directory that every publish takes, so no other publish falls between the two.
 
         Raises:
             CommitError: this is a joined temp, or it was already published or closed.
@@ -432,43 +433,97 @@ def _make_temp(parent_fd: int, token: str, final_name: str, directory: bool) -> 
 
 
 class _PublishLock:
-    """An exclusive ``flock`` on the parent directory around a publish's check and rename.
+    """An exclusive ``flock`` on a lock file of ours in the parent directory, around a publish's check and rename.
 
     Every publish takes it, so ``publish(only_if_unchanged=True)``'s comparison and its rename are one step as
     seen by any other publish into the same directory (an orphaned writer cannot put its older checkpoint over
-    one committed between the two). It is held for microseconds; a wait is bounded by ``_PUBLISH_LOCK_SECS``, and
-    where the filesystem has no ``flock`` on directories (NFS emulates it with byte-range locks, which a read-only
-    descriptor cannot take) the publish goes on unlocked, as it did before the lock existed.
+    one committed between the two). The lock is a private regular file (``publish_lock_name()``: per user, skipped
+    by scans) created for the publish and unlinked while still held, never the user's directory itself: a user's
+    own ``flock`` of the checkpoint directory must not stall saves. A waiter that locked a file since unlinked
+    retries on the new one. The wait is bounded by ``_PUBLISH_LOCK_SECS``; where no lock can be had (a file of
+    that name owned by someone else, a filesystem without locks) the publish goes on unlocked, as it did before
+    the lock existed.
     """
 
     def __init__(self, parent_fd: int, final_path: str) -> None:
-        self._fd = parent_fd
+        self._parent_fd = parent_fd
         self._final_path = final_path
-        self._held = False
+        self._name = publish_lock_name()
+        self._fd: int | None = None
 
     def __enter__(self) -> "_PublishLock":
         deadline = time.monotonic() + _PUBLISH_LOCK_SECS
         pause = 0.0005
         while True:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._held = True
+            fd = self._open()
+            if fd is None:
                 return self
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                os.close(fd)
                 if time.monotonic() >= deadline:
-                    log.warning("publishing %s without the directory lock: another process held it for %.0fs",
+                    log.warning("publishing %s without the publish lock: another process held it for %.0fs",
                                 self._final_path, _PUBLISH_LOCK_SECS)
                     return self
                 time.sleep(pause)
                 pause = min(pause * 2, 0.01)
-            except OSError as e:  # no flock on this filesystem's directories
-                log.debug("no directory lock for %s (%s): publishing unlocked", self._final_path, e)
+                continue
+            except OSError as e:  # no locks on this filesystem, so none to keep: leave no file behind
+                os.close(fd)
+                _unlink_quietly(self._name, self._parent_fd)
+                log.debug("no publish lock for %s (%s): publishing unlocked", self._final_path, e)
+                return self
+            if self._still_named(fd):
+                self._fd = fd
+                return self
+            os.close(fd)  # its holder unlinked it before we got it: take the current one
+            if time.monotonic() >= deadline:
+                log.warning("publishing %s without the publish lock: it kept changing for %.0fs",
+                            self._final_path, _PUBLISH_LOCK_SECS)
                 return self
 
+    def _open(self) -> int | None:
+        try:
+            fd = os.open(self._name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=self._parent_fd)
+        except OSError as e:  # a symlink planted at the name, a read-only directory, ...
+            log.debug("no publish lock for %s (%s): publishing unlocked", self._final_path, e)
+            return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            os.close(fd)
+            log.warning("publishing %s without the publish lock: %s there is not a private file of ours",
+                        self._final_path, self._name)
+            return None
+        return fd
+
+    def _still_named(self, fd: int) -> bool:
+        try:
+            named = os.stat(self._name, dir_fd=self._parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
     def __exit__(self, *exc: object) -> None:
-        if self._held:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            self._held = False
+        if self._fd is None:
+            return
+        _unlink_quietly(self._name, self._parent_fd)  # while held: a waiter that opened it sees the change
+        os.close(self._fd)  # releases the flock
+        self._fd = None
+
+
+def _unlink_quietly(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError as e:  # left for remove_stale_temps
+        log.debug("could not remove %s: %s", name, e)
+
+
+def publish_lock_name() -> str:
+    """The per-user lock file a publish holds (``.lckpt-publish-<uid>.lock``): never a checkpoint, scans skip it."""
+    return f"{TEMP_PREFIX}publish-{os.geteuid()}.lock"
 
 
 def _check_ours(st: os.stat_result, name: str) -> None:

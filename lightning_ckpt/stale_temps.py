@@ -2,7 +2,8 @@
 
 A temp is reaped only when it is a private directory of this user and no process holds its ``flock``; pid liveness
 is never consulted, so this holds across PID namespaces. A committed checkpoint that the two-rename fallback left
-aside is put back at its final path instead of being deleted.
+aside is put back at its final path instead of being deleted. A publish lock file that a killed publish left
+behind is removed when no process holds it.
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ def remove_stale_temps(directory: str) -> list[str]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     removed = []
+    lock_name = commit.publish_lock_name()
     try:
         for name in os.listdir(parent_fd):
             if is_temp_name(name) and _reap(parent_fd, name):
+                removed.append(name)
+            elif name == lock_name and _reap_publish_lock(parent_fd, name):
                 removed.append(name)
     finally:
         os.close(parent_fd)
@@ -66,6 +70,27 @@ def _reap(parent_fd: int, name: str) -> bool:
     finally:
         os.close(lock_fd)
         os.close(tmp_fd)
+
+
+def _reap_publish_lock(parent_fd: int, name: str) -> bool:
+    """Unlink a publish lock file of ours that no process holds (its publish was killed); True when removed."""
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or not _try_lock(fd, fcntl.LOCK_EX):
+            return False
+        named = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        if (named.st_dev, named.st_ino) != (st.st_dev, st.st_ino):
+            return False
+        os.unlink(name, dir_fd=parent_fd)  # held: a publish that opened it meanwhile sees the change and retries
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _open_lock_for_reaping(tmp_fd: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -310,22 +311,111 @@ def test_a_publish_cannot_fall_between_an_orphans_check_and_its_rename(tmp_path,
     assert _temps(tmp_path) == []
 
 
-def test_publish_goes_on_unlocked_where_directories_have_no_flock(tmp_path, monkeypatch):
-    """NFS-style directories refuse ``flock`` on a read-only descriptor: the publish still happens."""
-    real_flock = commit_mod.fcntl.flock
+def test_publish_goes_on_unlocked_where_the_filesystem_has_no_flock(tmp_path, monkeypatch):
+    """A filesystem that refuses ``flock``: the publish still happens, and leaves no lock file."""
+    def no_flock(fd, op):
+        raise OSError(95, "Operation not supported")
 
-    def no_dir_flock(fd, op):
-        if os.path.isdir(f"/proc/self/fd/{fd}"):
-            raise OSError(9, "Bad file descriptor")
-        return real_flock(fd, op)
-
-    monkeypatch.setattr(commit_mod.fcntl, "flock", no_dir_flock)
     final = tmp_path / "a.ckpt"
     final.write_bytes(b"old")
+    c = Commit.create(final)
+    c.write_bytes(None, b"new")
+    monkeypatch.setattr(commit_mod.fcntl, "flock", no_flock)
+    c.publish(only_if_unchanged=True)
+    monkeypatch.undo()
+    c.close()
+    assert final.read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["a.ckpt"]
+
+
+_HOLD_DIR_FLOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(fd, fcntl.LOCK_SH if sys.argv[2] == "sh" else fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("kind", ["sh", "ex"])
+def test_a_users_flock_on_the_checkpoint_directory_does_not_stall_publishes(tmp_path, caplog, monkeypatch, kind):
+    """``flock ckpts/ python train.py`` (or any tool locking the directory) must not hold up a save's publish:
+    the publish lock is a file of ours, never the user's directory."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_DIR_FLOCK, str(tmp_path), kind],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        monkeypatch.setattr(commit_mod, "_PUBLISH_LOCK_SECS", 2.0)  # a publish that waits gives up and warns
+        final = tmp_path / "a.ckpt"
+        with caplog.at_level("DEBUG", logger=commit_mod.__name__):
+            for i in range(3):
+                with Commit.create(final) as c:
+                    c.write_bytes(None, b"v%d" % i)
+                    c.publish(only_if_unchanged=i == 0)
+        assert final.read_bytes() == b"v2"
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []  # never waited out
+        assert sorted(os.listdir(tmp_path)) == ["a.ckpt"]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+
+
+def test_a_planted_lock_name_is_never_followed_or_used(tmp_path):
+    """A symlink (or another user's file) at the lock name: the publish goes on unlocked and touches nothing else."""
+    target = tmp_path / "elsewhere"
+    os.symlink(target, tmp_path / commit_mod.publish_lock_name())
+    final = tmp_path / "a.ckpt"
     with Commit.create(final) as c:
         c.write_bytes(None, b"new")
-        c.publish(only_if_unchanged=True)
+        c.publish()
     assert final.read_bytes() == b"new"
+    assert not target.exists()
+    assert os.path.islink(tmp_path / commit_mod.publish_lock_name())
+
+
+def test_a_waiter_that_opened_the_lock_file_before_its_holder_removed_it_takes_the_current_one(tmp_path,
+                                                                                                  monkeypatch):
+    """The holder unlinks the lock file while holding it: a waiter that locks the unlinked file must not count it
+    as held (a third publish could lock a new file of that name at the same time)."""
+    parent_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    name = commit_mod.publish_lock_name()
+    stale_fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o600, dir_fd=parent_fd)
+    os.unlink(name, dir_fd=parent_fd)  # as a holder does on leaving, after this waiter opened it
+    lock = commit_mod._PublishLock(parent_fd, str(tmp_path / "a.ckpt"))
+    real_open = lock._open
+    opened = []
+
+    def open_stale_first():
+        opened.append(len(opened))
+        return stale_fd if len(opened) == 1 else real_open()
+
+    monkeypatch.setattr(lock, "_open", open_stale_first)
+    try:
+        with lock:
+            assert len(opened) == 2
+            held = os.fstat(lock._fd)
+            named = os.stat(name, dir_fd=parent_fd)
+            assert (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+        assert not os.path.exists(tmp_path / name)
+    finally:
+        os.close(parent_fd)
+
+
+def test_cleanup_removes_a_publish_lock_left_by_a_killed_publish_but_not_a_held_one(tmp_path):
+    name = commit_mod.publish_lock_name()
+    (tmp_path / name).write_bytes(b"")  # its publish was killed between creating and removing it
+    (tmp_path / "a.ckpt").write_bytes(b"x")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl,sys; f=open(sys.argv[1],'r+');"
+                               "fcntl.flock(f,fcntl.LOCK_EX); print('held',flush=True); sys.stdin.read()",
+                               str(tmp_path / name)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert remove_stale_temps(str(tmp_path)) == []  # a live publish holds it
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    assert remove_stale_temps(str(tmp_path)) == [name]
+    assert os.listdir(tmp_path) == ["a.ckpt"]
 
 
 def test_a_replaced_checkpoint_that_cannot_be_removed_yet_does_not_fail_the_publish(tmp_path, monkeypatch):
