@@ -12,7 +12,7 @@ from typing import Any
 from lightning_ckpt.barrier_base import (
     BARRIER_REGISTRY, Barrier, KeyedBarrier, barrier_report_error, barrier_wait, register_barrier,
 )
-from lightning_ckpt.config_fields import AT_LEAST_ONE, TIMEOUT, Range, check_call_args, check_fields
+from lightning_ckpt.config_fields import AT_LEAST_ONE, TIMEOUT, Range, check_call_args, check_fields, coerce_int_args
 from lightning_ckpt.errors import BarrierPeerError, BarrierTimeoutError
 from lightning_ckpt.tcp_store_barrier import STORE_PORT_ENV, TCPStoreBarrier, resolve_store_address
 from lightning_ckpt.types import RankInfo
@@ -204,8 +204,10 @@ class BarrierConfig:
             raise ValueError(
                 f"BarrierConfig.barrier_type must be one of {sorted(BARRIER_REGISTRY)} or None, got {self.barrier_type!r}"
             )
-        check_call_args(BARRIER_REGISTRY[self.barrier_type], canonical_barrier_args(self.barrier_args),
-                        "BarrierConfig.barrier_args", _BARRIER_ARG_RANGES)
+        barrier_class = BARRIER_REGISTRY[self.barrier_type]
+        self.barrier_args = coerce_int_args(barrier_class, self.barrier_args, _ARG_ALIASES)  # "29600" -> 29600
+        check_call_args(barrier_class, canonical_barrier_args(self.barrier_args), "BarrierConfig.barrier_args",
+                        _BARRIER_ARG_RANGES)
 
 
 _BARRIER_ARG_RANGES = {"timeout_secs": TIMEOUT, "timeout_barrier_init_secs": TIMEOUT,

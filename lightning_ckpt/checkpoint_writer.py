@@ -6,13 +6,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from lightning_ckpt import commit, layout, paths, remote_dirs
 from lightning_ckpt.barriers import Barrier, KeyedBarrier, barrier_report_error, barrier_wait
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint, read_checksum_record, write_file
 from lightning_ckpt.commit import Commit
-from lightning_ckpt.config_fields import TIMEOUT, check_fields
+from lightning_ckpt.config_fields import TIMEOUT, Range, check_fields
 from lightning_ckpt.errors import IncompleteCheckpointError
 from lightning_ckpt.manifest import ChecksumRecord, Manifest, ManifestFile
 from lightning_ckpt.remote import RemoteUpload
@@ -57,8 +57,10 @@ class CheckpointWriterConfig:
     use_direct_io: bool = True
     layout: str = layout.LAYOUT_DIR
 
+    FIELD_RANGES: ClassVar[dict[str, Range]] = {"write_barrier_timeout_secs": TIMEOUT}
+
     def __post_init__(self) -> None:
-        check_fields(self, {"write_barrier_timeout_secs": TIMEOUT})
+        check_fields(self)
         if self.layout not in (layout.LAYOUT_DIR, layout.LAYOUT_FILE):
             raise ValueError(f"CheckpointWriterConfig.layout must be 'dir' or 'file', got {self.layout!r}")
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from lightning_ckpt.barriers import BarrierConfig
 from lightning_ckpt.checkpoint_process import CheckpointProcessConfig
 from lightning_ckpt.checkpoint_writer import CheckpointWriterConfig
-from lightning_ckpt.config_fields import AT_LEAST_ONE, TIMEOUT, as_config, check_fields
+from lightning_ckpt.config_fields import AT_LEAST_ONE, TIMEOUT, Range, as_config, check_fields
 from lightning_ckpt.staging import CheckpointStagerConfig
 
 
@@ -33,10 +34,12 @@ class CheckpointerConfig:
     wait_timeout_secs: float = 3600.0
     verify_on_load: bool = True
 
+    FIELD_RANGES: ClassVar[dict[str, Range]] = {"max_in_flight": AT_LEAST_ONE, "wait_timeout_secs": TIMEOUT}
+
     def __post_init__(self) -> None:
         for name, cls in _SUB_CONFIGS.items():
             setattr(self, name, as_config(cls, getattr(self, name), f"CheckpointerConfig.{name}"))
-        check_fields(self, {"max_in_flight": AT_LEAST_ONE, "wait_timeout_secs": TIMEOUT})
+        check_fields(self)
 
     def check_async(self, where: str = "CheckpointerConfig") -> None:
         """Refuse what the async checkpointer cannot run with (its writer process maps the staging memory).

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import numbers
+import re
 import threading
 import types
 import typing
@@ -18,11 +20,13 @@ class ConfigTypeError(TypeError, ValueError):
 
 @dataclass(frozen=True)
 class Range:
-    """Bounds of a number (None: unbounded on that side)."""
+    """Bounds of a number (None: unbounded on that side); ``real``: any finite real number is taken whatever the
+    field's annotation (a duration in seconds is one, even where the seed annotates it ``int``)."""
 
     gt: float | None = None
     ge: float | None = None
     le: float | None = None
+    real: bool = False
 
     def holds(self, value: float) -> bool:
         return ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
@@ -36,11 +40,12 @@ class Range:
 
 POSITIVE = Range(gt=0)
 AT_LEAST_ONE = Range(ge=1)
-TIMEOUT = Range(gt=0, le=threading.TIMEOUT_MAX)  # longer waits overflow threading's and the selectors' timeouts
+TIMEOUT = Range(gt=0, le=threading.TIMEOUT_MAX, real=True)  # longer waits overflow threading's and selectors' timeouts
 
 
 def check_fields(config: Any, ranges: Mapping[str, Range] | None = None) -> None:
-    """Check every field of dataclass instance ``config`` against its annotation, then the ranges given.
+    """Check every field of dataclass instance ``config`` against its annotation, then its range: ``ranges``, else
+    the class's ``FIELD_RANGES`` (a ``ClassVar`` mapping field names to ``Range``).
 
     Bools must be real bools (not ``"no"``, not 1), ints not bools, numbers finite, nested dataclass fields instances.
 
@@ -50,22 +55,24 @@ def check_fields(config: Any, ranges: Mapping[str, Range] | None = None) -> None
     """
     cls = type(config)
     hints = _hints(cls)
+    ranges = _ranges(cls) if ranges is None else ranges
     for f in dataclasses.fields(cls):
         if f.init and f.name in hints:
             value = getattr(config, f.name)
-            check_value(hints[f.name], value, f"{cls.__name__}.{f.name}", (ranges or {}).get(f.name))
+            check_value(hints[f.name], value, f"{cls.__name__}.{f.name}", ranges.get(f.name))
             if dataclasses.is_dataclass(value):  # a nested config changed since it checked itself
                 check_fields(value)
 
 
 def check_value(tp: Any, value: Any, where: str, bounds: Range | None = None) -> None:
     """Check one value against annotation ``tp`` (and ``bounds`` for a number); see ``check_fields``."""
-    if not _matches(tp, value):
-        raise ConfigTypeError(f"{where} must be {describe(tp)}, got {type(value).__name__} {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
+    real = bounds is not None and bounds.real
+    if not (real and _is_real(value)) and not _matches(tp, value):
+        expected = "a finite number (seconds)" if real else describe(tp)
+        raise ConfigTypeError(f"{where} must be {expected}, got {type(value).__name__} {value!r}")
+    if _is_real(value) and not math.isfinite(value):
         raise ValueError(f"{where} must be a finite number, got {value!r}")
-    if bounds is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
-            and not bounds.holds(value):
+    if bounds is not None and _is_real(value) and not bounds.holds(value):
         raise ValueError(f"{where} must be {bounds}, got {value!r}")
 
 
@@ -83,11 +90,11 @@ def build_config(cls: type, mapping: Mapping, where: str) -> Any:
     unknown = sorted(str(k) for k in mapping if k not in names)
     if unknown:
         raise ValueError(f"{where} has unknown keys, unknown field(s) {unknown}; {cls.__name__} takes {names}")
-    kwargs = {}
+    kwargs, ranges = {}, _ranges(cls)
     for name, value in mapping.items():
         tp = hints.get(name, Any)
         value = _convert(tp, value, f"{where}.{name}")
-        check_value(tp, value, f"{where}.{name}")
+        check_value(tp, value, f"{where}.{name}", ranges.get(name))
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -140,6 +147,35 @@ def check_call_args(target: Callable, args: Mapping[str, Any], where: str,
         hints = {}
     for name, value in args.items():
         check_value(hints.get(name, Any), value, f"{where}[{name!r}]", (ranges or {}).get(name))
+
+
+def coerce_int_args(target: Callable, args: Mapping[str, Any], aliases: Mapping[str, str] | None = None) -> dict:
+    """``args`` with the values of ``target``'s int parameters that are whole numbers of another type (a numpy
+    int, a string of digits from YAML or the environment) turned into ints; anything else is left for
+    ``check_call_args`` to refuse. ``aliases`` maps former argument names to ``target``'s."""
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # noqa: BLE001 - as check_call_args: nothing to coerce against
+        return dict(args)
+    out = dict(args)
+    for name, value in args.items():
+        tp = hints.get((aliases or {}).get(name, name))
+        takes_int = tp is not None and _matches(tp, 1) and not _matches(tp, 0.5)  # an int parameter, not a float
+        if takes_int and not _matches(tp, value):
+            whole = _whole_number(value)
+            if whole is not None:
+                out[name] = whole
+    return out
+
+
+def _whole_number(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    return None
 
 
 def describe(tp: Any) -> str:
@@ -195,6 +231,14 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _ranges(cls: type) -> Mapping[str, Range]:
+    return getattr(cls, "FIELD_RANGES", None) or {}
 
 
 def _hints(cls: type) -> dict[str, Any]:

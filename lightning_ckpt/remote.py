@@ -15,10 +15,10 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, ClassVar, Protocol
 
 from lightning_ckpt.commit import remove_path
-from lightning_ckpt.config_fields import AT_LEAST_ONE, POSITIVE, TIMEOUT, check_fields
+from lightning_ckpt.config_fields import AT_LEAST_ONE, POSITIVE, TIMEOUT, Range, check_fields
 from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError, CheckpointWriteError
 from lightning_ckpt.paths import RemotePath
 
@@ -79,10 +79,12 @@ class RemoteConfig:
     no_overwrite_pattern: str = r"step=\d+"
     stream_from_staging: bool = False
 
+    FIELD_RANGES: ClassVar[dict[str, Range]] = {"max_concurrency": AT_LEAST_ONE, "max_attempts": AT_LEAST_ONE,
+                                                "connect_timeout_secs": TIMEOUT, "read_timeout_secs": TIMEOUT,
+                                                "min_send_bytes_per_sec": POSITIVE}
+
     def __post_init__(self) -> None:
-        check_fields(self, {"max_concurrency": AT_LEAST_ONE, "max_attempts": AT_LEAST_ONE,
-                            "connect_timeout_secs": TIMEOUT, "read_timeout_secs": TIMEOUT,
-                            "min_send_bytes_per_sec": POSITIVE})
+        check_fields(self)
         if not MIN_PART_BYTES <= self.part_size_bytes <= MAX_PART_BYTES:
             raise ValueError(f"RemoteConfig.part_size_bytes must be in [5 MiB, 5 GiB], got {self.part_size_bytes}")
         try:

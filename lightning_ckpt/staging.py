@@ -12,12 +12,12 @@ import weakref
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from lightning_ckpt.checkpoint_file import PreparedCheckpoint
-from lightning_ckpt.config_fields import POSITIVE, TIMEOUT, check_fields
+from lightning_ckpt.config_fields import POSITIVE, TIMEOUT, Range, check_fields
 from lightning_ckpt.futures import uncancellable_future
 from lightning_ckpt.picklable import PicklableBeforeUse
 from lightning_ckpt.serialization import StorageLayout, for_transfer, prepare
@@ -57,8 +57,10 @@ class CheckpointStagerConfig:
     budget_bytes: int | None = None
     buffer_wait_timeout_secs: float = 3600.0
 
+    FIELD_RANGES: ClassVar[dict[str, Range]] = {"budget_bytes": POSITIVE, "buffer_wait_timeout_secs": TIMEOUT}
+
     def __post_init__(self) -> None:
-        check_fields(self, {"budget_bytes": POSITIVE, "buffer_wait_timeout_secs": TIMEOUT})
+        check_fields(self)
 
     @property
     def pinned(self) -> bool:

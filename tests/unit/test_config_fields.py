@@ -12,6 +12,7 @@ import re
 import sys
 import typing
 
+import numpy
 import pytest
 
 import lightning_ckpt as lc
@@ -38,8 +39,9 @@ def _cases(configs: dict[str, type]) -> list:
     for key, cls in configs.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            seconds = getattr(cls.FIELD_RANGES.get(f.name), "real", False)  # any number of seconds is right there
             out += [pytest.param(key, cls, f.name, bad, id=f"{cls.__name__}.{f.name}={bad!r}")
-                    for bad in WRONG[hints[f.name]]]
+                    for bad in WRONG[hints[f.name]] if not (seconds and isinstance(bad, float))]
     return out
 
 
@@ -114,18 +116,41 @@ def test_non_finite_numbers_are_refused(field, value):
 @pytest.mark.parametrize("barrier_type, args, match", [
     ("tcp_store", {"tcpstore_prot": 1234},
      r"barrier_args has unknown argument\(s\) \['tcpstore_prot'\]; TCPStoreBarrier takes .*'tcpstore_port'"),
-    ("tcp_store", {"tcpstore_port": "29500"}, r"barrier_args\['tcpstore_port'\] must be int"),
+    ("tcp_store", {"tcpstore_port": "29500a"}, r"barrier_args\['tcpstore_port'\] must be int"),
+    ("tcp_store", {"tcpstore_port": 29500.0}, r"barrier_args\['tcpstore_port'\] must be int"),
+    ("tcp_store", {"tcpstore_port": True}, r"barrier_args\['tcpstore_port'\] must be int"),
     ("tcp_store", {"tcpstore_port": 70000}, r"barrier_args\['tcpstore_port'\] must be .*65535"),
     ("tcp_store", {"master_addr": 5}, r"barrier_args\['master_address'\] must be str or None"),
     ("tcp_store", {"timeout_secs": math.inf}, r"barrier_args\['timeout_secs'\] must be a finite"),
     ("dist_barrier", {"global_rank": 0}, r"unknown argument\(s\) \['global_rank'\]; DistBarrier"),
-    ("dist_barrier", {"timeout_secs": "10"}, r"barrier_args\['timeout_secs'\] must be float"),
+    ("dist_barrier", {"timeout_secs": "10"}, r"barrier_args\['timeout_secs'\] must be a finite number \(seconds\)"),
 ])
 def test_barrier_args_the_barrier_would_refuse_are_refused_in_the_config(barrier_type, args, match):
     with pytest.raises(ValueError, match=match):
         lc.CheckpointerConfig(barrier_config=lc.BarrierConfig(barrier_type, args))
     with pytest.raises(ValueError, match=r"AsyncCheckpointIO\.config[.:].*" + match):
         _plugin("AsyncCheckpointIO")(config={"barrier_config": {"barrier_type": barrier_type, "barrier_args": args}})
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("port", ["29500", " 29500", numpy.int64(29500), numpy.uint16(29500)])
+def test_a_whole_number_port_of_another_type_is_taken_as_an_int(port):
+    """A port from YAML quotes, the environment or numpy is the port it spells."""
+    for key in ("tcpstore_port", "master_port"):
+        config = lc.BarrierConfig("tcp_store", {key: port})
+        assert config.barrier_args == {key: 29500} and type(config.barrier_args[key]) is int
+    io = _plugin("AsyncCheckpointIO")(config={"barrier_config": {"barrier_type": "tcp_store",
+                                                                 "barrier_args": {"tcpstore_port": port}}})
+    assert lc.barriers.tcp_store_port(io.config.barrier_config) == 29500
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("value", [90.5, numpy.float64(0.25), 7])
+def test_a_timeout_is_any_positive_number_of_seconds_even_where_the_seed_annotates_int(value):
+    assert lc.CheckpointWriterConfig(write_barrier_timeout_secs=value).write_barrier_timeout_secs == value
+    built = lc.CheckpointerConfig(writer_config={"write_barrier_timeout_secs": value})
+    assert built.writer_config.write_barrier_timeout_secs == value
+    assert lc.BarrierConfig("tcp_store", {"timeout_secs": value, "timeout_barrier_init_secs": value}).barrier_args
 
 
 @pytest.mark.timeout(30)
@@ -167,7 +192,7 @@ def test_a_remote_config_dict_becomes_a_remote_config_field_by_field(plugin, nam
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("bad, match", [
-    ({"max_attempts": 0}, r"remote_config: RemoteConfig\.max_attempts must be >= 1"),
+    ({"max_attempts": 0}, r"remote_config\.max_attempts must be >= 1, got 0"),
     ({"part_size": 1}, r"remote_config has unknown keys.*\['part_size'\]"),
     ([("max_attempts", 2)], r"remote_config must be a RemoteConfig or a dict"),
 ])
