@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
@@ -48,7 +49,7 @@ class _CommittedShards:
         path = Path(self.broadcast(checkpoint_path))
         if not path.is_dir():
             return super().load_checkpoint(path, weights_only)
-        with pinned_directory(path) as pinned:
+        with pinned_directory(path) as pinned, _errors_naming(path, pinned):
             try:
                 verify_sharded(pinned)
                 with unwrapped_failures(f"loading {path}", writing=False), self._verified_reads(), \
@@ -231,6 +232,44 @@ def pinned_directory(path: Path) -> Iterator[Path]:
         yield held if held.is_dir() else path
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _errors_naming(path: Path, pinned: Path) -> Iterator[None]:
+    """An error raised in the block names ``path``, the directory the user gave, where it named a pin of it
+    (``/proc/self/fd/<fd>`` means nothing to the user and is gone once the load ends). Every rank pins the same
+    ``path`` (rank 0's, broadcast) with its own descriptor, and a failure gathered from another rank names that
+    rank's: any descriptor path is this checkpoint's."""
+    try:
+        yield
+    except BaseException as e:
+        if pinned != path:
+            _rename_in_error(e, _PINNED_RE, os.fspath(path))
+        raise
+
+
+_PINNED_RE = re.compile(r"/proc/self/fd/[0-9]+(?![0-9])")
+
+
+def _rename_in_error(error: BaseException, old: re.Pattern, new: str, depth: int = 0) -> None:
+    """Replace ``old`` by ``new`` in ``error``'s arguments and string attributes, and in its causes."""
+    if error is None or depth > 8:
+        return
+
+    def renamed(value: Any) -> Any:
+        return old.sub(lambda _: new, value) if isinstance(value, str) else value
+
+    with contextlib.suppress(Exception):  # an exception type that does not let its arguments be set
+        error.args = tuple(renamed(a) for a in error.args)
+    for name, value in list(vars(error).items()):
+        if isinstance(value, str):
+            with contextlib.suppress(Exception):
+                setattr(error, name, renamed(value))
+    if isinstance(error, OSError):
+        error.filename, error.filename2 = renamed(error.filename), renamed(error.filename2)
+    _rename_in_error(error.__cause__, old, new, depth + 1)
+    if error.__context__ is not error.__cause__:
+        _rename_in_error(error.__context__, old, new, depth + 1)
 
 
 def _same_directory(path: Path, pinned: Path) -> bool:

@@ -90,3 +90,48 @@ def test_a_sharded_resume_spanning_an_overwrite_never_mixes_two_checkpoints(tmp_
         assert out["step"] is None, f"resumed at step {out['step']} from a mix of two checkpoints"
         assert out["error"].startswith("CheckpointError: ") and "was replaced by another save" in out["error"]
         assert out["passes"] == 1  # no pass after the overwrite returned data
+
+
+def _resume_from_damaged(rank: int, world: int, root: str) -> list[str]:
+    import lightning.pytorch as pl
+    import torch.distributed as dist
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.distributed.test_lightning_strategies import _module_class, _strategy
+
+    module_cls = _module_class("model_parallel")
+
+    def trainer(max_steps: int, callbacks: list | None = None) -> pl.Trainer:
+        return pl.Trainer(accelerator="cpu", devices=world, strategy=_strategy("model_parallel", True, world),
+                          max_steps=max_steps, logger=False, enable_checkpointing=bool(callbacks),
+                          callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                          default_root_dir=root)
+
+    dirpath = os.path.join(root, "ckpts")
+    trainer(2, [ModelCheckpoint(dirpath=dirpath, filename="{step}", every_n_train_steps=2)]).fit(module_cls(seed=0))
+    path = os.path.join(dirpath, "step=2.ckpt")
+    errors = []
+    for damaged in (sorted(n for n in os.listdir(path) if n.endswith(".distcp"))[0], "meta.pt"):
+        dist.barrier()
+        if rank == 0:
+            with open(os.path.join(path, damaged), "r+b") as f:
+                f.seek(-64, os.SEEK_END)
+                f.write(b"\xff" * 64)
+        dist.barrier()
+        try:
+            trainer(3).fit(module_cls(seed=1), ckpt_path=path)
+            errors.append("resumed from a damaged checkpoint")
+        except Exception as e:  # noqa: BLE001 - the test asserts on what every rank raised
+            errors.append(f"{type(e).__name__}: {e}")
+    return errors
+
+
+def test_a_failed_sharded_load_names_the_users_path_not_the_pinned_descriptor(tmp_path):
+    """The load reads through ``/proc/self/fd/<fd>``; what it raises names the checkpoint the user asked for."""
+    from tests.distributed.launcher import run_ranks
+
+    path = str(tmp_path / "ckpts" / "step=2.ckpt")
+    for errors in run_ranks(_resume_from_damaged, 2, str(tmp_path), init_process_group=False, timeout_secs=240):
+        assert len(errors) == 2
+        for error in errors:
+            assert "Corrupt" in error and path in error and "/proc/self/fd" not in error, errors
