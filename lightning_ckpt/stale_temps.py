@@ -17,6 +17,7 @@ from lightning_ckpt.commit import (
     _DIR_FLAGS, _NOFOLLOW_DIR, _RENAME_NOREPLACE, ASIDE_NAME, LOCK_NAME, CommitError, _check_ours, _remove_temp,
     _still_linked, _try_lock, _Unsupported, is_temp_name,
 )
+from lightning_ckpt.publish_lock import publish_lock_name
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def remove_stale_temps(directory: str) -> list[str]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     removed = []
-    lock_name = commit.publish_lock_name()
+    lock_name = publish_lock_name()
     try:
         for name in os.listdir(parent_fd):
             if is_temp_name(name) and _reap(parent_fd, name):

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from lightning_ckpt import commit as commit_mod
+from lightning_ckpt import publish_lock
 from lightning_ckpt.commit import Commit, CommitError, is_temp_name, remove_stale_temps
 
 pytestmark = pytest.mark.timeout(60)
@@ -345,7 +346,7 @@ def test_a_users_flock_on_the_checkpoint_directory_does_not_stall_publishes(tmp_
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        monkeypatch.setattr(commit_mod, "_PUBLISH_LOCK_SECS", 2.0)  # a publish that waits gives up and warns
+        monkeypatch.setattr(publish_lock, "PUBLISH_LOCK_SECS", 2.0)  # a publish that waits gives up and warns
         final = tmp_path / "a.ckpt"
         with caplog.at_level("DEBUG", logger=commit_mod.__name__):
             for i in range(3):
@@ -363,14 +364,14 @@ def test_a_users_flock_on_the_checkpoint_directory_does_not_stall_publishes(tmp_
 def test_a_planted_lock_name_is_never_followed_or_used(tmp_path):
     """A symlink (or another user's file) at the lock name: the publish goes on unlocked and touches nothing else."""
     target = tmp_path / "elsewhere"
-    os.symlink(target, tmp_path / commit_mod.publish_lock_name())
+    os.symlink(target, tmp_path / publish_lock.publish_lock_name())
     final = tmp_path / "a.ckpt"
     with Commit.create(final) as c:
         c.write_bytes(None, b"new")
         c.publish()
     assert final.read_bytes() == b"new"
     assert not target.exists()
-    assert os.path.islink(tmp_path / commit_mod.publish_lock_name())
+    assert os.path.islink(tmp_path / publish_lock.publish_lock_name())
 
 
 def test_a_waiter_that_opened_the_lock_file_before_its_holder_removed_it_takes_the_current_one(tmp_path,
@@ -378,10 +379,10 @@ def test_a_waiter_that_opened_the_lock_file_before_its_holder_removed_it_takes_t
     """The holder unlinks the lock file while holding it: a waiter that locks the unlinked file must not count it
     as held (a third publish could lock a new file of that name at the same time)."""
     parent_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    name = commit_mod.publish_lock_name()
+    name = publish_lock.publish_lock_name()
     stale_fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o600, dir_fd=parent_fd)
     os.unlink(name, dir_fd=parent_fd)  # as a holder does on leaving, after this waiter opened it
-    lock = commit_mod._PublishLock(parent_fd, str(tmp_path / "a.ckpt"))
+    lock = publish_lock.PublishLock(parent_fd, str(tmp_path / "a.ckpt"))
     real_open = lock._open
     opened = []
 
@@ -402,7 +403,7 @@ def test_a_waiter_that_opened_the_lock_file_before_its_holder_removed_it_takes_t
 
 
 def test_cleanup_removes_a_publish_lock_left_by_a_killed_publish_but_not_a_held_one(tmp_path):
-    name = commit_mod.publish_lock_name()
+    name = publish_lock.publish_lock_name()
     (tmp_path / name).write_bytes(b"")  # its publish was killed between creating and removing it
     (tmp_path / "a.ckpt").write_bytes(b"x")
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl,sys; f=open(sys.argv[1],'r+');"
