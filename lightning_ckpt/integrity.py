@@ -63,7 +63,8 @@ def check_checkpoint(path: str | os.PathLike | RemotePath, *, deep: bool = True,
     """Checks the checkpoint at ``path`` (a file, or a directory of rank files) from its bytes; never unpickles.
 
     A remote checkpoint (``s3://``, ``gs://``: a single object, or a directory's manifest and rank objects) is
-    downloaded as the reader downloads it and its files checked as local ones are; messages name the URLs.
+    downloaded as the reader downloads it and its files checked as local ones are (a quick check, ``deep=False``,
+    fetches only each object's zip directory, pickle and checksum record); messages name the URLs.
 
     Args:
         path: the checkpoint: a local path, a ``file://`` or remote URL, or a ``paths.RemotePath``.
@@ -165,9 +166,11 @@ def _check_directory(path: str, deep: bool) -> CheckResult:
 def _check_remote(location: RemotePath, deep: bool, keep_rank: int | None) -> tuple[CheckResult, OpenedFile | None]:
     """A remote checkpoint: a single object, checked as a local file is; or a directory's manifest and the object
     of every rank it names, each downloaded as the reader downloads it (``open_remote_rank_file``) and checked
-    as a local directory's rank file is."""
+    as a local directory's rank file is. A quick check (not ``deep``) of an object of ours fetches only its zip
+    directory, pickle and checksum record (``remote_partial.fetch_structure``), never its tensors."""
     from lightning_ckpt import remote_dirs, remote_files
     from lightning_ckpt.remote import RemoteConfig
+    from lightning_ckpt.remote_partial import fetch_structure
 
     if is_temp(location.name):
         raise IncompleteCheckpointError(f"{location.url} is a temp of an uncommitted save")
@@ -177,7 +180,8 @@ def _check_remote(location: RemotePath, deep: bool, keep_rank: int | None) -> tu
     kept, checked = None, set()
     try:
         for rank in range(1 if manifest is None else manifest.world_size):
-            opened, url, entry = open_remote_rank_file(location, rank)
+            quick = None if deep or rank == keep_rank else fetch_structure(location, rank)
+            opened, url, entry = quick or open_remote_rank_file(location, rank)
             try:
                 one = _check_file(opened, location.url, deep, entry and entry["data_pkl_xxh3"])
             finally:

@@ -98,6 +98,31 @@ def fetch_partial(target: RemotePath, state_dict: dict, config: RemoteConfig, ti
                           (read.fetched_bytes, read.requests))
 
 
+def fetch_structure(location: RemotePath, rank: int) -> tuple[SparseCopy, str, dict | None] | None:
+    """What a quick check of rank ``rank``'s object of the remote checkpoint at ``location`` reads, without its
+    tensors: the zip directory, the pickle and the checksum record (a partial read of no keys), checked against
+    the manifest entry's size. None: not an object of ours (the caller downloads it to say what it is).
+
+    Returns:
+        ``(sparse copy, URL of the object, manifest entry or None)``; the caller closes the copy.
+
+    Raises:
+        As ``remote_dirs.fetch_for_read``; CorruptCheckpointError: not the size its manifest says.
+    """
+    from lightning_ckpt import remote_dirs
+    from lightning_ckpt.checkpoint_reader import check_size
+
+    copy, url, entry = remote_dirs.fetch_for_read(
+        location, rank, fetch=lambda target, config, timeout_secs: fetch_partial(target, {}, config, timeout_secs))
+    if copy is not None and entry is not None:
+        try:
+            check_size(copy, entry)
+        except BaseException:
+            copy.close()
+            raise
+    return None if copy is None else (copy, url, entry)
+
+
 def _plan(tail: Any, state_dict: dict, url: str) -> _Plan | None:
     """From the object's tail (``remote_files.read_ranges``'s ``plan`` file; ``tail.start``: where its bytes
     begin): the records to fetch, or None when the object is not ours."""

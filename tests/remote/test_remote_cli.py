@@ -132,3 +132,41 @@ def test_inspect_of_a_remote_checkpoint_shows_what_inspect_shows_of_it_locally(s
     assert wrong_rank.returncode == 1 and wrong_rank.stdout == ""
     assert wrong_rank.stderr.strip() == f"lightning-ckpt inspect: {url} has no rank 1 (its ranks: 0)"
     assert all_files(tmp_path / "cache") == []
+
+
+@pytest.mark.timeout(300)
+def test_a_quick_verify_fetches_the_structure_of_each_object_never_its_tensors(s3):
+    """``verify --quick`` of a large remote checkpoint reads its zip directory, pickle and checksum record with
+    ranged GETs, not the whole object; a deep verify still reads and hashes it all."""
+    from lightning_ckpt.integrity import COMPLETE, VERIFIED, check_checkpoint
+    from tests.remote.test_remote_partial_read import fetched_bytes
+
+    big = {"w": torch.randn(4 << 20), "bias": BIAS.clone()}  # 16 MiB of tensors
+    single, directory = f"{s3.url}/run/big.ckpt", f"{s3.url}/run/bigdir"
+    _save_object(single, {"state_dict": big, "global_step": 1})
+    _save_directory(directory, big)
+    for url, key in ((single, "run/big.ckpt"), (directory, _rank_object(s3, "run/bigdir"))):
+        size = s3.client.head_object(Bucket=s3.name, Key=key)["ContentLength"]
+        s3.server.clear_log()
+        assert check_checkpoint(url, deep=False).status == COMPLETE
+        assert fetched_bytes(s3, key) < size // 50, f"{url}: a quick check fetched most of the object"
+        assert check_checkpoint(url).status == VERIFIED  # a deep check downloads and hashes every byte
+
+
+@pytest.mark.timeout(300)
+def test_a_quick_verify_still_finds_a_truncated_object_and_one_that_is_not_ours(s3):
+    from lightning_ckpt.integrity import CORRUPT, UNVERIFIED, check_checkpoint
+
+    directory = f"{s3.url}/run/ck"
+    _save_directory(directory, {"w": torch.arange(6.0), "bias": BIAS.clone()})
+    key = _rank_object(s3, "run/ck")
+    s3.client.put_object(Bucket=s3.name, Key=key, Body=s3.get(key)[:-100])
+    truncated = check_checkpoint(directory, deep=False)
+    assert truncated.status == CORRUPT and "manifest says" in truncated.detail, truncated
+    plain = f"{s3.url}/run/plain.ckpt"
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.arange(3.0)}, buffer)
+    s3.client.put_object(Bucket=s3.name, Key="run/plain.ckpt", Body=buffer.getvalue())
+    assert check_checkpoint(plain, deep=False).status == UNVERIFIED  # downloaded to say what it is
