@@ -149,7 +149,7 @@ def test_a_quick_verify_fetches_the_structure_of_each_object_never_its_tensors(s
         size = s3.client.head_object(Bucket=s3.name, Key=key)["ContentLength"]
         s3.server.clear_log()
         assert check_checkpoint(url, deep=False).status == COMPLETE
-        assert fetched_bytes(s3, key) < size // 50, f"{url}: a quick check fetched most of the object"
+        assert fetched_bytes(s3, key) < size // 8, f"{url}: a quick check fetched most of the object"  # the 1 MiB tail
         assert check_checkpoint(url).status == VERIFIED  # a deep check downloads and hashes every byte
 
 
