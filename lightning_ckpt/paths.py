@@ -61,14 +61,19 @@ class RemotePath:
         ``<cache>/<kind>/<hash of the URL>/<name>``. Keys are arbitrary bytes to a store (``..``, ``.``, empty
         or 1000-byte segments), so no key segment becomes a local path component: the path is always two levels
         below ``<cache>/<kind>``, one per URL, and its name is the object's name made safe and short."""
-        digest = hashlib.sha256(self.url.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-        return os.path.join(cache_dir(), kind, digest, _cache_name(self.name))
+        return url_cache_path(self.url, self.name, kind)
 
     def __str__(self) -> str:
         return self.url
 
 
 Location = Union[str, RemotePath]  # a local absolute path, or a remote object
+
+
+def url_cache_path(url: str, name: str, kind: str) -> str:
+    """``<cache>/<kind>/<hash of url>/<name made safe>``: the local cache path of the object at ``url``."""
+    digest = hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return os.path.join(cache_dir(), kind, digest, _cache_name(name))
 
 
 def _cache_name(name: str) -> str:

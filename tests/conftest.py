@@ -47,3 +47,22 @@ def free_port() -> int:
 def tmp_ckpt_dir(tmp_path: Path) -> Path:
     """A fresh per-test directory for checkpoints (alias of ``tmp_path``)."""
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def fsspec_loop():
+    """fsspec's calls (ours through fsspec, and Lightning's: ModelCheckpoint, ckpt_path="last") start fsspec's IO
+    thread and its loop's executor thread (DNS lookups) once per process; starting both, one executor thread only,
+    before the first test that uses fsspec keeps the per-test thread-leak check meaningful."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fsspec.asyn
+
+    loop = fsspec.asyn.get_loop()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsspec-executor")
+
+    async def start() -> None:
+        loop.set_default_executor(executor)
+        await loop.run_in_executor(None, lambda: None)
+
+    fsspec.asyn.sync(loop, start)

@@ -17,7 +17,7 @@ from lightning.fabric.plugins.io import CheckpointIO
 from lightning.pytorch.trainer.states import TrainerStatus
 from typing_extensions import override
 
-from lightning_ckpt import commit, paths, remote_files
+from lightning_ckpt import commit, fsspec_read, paths, remote_files
 from lightning_ckpt.barriers import Barrier
 from lightning_ckpt.builder import make_sync_checkpointer
 from lightning_ckpt.checkpoint_reader import CheckpointReader
@@ -175,7 +175,8 @@ class LightningCkptIO(CheckpointIO):
         checksums (``verify_on_load``).
 
         Args:
-            path: the checkpoint file.
+            path: the checkpoint file: a local path or ``file://``, ``s3://``, ``gs://`` URL, or any other fsspec URL
+                (``https://``, ...: read once through fsspec into the local cache, as Lightning's default reads it).
             map_location: as ``torch.load``; None keeps every tensor on the CPU (Lightning's default).
             weights_only: as ``torch.load`` (None: torch's default).
 
@@ -184,12 +185,15 @@ class LightningCkptIO(CheckpointIO):
             CorruptCheckpointError: the checksums do not match.
         """
         self.binding.bind_caller()
-        location = self._locate(path, None)
-        wait_in_process(location, self.config.wait_timeout_secs)
-        local = location
-        if isinstance(location, RemotePath):
+        if fsspec_read.is_read_only_url(path):  # http(s)://, memory://, ...: read as Lightning's default reads them
+            local, downloaded = fsspec_read.download(os.fspath(path), self.storage_options,
+                                                     self._remote_timeout()), True
+        else:
+            location = self._locate(path, None)
+            wait_in_process(location, self.config.wait_timeout_secs)
+            downloaded = isinstance(location, RemotePath)
             local = remote_files.download(location, location.cache_path("download"), self.remote_config,
-                                          self._remote_timeout())
+                                          self._remote_timeout()) if downloaded else location
         try:
             if not os.path.exists(local):
                 raise FileNotFoundError(f"Checkpoint file not found: {os.fspath(path)}")
@@ -197,8 +201,8 @@ class LightningCkptIO(CheckpointIO):
             loaded, _ = reader.read(local, map_location="cpu" if map_location is None else map_location,
                                     weights_only=weights_only)
         finally:
-            if local is not location:
-                commit.remove_path(local)  # a download of a remote object is read once
+            if downloaded:
+                commit.remove_path(local)  # a download is read once
         return loaded
 
     @override

@@ -77,22 +77,8 @@ def s3_server():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _fsspec_loop():
-    """Lightning's own fsspec calls (ModelCheckpoint, ckpt_path="last") start fsspec's IO thread and its loop's
-    executor thread (DNS lookups) once per process; starting both, one executor thread only, before the first test
-    keeps the per-test thread-leak check meaningful."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import fsspec.asyn
-
-    loop = fsspec.asyn.get_loop()
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsspec-executor")
-
-    async def start() -> None:
-        loop.set_default_executor(executor)
-        await loop.run_in_executor(None, lambda: None)
-
-    fsspec.asyn.sync(loop, start)
+def _fsspec_loop(fsspec_loop):
+    """Every remote test: fsspec's threads exist before the first test (``tests/conftest.py``)."""
 
 
 @pytest.fixture
