@@ -506,6 +506,9 @@ def _renameat2(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str, flags: int)
     raise OSError(err, os.strerror(err), dst)
 
 
-from lightning_ckpt import stale_temps as _stale_temps  # noqa: E402  (imports this module: defined last)
+def remove_stale_temps(directory: str) -> list[str]:
+    """Remove the temps in ``directory`` that are ours and whose writers are gone; returns their names (the cleanup
+    half of this API: ``stale_temps.remove_stale_temps``)."""
+    from lightning_ckpt.stale_temps import remove_stale_temps as remove  # it imports this module
 
-remove_stale_temps = _stale_temps.remove_stale_temps  # the cleanup half of this API
+    return remove(directory)

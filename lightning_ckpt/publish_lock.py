@@ -29,7 +29,8 @@ class PublishLock:
     own ``flock`` of the checkpoint directory must not stall saves. A waiter that locked a file since unlinked
     retries on the new one. The wait is bounded by ``PUBLISH_LOCK_SECS``; where no lock can be had (a file of
     that name owned by someone else, a filesystem without locks) the publish goes on unlocked, as it did before
-    the lock existed.
+    the lock existed, and leaves the file (only a holder may unlink it). The lock is per user: publishes of
+    different users into one shared directory do not exclude each other.
     """
 
     def __init__(self, parent_fd: int, final_path: str) -> None:
@@ -46,29 +47,42 @@ class PublishLock:
             if fd is None:
                 return self
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                held = self._take(fd)
+            except BaseException:
                 os.close(fd)
-                if time.monotonic() >= deadline:
-                    log.warning("publishing %s without the publish lock: another process held it for %.0fs",
-                                self._final_path, PUBLISH_LOCK_SECS)
-                    return self
-                time.sleep(pause)
-                pause = min(pause * 2, 0.01)
-                continue
-            except OSError as e:  # no locks on this filesystem, so none to keep: leave no file behind
+                raise
+            if held is None:  # no lock to be had here
                 os.close(fd)
-                _unlink_quietly(self._name, self._parent_fd)
-                log.debug("no publish lock for %s (%s): publishing unlocked", self._final_path, e)
                 return self
-            if self._still_named(fd):
+            if held:
                 self._fd = fd
                 return self
-            os.close(fd)  # its holder unlinked it before we got it: take the current one
+            os.close(fd)  # another publish holds it, or its holder unlinked it before we got it
             if time.monotonic() >= deadline:
-                log.warning("publishing %s without the publish lock: it kept changing for %.0fs",
+                log.warning("publishing %s without the publish lock: another process held it for %.0fs",
                             self._final_path, PUBLISH_LOCK_SECS)
                 return self
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    def _take(self, fd: int) -> bool | None:
+        """Lock ``fd``: True when held and still the file at the name; False: try again; None: publish unlocked.
+
+        A failure other than "held by another" (no locks on this filesystem, NFS lockd's ENOLCK, a stale handle)
+        gives up the lock, never the file: another publish may hold it, and only a holder may unlink it.
+        """
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            log.debug("no publish lock for %s (%s): publishing unlocked", self._final_path, e)
+            return None
+        try:
+            return self._still_named(fd)
+        except OSError as e:
+            log.debug("publish lock of %s unusable (%s): publishing unlocked", self._final_path, e)
+            return None
 
     def _open(self) -> int | None:
         try:
@@ -96,9 +110,14 @@ class PublishLock:
     def __exit__(self, *exc: object) -> None:
         if self._fd is None:
             return
-        _unlink_quietly(self._name, self._parent_fd)  # while held: a waiter that opened it sees the change
-        os.close(self._fd)  # releases the flock
-        self._fd = None
+        fd, self._fd = self._fd, None
+        try:
+            if self._still_named(fd):  # while held: a waiter that opened it sees the change
+                _unlink_quietly(self._name, self._parent_fd)
+        except OSError as e:
+            log.debug("publish lock of %s left in place: %s", self._final_path, e)
+        finally:
+            os.close(fd)  # releases the flock
 
 
 def _unlink_quietly(name: str, dir_fd: int) -> None:

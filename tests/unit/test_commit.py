@@ -326,7 +326,70 @@ def test_publish_goes_on_unlocked_where_the_filesystem_has_no_flock(tmp_path, mo
     monkeypatch.undo()
     c.close()
     assert final.read_bytes() == b"new"
-    assert sorted(os.listdir(tmp_path)) == ["a.ckpt"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["a.ckpt", publish_lock.publish_lock_name()])  # only a holder
+    # may unlink it; the next publish takes the same file
+
+
+def test_a_lock_error_of_one_publish_never_removes_the_lock_another_holds(tmp_path, monkeypatch):
+    """NFS lockd's ENOLCK (or a full lock table) in one publish: it goes on unlocked, and the lock file another
+    publish holds stays, so a third publish still waits for that holder instead of locking a new file beside it."""
+    import errno
+    import threading
+
+    parent_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    real_flock, failing = publish_lock.fcntl.flock, threading.local()
+
+    def flock(fd, op):
+        if getattr(failing, "on", False):
+            raise OSError(errno.ENOLCK, "No locks available")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(publish_lock.fcntl, "flock", flock)
+    monkeypatch.setattr(publish_lock, "PUBLISH_LOCK_SECS", 1.0)
+    holder = publish_lock.PublishLock(parent_fd, str(tmp_path / "a.ckpt"))
+    try:
+        with holder:
+            def unlucky():
+                failing.on = True
+                with publish_lock.PublishLock(parent_fd, str(tmp_path / "a.ckpt")) as lock:
+                    assert lock._fd is None  # unlocked
+            racer = threading.Thread(target=unlucky)
+            racer.start()
+            racer.join(timeout=10)
+            assert os.path.exists(tmp_path / publish_lock.publish_lock_name())
+            with publish_lock.PublishLock(parent_fd, str(tmp_path / "a.ckpt")) as third:
+                assert third._fd is None, "two publishes held the lock at once"  # it waited 1 s, then gave up
+    finally:
+        os.close(parent_fd)
+
+
+def test_an_error_after_locking_releases_the_lock(tmp_path, monkeypatch):
+    """A stale handle (ESTALE) or an interrupt right after the flock: the descriptor is closed, so the lock is not
+    held for the rest of the process (every later publish would wait ``PUBLISH_LOCK_SECS`` for it)."""
+    import errno
+
+    parent_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    real_stat, calls = os.stat, []
+
+    def stale_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real_stat(*args, **kwargs)
+
+    try:
+        monkeypatch.setattr(publish_lock.os, "stat", stale_once)
+        with publish_lock.PublishLock(parent_fd, str(tmp_path / "a.ckpt")) as first:
+            assert first._fd is None  # unlocked, not an error
+        monkeypatch.undo()
+        monkeypatch.setattr(publish_lock, "PUBLISH_LOCK_SECS", 60.0)
+        with publish_lock.PublishLock(parent_fd, str(tmp_path / "a.ckpt")) as second:
+            assert second._fd is not None  # at once: nothing holds it
+        held = [f for f in os.listdir("/proc/self/fd")
+                if os.path.realpath(f"/proc/self/fd/{f}").endswith(publish_lock.publish_lock_name())]
+        assert held == []
+    finally:
+        os.close(parent_fd)
 
 
 _HOLD_DIR_FLOCK = """
