@@ -41,8 +41,11 @@ class TCPStoreBarrier(KeyedBarrier):
     there meeting the others' n-th, with one place per rank (a second caller acting as a waiting rank is refused, not
     counted as another rank) and its own error and shared value, so those of an earlier round are never seen. A
     round completes for every rank or for none: a rank arriving late at a round a peer gave up on fails at once, and
-    closes its place in the later rounds its peers joined meanwhile (they fail at once too), so the next meeting there
-    is again one round for every rank. Points named per save (as the writer's are) never meet a different save.
+    its next arrival meets its peers' next one. So each rank must take every round at a point it meets again:
+    arrive (``execute_barrier``/``share``) or report a failure instead (``report_error``, which takes the round);
+    after ``execute_barrier`` raised, that round already failed for every rank and takes no report. A rank that
+    skips a meeting at a reused point meets its peers one round apart from then on; points named per save (as the
+    writer's are) are never met again.
 
     Args:
         global_rank: this rank.
@@ -79,8 +82,6 @@ class TCPStoreBarrier(KeyedBarrier):
         self.timeout_secs = float(timeout_secs)
         self.use_checkpoint_barrier_tcpstore_libuv = use_checkpoint_barrier_tcpstore_libuv
         self._seq: Counter = Counter()
-        self._failed: dict[str, int] = {}  # point -> the round this rank's own meeting there failed in, until reported
-        self._last_sequenced: str | None = None  # the point of the last execute_barrier() without a key
         if store is None:
             is_master = self.global_rank == 0 if is_master is None else is_master
             store = self._connect(master_address, tcpstore_port, timeout_barrier_init_secs, is_master)
@@ -110,30 +111,15 @@ class TCPStoreBarrier(KeyedBarrier):
         return f"{self.barrier_prefix}{seq}", str(seq)
 
     def execute_barrier(self, key: str | None = None) -> None:
-        point, label = self._point(key)
-        if key is None:
-            self._last_sequenced = point
-        self._meet(point, label)
+        self._meet(*self._point(key))
 
     def report_error(self, message: str, key: str | None = None) -> None:
         """Takes this rank's place in its next round at ``key`` as failed: the peers of that round raise
-        ``BarrierPeerError`` carrying ``message`` (call it instead of ``execute_barrier`` there, as ``DistBarrier``).
-
-        Called after this rank's own ``execute_barrier``/``share`` at ``key`` raised, it adds to that failed round
-        (every rank of it already fails) instead of failing the next one, which the peers' next save meets.
-        """
-        if key is None and self._last_sequenced in self._failed:
-            point = self._last_sequenced
-        else:
-            point, _ = self._point(key)
-        failed = self._failed.pop(point, None)
-        reason = f"rank {self.global_rank} failed: {message}"
-        if failed is not None:
-            meeting = _Round(point, failed, self.global_world_size)
-            self._store.compare_set(meeting.error_key, "", reason)  # the round's first error stays its error
-        else:
-            meeting = self._next_round(point)
-            self._store.set(meeting.error_key, reason)  # first: read with the place
+        ``BarrierPeerError`` carrying ``message`` (call it instead of ``execute_barrier`` there, as ``DistBarrier``;
+        not after ``execute_barrier`` at ``key`` raised: that round already failed for every rank)."""
+        point, _ = self._point(key)
+        meeting = self._next_round(point)
+        self._store.set(meeting.error_key, f"rank {self.global_rank} failed: {message}")  # first: read with the place
         self._store.compare_set(meeting.place(self.global_rank), "", _CLOSED)
 
     def share(self, value: str | None, key: str) -> str:
@@ -150,15 +136,14 @@ class TCPStoreBarrier(KeyedBarrier):
             if sharing and self.global_rank == 0:
                 self._store.set(meeting.value_key, value)  # before the place: whoever sees the round complete finds it
             if int(self._store.add(meeting.place(self.global_rank), 1)) != _ARRIVED:
-                raise BarrierPeerError(self._failure(meeting, label, [self.global_rank]) + self._realign(meeting))
+                raise BarrierPeerError(self._failure(meeting, label, [self.global_rank]))
             self._wait_for_peers(meeting, label)
-        except BaseException as e:
-            self._failed[point] = meeting.number
-            if not isinstance(e, (BarrierPeerError, BarrierTimeoutError)):
-                with contextlib.suppress(Exception):  # the store may be what failed
-                    self._close_round(meeting, f"rank {self.global_rank} stopped waiting ({type(e).__name__}: {e})")
+        except (BarrierPeerError, BarrierTimeoutError):
             raise
-        self._failed.pop(point, None)
+        except BaseException as e:
+            with contextlib.suppress(Exception):  # the store may be what failed
+                self._close_round(meeting, f"rank {self.global_rank} stopped waiting ({type(e).__name__}: {e})")
+            raise
         # every rank arrived: PyTorch's store barrier for this round returns at once
         store_util.barrier(store=self._store, world_size=self.global_world_size, key_prefix=meeting.pytorch_prefix)
         return meeting
@@ -181,25 +166,6 @@ class TCPStoreBarrier(KeyedBarrier):
                     f"(threads, processes, or barriers on the same store with barrier_prefix '{self.barrier_prefix}')"
                 )
         return meeting
-
-    def _realign(self, meeting: _Round) -> str:
-        """This rank came to ``meeting`` after a peer closed it (the peer gave up on this rank, or this rank missed
-        a meeting here): its count of rounds may now lag the peers' for good. Close this rank's place in every later
-        round a peer already joined (those peers fail at once instead of waiting for this rank), so that the next
-        meeting here is the same round for every rank. Returns the note for the error."""
-        rank, world = self.global_rank, self.global_world_size
-        joined = [int(self._store.add(_arrivals_key(meeting.point, r), 0)) for r in range(world)]
-        ahead = range(meeting.number + 1, max(joined))  # rounds a peer joined that this rank has not
-        if not ahead:
-            return ""
-        reason = (f"rank {rank} came to round {meeting.number} after it was closed and skipped rounds "
-                  f"{ahead.start}-{ahead.stop - 1} to meet its peers again")
-        for number in ahead:
-            later = _Round(meeting.point, number, world)
-            self._store.compare_set(later.error_key, "", reason)  # first: read with the place
-            self._store.compare_set(later.place(rank), "", _CLOSED)
-        self._store.add(_arrivals_key(meeting.point, rank), max(joined) - joined[rank])
-        return f"; {reason} (the next meeting here is round {max(joined)} for every rank)"
 
     def _still_waiting(self, meeting: _Round) -> bool:
         """Whether this rank arrived in ``meeting`` and that round is neither complete nor failed."""
