@@ -70,7 +70,7 @@ def check_value(tp: Any, value: Any, where: str, bounds: Range | None = None) ->
     if not (real and _is_real(value)) and not _matches(tp, value):
         expected = "a finite number (seconds)" if real else describe(tp)
         raise ConfigTypeError(f"{where} must be {expected}, got {type(value).__name__} {value!r}")
-    if _is_real(value) and not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # an int is finite (and may exceed a float)
         raise ValueError(f"{where} must be a finite number, got {value!r}")
     if bounds is not None and _is_real(value) and not bounds.holds(value):
         raise ValueError(f"{where} must be {bounds}, got {value!r}")
@@ -173,7 +173,7 @@ def _whole_number(value: Any) -> int | None:
         return None
     if isinstance(value, numbers.Integral):
         return int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,18}\s*", value):  # ASCII digits; int64 range
         return int(value)
     return None
 
@@ -234,7 +234,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """An int or a float (numpy's float64 is one), not a bool: what every wait of the library takes as seconds
+    (a Fraction, Decimal or numpy float32 is not: ``threading``'s waits refuse some of them)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _ranges(cls: type) -> Mapping[str, Range]:

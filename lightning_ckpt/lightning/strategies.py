@@ -239,16 +239,15 @@ def _errors_naming(path: Path, pinned: Path) -> Iterator[None]:
     """An error raised in the block names ``path``, the directory the user gave, where it named a pin of it
     (``/proc/self/fd/<fd>`` means nothing to the user and is gone once the load ends). Every rank pins the same
     ``path`` (rank 0's, broadcast) with its own descriptor, and a failure gathered from another rank names that
-    rank's: any descriptor path is this checkpoint's."""
+    rank's: this rank's pin, and any descriptor path with a file name under it (so a directory's), are this
+    checkpoint's; a descriptor path of a file stays as it is."""
     try:
         yield
     except BaseException as e:
         if pinned != path:
-            _rename_in_error(e, _PINNED_RE, os.fspath(path))
+            pins = re.compile(re.escape(os.fspath(pinned)) + r"(?![0-9])|/proc/self/fd/[0-9]+(?=/)")
+            _rename_in_error(e, pins, os.fspath(path))
         raise
-
-
-_PINNED_RE = re.compile(r"/proc/self/fd/[0-9]+(?![0-9])")
 
 
 def _rename_in_error(error: BaseException, old: re.Pattern, new: str, depth: int = 0) -> None:
@@ -266,7 +265,11 @@ def _rename_in_error(error: BaseException, old: re.Pattern, new: str, depth: int
             with contextlib.suppress(Exception):
                 setattr(error, name, renamed(value))
     if isinstance(error, OSError):
-        error.filename, error.filename2 = renamed(error.filename), renamed(error.filename2)
+        for name in ("filename", "filename2"):
+            value = getattr(error, name, None)
+            if isinstance(value, str):  # None stays None (setting it would print "-> None")
+                with contextlib.suppress(Exception):  # a subclass's read-only property
+                    setattr(error, name, renamed(value))
     _rename_in_error(error.__cause__, old, new, depth + 1)
     if error.__context__ is not error.__cause__:
         _rename_in_error(error.__context__, old, new, depth + 1)

@@ -6,6 +6,7 @@ field and the value; defaults and valid values still construct. The plugins' ``s
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import math
 import os
 import re
@@ -151,6 +152,26 @@ def test_a_timeout_is_any_positive_number_of_seconds_even_where_the_seed_annotat
     built = lc.CheckpointerConfig(writer_config={"write_barrier_timeout_secs": value})
     assert built.writer_config.write_barrier_timeout_secs == value
     assert lc.BarrierConfig("tcp_store", {"timeout_secs": value, "timeout_barrier_init_secs": value}).barrier_args
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("value, error, match", [
+    (fractions.Fraction(1, 50), TypeError, "must be a finite number \\(seconds\\), got Fraction"),
+    (numpy.float32(0.02), TypeError, "must be a finite number \\(seconds\\), got float32"),
+    (10**400, ValueError, "must be > 0 and <= "),
+])
+def test_a_timeout_that_the_waits_cannot_take_is_refused(value, error, match):
+    """Only ints and floats reach ``threading``'s waits (a Fraction or numpy float32 made the first wait raise);
+    an int too large for a float is out of range, not an OverflowError."""
+    with pytest.raises(error, match=r"CheckpointerConfig\.wait_timeout_secs " + match):
+        lc.CheckpointerConfig(wait_timeout_secs=value)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("port", ["\u0663\u0660\u0660\u0660", "9" * 5000])
+def test_a_port_string_that_is_not_plain_ascii_digits_is_refused_naming_the_field(port):
+    with pytest.raises(TypeError, match=r"barrier_args\['tcpstore_port'\] must be int"):
+        lc.BarrierConfig("tcp_store", {"tcpstore_port": port})
 
 
 @pytest.mark.timeout(30)
