@@ -91,7 +91,11 @@ class PublishLock:
         except OSError as e:  # a symlink planted at the name, a read-only directory, ...
             log.debug("no publish lock for %s (%s): publishing unlocked", self._final_path, e)
             return None
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             os.close(fd)
             log.warning("publishing %s without the publish lock: %s there is not a private file of ours",
@@ -100,12 +104,7 @@ class PublishLock:
         return fd
 
     def _still_named(self, fd: int) -> bool:
-        try:
-            named = os.stat(self._name, dir_fd=self._parent_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        held = os.fstat(fd)
-        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+        return is_named(fd, self._name, self._parent_fd)
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is None:
@@ -118,6 +117,21 @@ class PublishLock:
             log.debug("publish lock of %s left in place: %s", self._final_path, e)
         finally:
             os.close(fd)  # releases the flock
+
+
+def is_named(fd: int, name: str, dir_fd: int) -> bool:
+    """Whether the open file ``fd`` is the file at ``name`` in ``dir_fd`` now. The name is opened, not stat'ed: an
+    open looks the name up again on NFS (close-to-open), where a stat may answer from a cache after another host
+    replaced the file."""
+    try:
+        named_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    try:
+        named, held = os.fstat(named_fd), os.fstat(fd)
+    finally:
+        os.close(named_fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _unlink_quietly(name: str, dir_fd: int) -> None:

@@ -17,7 +17,7 @@ from lightning_ckpt.commit import (
     _DIR_FLAGS, _NOFOLLOW_DIR, _RENAME_NOREPLACE, ASIDE_NAME, LOCK_NAME, CommitError, _check_ours, _remove_temp,
     _still_linked, _try_lock, _Unsupported, is_temp_name,
 )
-from lightning_ckpt.publish_lock import publish_lock_name
+from lightning_ckpt.publish_lock import is_named, publish_lock_name
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,7 @@ def _reap_publish_lock(parent_fd: int, name: str) -> bool:
         st = os.fstat(fd)
         if st.st_uid != os.geteuid() or not _try_lock(fd, fcntl.LOCK_EX):
             return False
-        named = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-        if (named.st_dev, named.st_ino) != (st.st_dev, st.st_ino):
+        if not is_named(fd, name, parent_fd):
             return False
         os.unlink(name, dir_fd=parent_fd)  # held: a publish that opened it meanwhile sees the change and retries
         return True

@@ -369,16 +369,16 @@ def test_an_error_after_locking_releases_the_lock(tmp_path, monkeypatch):
     import errno
 
     parent_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    real_stat, calls = os.stat, []
+    real_still_named, calls = publish_lock.PublishLock._still_named, []
 
-    def stale_once(*args, **kwargs):
+    def stale_once(self, fd):
         calls.append(1)
         if len(calls) == 1:
             raise OSError(errno.ESTALE, "Stale file handle")
-        return real_stat(*args, **kwargs)
+        return real_still_named(self, fd)
 
     try:
-        monkeypatch.setattr(publish_lock.os, "stat", stale_once)
+        monkeypatch.setattr(publish_lock.PublishLock, "_still_named", stale_once)
         with publish_lock.PublishLock(parent_fd, str(tmp_path / "a.ckpt")) as first:
             assert first._fd is None  # unlocked, not an error
         monkeypatch.undo()
