@@ -239,7 +239,7 @@ def open_remote_rank_file(location: Any, rank: int) -> tuple[OpenedFile, str, di
         As ``remote_dirs.fetch_for_read``; CorruptCheckpointError: not the size its manifest says.
     """
     from lightning_ckpt import remote_dirs
-    from lightning_ckpt.commit import remove_path
+    from lightning_ckpt.remote_files import remove_download
 
     local, url, entry = remote_dirs.fetch_for_read(location, rank)
     dir_fd = os.open(os.path.dirname(local), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -249,7 +249,7 @@ def open_remote_rank_file(location: Any, rank: int) -> tuple[OpenedFile, str, di
         opened = open_rank_file(shown, dir_fd, name, entry) if entry else OpenedFile(url, dir_fd=dir_fd, name=name)
     finally:
         os.close(dir_fd)
-        remove_path(local)
+        remove_download(local)
     return opened, url, entry
 
 

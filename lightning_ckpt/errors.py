@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
+from typing import Any
+
 
 def _rebuild(cls: type, args: tuple, state: dict) -> BaseException:
     """Recreate an error without calling ``__init__`` (whose signature may differ from ``args``)."""
@@ -72,3 +76,29 @@ class BarrierTimeoutError(CheckpointTimeoutError):
 
 class BarrierPeerError(CheckpointError):
     """Another rank reported a failure at a barrier, so this rank fails fast instead of waiting."""
+
+
+def rename_in_error(error: BaseException, old: re.Pattern, new: str, depth: int = 0) -> None:
+    """Replace ``old`` by ``new`` in ``error``'s arguments and string attributes, and in its causes, in place (type,
+    fields and traceback stay): an error about a private copy or pin then names what the user gave."""
+    if error is None or depth > 8:
+        return
+
+    def renamed(value: Any) -> Any:
+        return old.sub(lambda _: new, value) if isinstance(value, str) else value
+
+    with contextlib.suppress(Exception):  # an exception type that does not let its arguments be set
+        error.args = tuple(renamed(a) for a in error.args)
+    for name, value in list(vars(error).items()):
+        if isinstance(value, str):
+            with contextlib.suppress(Exception):
+                setattr(error, name, renamed(value))
+    if isinstance(error, OSError):
+        for name in ("filename", "filename2"):
+            value = getattr(error, name, None)
+            if isinstance(value, str):  # None stays None (setting it would print "-> None")
+                with contextlib.suppress(Exception):  # a subclass's read-only property
+                    setattr(error, name, renamed(value))
+    rename_in_error(error.__cause__, old, new, depth + 1)
+    if error.__context__ is not error.__cause__:
+        rename_in_error(error.__context__, old, new, depth + 1)

@@ -2,13 +2,15 @@
 
 Lightning's default CheckpointIO loads any fsspec URL, so a ``ckpt_path`` of that kind must load with ours too
 (drop-in). We only write local paths, ``s3://`` and ``gs://``; a URL of any other protocol fsspec knows is read once
-through fsspec into a private file of the local cache, read by our reader from there (a file of ours is verified
-against its checksums as a local one is; a plain ``torch.save`` file is read as ``torch.load`` reads it), and
-removed. Saves to such URLs are still refused (``paths.resolve``).
+through fsspec into a new private file of the local cache (one per load: concurrent loads of one URL never share
+it), read by our reader from there (a file of ours is verified against its checksums as a local one is; a plain
+``torch.save`` file is read as ``torch.load`` reads it), and removed. Saves to such URLs are still refused
+(``paths.resolve``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -20,6 +22,7 @@ from lightning_ckpt.errors import CheckpointTimeoutError
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 16 << 20
+HTTP_PROTOCOLS = ("http", "https")
 
 
 def is_read_only_url(path: object) -> bool:
@@ -30,39 +33,68 @@ def is_read_only_url(path: object) -> bool:
     if "://" not in text:
         return False
     protocol = paths.protocol_of(text)
-    if protocol in paths.LOCAL_PROTOCOLS or protocol in paths.REMOTE_PROTOCOLS or "::" in text:
+    if protocol in paths.LOCAL_PROTOCOLS or protocol in paths.REMOTE_PROTOCOLS or "::" in text.split("?", 1)[0]:
         return False
     from fsspec.registry import known_implementations, registry
 
     return protocol in known_implementations or protocol in registry
 
 
-def download(url: str, storage_options: dict | None, timeout_secs: float) -> str:
-    """Copy the object at ``url`` through fsspec into a new file of the local cache; returns its path (the caller
-    removes it with ``commit.remove_path``). Nothing is left behind when the copy fails.
+def weights_only_default(url: str, weights_only: bool | None) -> bool | None:
+    """Lightning's default for a URL: ``weights_only=False`` for ``http(s)://`` (its ``_load`` says so), else as given."""
+    return False if weights_only is None and paths.protocol_of(url) in HTTP_PROTOCOLS else weights_only
+
+
+def download(url: str, timeout_secs: float) -> str:
+    """Copy the object at ``url`` through fsspec (with its defaults, as Lightning's loads use) into a new file of
+    the local cache; returns its path (the caller removes it: ``remote_files.remove_download``). An ``http(s)``
+    object is streamed (servers without range requests too), the whole request bounded by ``timeout_secs``;
+    nothing is left behind when the copy fails.
 
     Raises:
         FileNotFoundError: nothing at ``url``.
         CheckpointTimeoutError: the copy took longer than ``timeout_secs``.
-        OSError, ImportError: as fsspec raises them (the store refused; its package is not installed).
+        OSError: the copy failed (naming ``url``). ImportError: the protocol's package is not installed.
     """
     import fsspec
 
-    dest = paths.url_cache_path(url, url.rstrip("/").rsplit("/", 1)[-1], "download")
+    dest = paths.download_path(url, url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1])
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     deadline = time.monotonic() + timeout_secs
-    with Commit.create(dest, fsync=False) as c:  # a cache copy, read once
-        fd = c.open_new()
-        try:
-            with fsspec.open(url, "rb", **(storage_options or {})) as src:
-                while chunk := src.read(CHUNK_BYTES):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    if time.monotonic() > deadline:
-                        raise CheckpointTimeoutError(f"reading {url} took longer than {timeout_secs:.0f}s")
-        finally:
-            os.close(fd)
-        c.publish()
+    options: dict = {}
+    if paths.protocol_of(url) in HTTP_PROTOCOLS:
+        import aiohttp
+
+        options = {"block_size": 0, "client_kwargs": {"timeout": aiohttp.ClientTimeout(total=timeout_secs)}}
+    try:
+        with Commit.create(dest, fsync=False) as c:  # a cache copy, read once
+            fd = c.open_new()
+            try:
+                with fsspec.open(url, "rb", **options) as src:
+                    while chunk := src.read(CHUNK_BYTES):
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(fd, view):]
+                        if time.monotonic() > deadline:
+                            raise CheckpointTimeoutError(f"reading {url} took longer than {timeout_secs:.0f}s")
+            finally:
+                os.close(fd)
+            c.publish()
+    except (FileNotFoundError, CheckpointTimeoutError, ImportError):
+        raise
+    except (asyncio.TimeoutError, TimeoutError) as e:
+        raise CheckpointTimeoutError(f"reading {url} took longer than {timeout_secs:.0f}s") from e
+    except Exception as e:  # fsspec's and its clients' errors (aiohttp's are not OSErrors)
+        raise OSError(f"could not read {url}: {type(e).__name__}: {e}") from e
+    finally:
+        _drop_folder_if_empty(dest)
     log.debug("read %s through fsspec into %s", url, dest)
     return dest
+
+
+def _drop_folder_if_empty(dest: str) -> None:
+    """After a failed copy, its per-URL folder of the cache goes when empty (a copy that is there keeps it)."""
+    try:
+        os.rmdir(os.path.dirname(dest))
+    except OSError:
+        pass

@@ -76,6 +76,16 @@ def url_cache_path(url: str, name: str, kind: str) -> str:
     return os.path.join(cache_dir(), kind, digest, _cache_name(name))
 
 
+def download_path(url: str, name: str) -> str:
+    """A new local path for one download of the object at ``url``: ``<cache>/download/<hash of url>/<random>-<name>``,
+    so concurrent loads of one URL (the ranks of a node, several processes) never share or remove each other's
+    copy. The caller removes it (``remote_files.remove_download``)."""
+    import secrets
+
+    where = url_cache_path(url, name, "download")
+    return os.path.join(os.path.dirname(where), f"{secrets.token_hex(8)}-{os.path.basename(where)}")
+
+
 def _cache_name(name: str) -> str:
     """``name`` as one safe local file name: unusual characters replaced, at most ``_CACHE_NAME_BYTES``, never
     ``.``/``..``/empty (the extension is kept: logs and tools recognise ``.ckpt``)."""

@@ -268,7 +268,7 @@ def fetch_for_read(location: RemotePath, rank: int, config: RemoteConfig | None 
 
 
 def _download(target: RemotePath, config: RemoteConfig, timeout_secs: float) -> str:
-    return remote_files.download(target, target.cache_path("download"), config, timeout_secs)
+    return remote_files.download(target, paths.download_path(target.url, target.name), config, timeout_secs)
 
 
 def _rank_entry(manifest: Manifest, location: RemotePath, rank: int) -> str:

@@ -62,6 +62,17 @@ def download(target: RemotePath, dest: str, config: RemoteConfig, timeout_secs: 
     return dest
 
 
+def remove_download(local: str) -> None:
+    """Remove a download once read, and its per-URL folder when no other download is in it."""
+    from lightning_ckpt.commit import remove_path
+
+    remove_path(local)
+    try:
+        os.rmdir(os.path.dirname(local))
+    except OSError:
+        pass  # another download of that URL is there, or it is gone already
+
+
 async def _download(target: RemotePath, fd: int, config: RemoteConfig, timeout_secs: float) -> None:
     """All ranges of one version; an object replaced meanwhile is read again from its HEAD (the new version),
     ``_READ_ATTEMPTS`` times at most, as the local reader rereads a file replaced under it."""

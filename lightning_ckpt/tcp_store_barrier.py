@@ -144,8 +144,16 @@ class TCPStoreBarrier(KeyedBarrier):
             with contextlib.suppress(Exception):  # the store may be what failed
                 self._close_round(meeting, f"rank {self.global_rank} stopped waiting ({type(e).__name__}: {e})")
             raise
-        # every rank arrived: PyTorch's store barrier for this round returns at once
-        store_util.barrier(store=self._store, world_size=self.global_world_size, key_prefix=meeting.pytorch_prefix)
+        # every rank arrived: PyTorch's store barrier for this round returns at once, unless a peer failed between
+        # its arrival and that barrier: bounded by this barrier's timeout, not PyTorch's 300 s default
+        try:
+            store_util.barrier(store=self._store, world_size=self.global_world_size,
+                               key_prefix=meeting.pytorch_prefix, barrier_timeout=self.timeout_secs)
+        except Exception as e:  # noqa: BLE001 - torch raises its store's own errors here
+            raise BarrierTimeoutError(
+                f"{self._describe(meeting, label)}: every rank arrived, but not every rank finished it within "
+                f"{self.timeout_secs}s on rank {self.global_rank} (a peer failed right after arriving): "
+                f"{type(e).__name__}: {e}") from e
         return meeting
 
     def _next_round(self, point: str, refuse_duplicate: bool = False) -> _Round:

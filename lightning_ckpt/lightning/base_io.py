@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -17,13 +18,14 @@ from lightning.fabric.plugins.io import CheckpointIO
 from lightning.pytorch.trainer.states import TrainerStatus
 from typing_extensions import override
 
-from lightning_ckpt import commit, fsspec_read, paths, remote_files
+from lightning_ckpt import fsspec_read, paths, remote_files
 from lightning_ckpt.barriers import Barrier
 from lightning_ckpt.builder import make_sync_checkpointer
 from lightning_ckpt.checkpoint_reader import CheckpointReader
 from lightning_ckpt.checkpointer import SyncCheckpointer
 from lightning_ckpt.checkpoint_writer import WriterHook
 from lightning_ckpt.config import CheckpointerConfig
+from lightning_ckpt.errors import rename_in_error
 from lightning_ckpt.futures import completed_future
 from lightning_ckpt.lightning.binding import StrategyBarrier, TrainerBinding, calling_trainer
 from lightning_ckpt.lightning.ledger import SaveLedger, wait_in_process
@@ -186,23 +188,29 @@ class LightningCkptIO(CheckpointIO):
         """
         self.binding.bind_caller()
         if fsspec_read.is_read_only_url(path):  # http(s)://, memory://, ...: read as Lightning's default reads them
-            local, downloaded = fsspec_read.download(os.fspath(path), self.storage_options,
-                                                     self._remote_timeout()), True
+            url = os.fspath(path)
+            local, downloaded = fsspec_read.download(url, self._remote_timeout()), url
+            weights_only = fsspec_read.weights_only_default(url, weights_only)
         else:
             location = self._locate(path, None)
             wait_in_process(location, self.config.wait_timeout_secs)
-            downloaded = isinstance(location, RemotePath)
-            local = remote_files.download(location, location.cache_path("download"), self.remote_config,
-                                          self._remote_timeout()) if downloaded else location
+            downloaded = location.url if isinstance(location, RemotePath) else None
+            local = location if downloaded is None else remote_files.download(
+                location, paths.download_path(location.url, location.name), self.remote_config,
+                self._remote_timeout())
         try:
             if not os.path.exists(local):
                 raise FileNotFoundError(f"Checkpoint file not found: {os.fspath(path)}")
             reader = CheckpointReader(RankInfo(0, 1), verify=self.config.verify_on_load)
             loaded, _ = reader.read(local, map_location="cpu" if map_location is None else map_location,
                                     weights_only=weights_only)
+        except BaseException as e:
+            if downloaded is not None:  # errors name the object, not its private copy (gone once raised)
+                rename_in_error(e, re.compile(re.escape(local)), downloaded)
+            raise
         finally:
-            if downloaded:
-                commit.remove_path(local)  # a download is read once
+            if downloaded is not None:
+                remote_files.remove_download(local)  # a download is read once
         return loaded
 
     @override

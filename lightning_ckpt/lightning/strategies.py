@@ -25,7 +25,9 @@ from lightning_ckpt.dcp.failures import unwrapped_failures
 from lightning_ckpt.dcp.manifest import open_checkpoint_dir, read_manifest, verify_bytes
 from lightning_ckpt.dcp.storage_reader import StorageReader
 from lightning_ckpt.dcp.storage_writer import StorageWriter
-from lightning_ckpt.errors import CheckpointError, CheckpointTimeoutError, IncompleteCheckpointError
+from lightning_ckpt.errors import (
+    CheckpointError, CheckpointTimeoutError, IncompleteCheckpointError, rename_in_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -246,33 +248,8 @@ def _errors_naming(path: Path, pinned: Path) -> Iterator[None]:
     except BaseException as e:
         if pinned != path:
             pins = re.compile(re.escape(os.fspath(pinned)) + r"(?![0-9])|/proc/self/fd/[0-9]+(?=/)")
-            _rename_in_error(e, pins, os.fspath(path))
+            rename_in_error(e, pins, os.fspath(path))
         raise
-
-
-def _rename_in_error(error: BaseException, old: re.Pattern, new: str, depth: int = 0) -> None:
-    """Replace ``old`` by ``new`` in ``error``'s arguments and string attributes, and in its causes."""
-    if error is None or depth > 8:
-        return
-
-    def renamed(value: Any) -> Any:
-        return old.sub(lambda _: new, value) if isinstance(value, str) else value
-
-    with contextlib.suppress(Exception):  # an exception type that does not let its arguments be set
-        error.args = tuple(renamed(a) for a in error.args)
-    for name, value in list(vars(error).items()):
-        if isinstance(value, str):
-            with contextlib.suppress(Exception):
-                setattr(error, name, renamed(value))
-    if isinstance(error, OSError):
-        for name in ("filename", "filename2"):
-            value = getattr(error, name, None)
-            if isinstance(value, str):  # None stays None (setting it would print "-> None")
-                with contextlib.suppress(Exception):  # a subclass's read-only property
-                    setattr(error, name, renamed(value))
-    _rename_in_error(error.__cause__, old, new, depth + 1)
-    if error.__context__ is not error.__cause__:
-        _rename_in_error(error.__context__, old, new, depth + 1)
 
 
 def _same_directory(path: Path, pinned: Path) -> bool:

@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 
-from lightning_ckpt import CorruptCheckpointError
+from lightning_ckpt import CheckpointerConfig, CheckpointProcessConfig, CheckpointTimeoutError, CorruptCheckpointError
 from lightning_ckpt.lightning import AsyncCheckpointIO, SyncCheckpointIO
 from tests.lightning import helpers
 
@@ -73,8 +73,9 @@ def test_a_checkpoint_over_http_loads_verified_and_leaves_no_copy(served, cache,
         at = bytes(data).find(torch.arange(6.0).numpy().tobytes())
         data[at + 5] ^= 0x10
         (root / "bad.ckpt").write_bytes(bytes(data))
-        with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
+        with pytest.raises(CorruptCheckpointError, match="checksum mismatch") as corrupt:
             plugin.load_checkpoint(f"{base}/bad.ckpt")
+        assert f"{base}/bad.ckpt" in str(corrupt.value) and str(cache) not in str(corrupt.value)
         with pytest.raises(FileNotFoundError):
             plugin.load_checkpoint(f"{base}/none.ckpt")
         with pytest.raises(ValueError, match="unsupported protocol 'http'"):
@@ -105,3 +106,77 @@ def test_fit_resumes_from_a_checkpoint_over_http(served, tmp_path):
     second = helpers.trainer(tmp_path / "b", max_steps=6, plugins=[AsyncCheckpointIO()])
     second.fit(helpers.TinyModel(), train_dataloaders=helpers.loader(), ckpt_path=f"{base}/step4.ckpt")
     assert second.global_step == 6
+
+
+def test_concurrent_loads_of_one_url_never_share_a_copy(served, cache):
+    """The ranks of a node (or several processes) load the same ``ckpt_path`` at once: each reads its own copy."""
+    root, base = served
+    saver = SyncCheckpointIO()
+    saver.save_checkpoint(_checkpoint(), str(root / "good.ckpt"))
+    saver.teardown()
+    plugin, errors = SyncCheckpointIO(), []
+
+    def load_five() -> None:
+        for _ in range(5):
+            try:
+                helpers.assert_trees_equal(plugin.load_checkpoint(f"{base}/good.ckpt"), _checkpoint())
+            except Exception as e:  # noqa: BLE001 - collected for the assertion
+                errors.append(e)
+
+    threads = [threading.Thread(target=load_five) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    assert _files(cache) == []
+
+
+def test_a_large_file_from_a_server_without_range_requests_loads(served):
+    """Python's own ``http.server`` answers every GET whole (no ranges), as many simple servers do; a file larger
+    than fsspec's read-ahead block is streamed, as Lightning's default streams it."""
+    root, base = served
+    big = {"state_dict": {"w": torch.randn(6 << 20)}, "global_step": 1}  # 24 MiB
+    torch.save(big, root / "big.ckpt")
+    helpers.assert_trees_equal(SyncCheckpointIO().load_checkpoint(f"{base}/big.ckpt"), big)
+
+
+def test_a_plain_http_checkpoint_loads_with_lightnings_weights_only_default(served):
+    """Lightning loads ``http(s)`` checkpoints with ``weights_only=False`` unless told otherwise (its ``_load``)."""
+    import argparse
+
+    root, base = served
+    torch.save({"hparams": argparse.Namespace(lr=0.1), "global_step": 1}, root / "hp.ckpt")
+    assert SyncCheckpointIO().load_checkpoint(f"{base}/hp.ckpt")["hparams"].lr == 0.1
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        SyncCheckpointIO().load_checkpoint(f"{base}/hp.ckpt", weights_only=True)
+
+
+class _Stalling(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - the handler's protocol
+        self.send_response(200)
+        self.send_header("Content-Length", str(10 << 20))
+        self.end_headers()
+        self.wfile.write(b"PK")
+        self.server.release.wait(30)  # then never sends the rest until the test ends
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_server_that_stops_sending_fails_the_load_within_its_timeout(cache):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stalling)
+    server.release = threading.Event()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    plugin = SyncCheckpointIO(config=CheckpointerConfig(process_config=CheckpointProcessConfig(
+        write_timeout_secs=2.5)))
+    try:
+        with pytest.raises(CheckpointTimeoutError, match=r"reading http://127\.0\.0\.1:\d+/x\.ckpt took longer"):
+            plugin.load_checkpoint(f"http://127.0.0.1:{server.server_address[1]}/x.ckpt")  # 2 s: 0.8 x 2.5
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert _files(cache) == []

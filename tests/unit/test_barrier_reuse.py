@@ -181,3 +181,37 @@ def test_a_failure_reported_after_a_failed_meeting_reaches_the_next_one(make_bar
     with pytest.raises(BarrierPeerError, match="rank 1 failed: oom at step 1"):
         rank0.execute_barrier(key=key)
     _together(lambda: rank0.execute_barrier(key=key), lambda: rank1.execute_barrier(key=key))  # meeting 2
+
+
+class _FailsAfterArriving:
+    """A store client whose rank, once it arrived, loses the store before its round completes."""
+
+    def __init__(self, store: TCPStore) -> None:
+        self._store = store
+
+    def check(self, keys: list[str]) -> bool:
+        if any("/arrived/" in k for k in keys):
+            raise RuntimeError("store connection reset")
+        return self._store.check(keys)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_failing_right_after_it_arrived_fails_the_others_within_their_timeout(make_barrier):
+    """Every rank arrived, then rank 1 failed before finishing the round: rank 0 raises within its own timeout,
+    naming the barrier (PyTorch's store barrier that ends a round waited 300 s by default)."""
+    import time
+
+    rank0 = make_barrier(0, 2.0, wrap=lambda s: _PollSignallingStore(s))
+    rank1 = make_barrier(1, 2.0, wrap=lambda s: _FailsAfterArriving(s))
+    start = time.monotonic()
+    first = _Rank(lambda: rank0.execute_barrier(key="k"))
+    assert rank0._store.polled.wait(30), "rank 0 never started waiting"  # it arrived first
+    second = _Rank(lambda: rank1.execute_barrier(key="k"))
+    with pytest.raises(RuntimeError, match="store connection reset"):
+        second.outcome()
+    with pytest.raises(BarrierTimeoutError, match=r"ckpt/k.*every rank arrived, but not every rank finished"):
+        first.outcome()
+    assert time.monotonic() - start < 30
