@@ -10,7 +10,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_ckpt import layout, paths
+from lightning_ckpt import fsspec_read, layout, paths
 from lightning_ckpt.checkpoint_reader import (
     open_rank_file, open_remote_rank_file, open_unmanifested, rank_file_names, read_manifest,
 )
@@ -80,6 +80,8 @@ def _check(path: Any, deep: bool, storage_options: dict | None,
     """``check_checkpoint``, and for a remote checkpoint, the download of rank ``keep_rank`` left open (the caller
     closes it): ``describe_checkpoint`` reads it without downloading it twice."""
     shown = path.url if isinstance(path, RemotePath) else os.fsdecode(os.fspath(path))
+    if fsspec_read.is_read_only_url(path):
+        return _check_read_only(shown, deep, keep_rank)
     try:
         location = paths.resolve(path, storage_options)
     except (ValueError, ImportError) as e:  # memory://, an unknown protocol, no bucket; the client not installed
@@ -92,6 +94,36 @@ def _check(path: Any, deep: bool, storage_options: dict | None,
         return CheckResult(location.url, MISSING, str(e)), None
     except (CheckpointError, OSError) as e:  # CheckpointError: also a store that cannot be read
         return _failed(location.url, e), None
+
+
+def _check_read_only(url: str, deep: bool, keep_rank: int | None) -> tuple[CheckResult, OpenedFile | None]:
+    """A file at a URL we only read (``https://``, ...): copied once through fsspec, as a load reads it, and checked
+    as a local file is; messages name the URL. The copy is removed at once (the open file keeps its bytes)."""
+    from lightning_ckpt import remote_files
+
+    try:
+        local = fsspec_read.download(url, remote_files.LOOKUP_TIMEOUT_SECS)
+    except FileNotFoundError as e:
+        return CheckResult(url, MISSING, str(e) or f"nothing at {url}"), None
+    except (CheckpointError, OSError, ImportError) as e:
+        return CheckResult(url, UNREADABLE, f"{type(e).__name__}: {e}"), None
+    try:
+        dir_fd = os.open(os.path.dirname(local), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            opened = OpenedFile(url, dir_fd=dir_fd, name=os.path.basename(local))
+        finally:
+            os.close(dir_fd)
+    finally:
+        remote_files.remove_download(local)
+    try:
+        result = _check_file(opened, url, deep)
+    except (IncompleteCheckpointError, CorruptCheckpointError, OSError) as e:
+        opened.close()
+        return _failed(url, e), None
+    if keep_rank == 0:
+        return result, opened
+    opened.close()
+    return result, None
 
 
 def _failed(path: str, e: BaseException) -> CheckResult:

@@ -124,7 +124,8 @@ def is_named(fd: int, name: str, dir_fd: int) -> bool:
     open looks the name up again on NFS (close-to-open), where a stat may answer from a cache after another host
     replaced the file."""
     try:
-        named_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        # O_NONBLOCK: a FIFO planted at the name is opened without waiting for a writer (and is not our file)
+        named_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
         return False
     try:

@@ -180,3 +180,24 @@ def test_a_server_that_stops_sending_fails_the_load_within_its_timeout(cache):
         server.server_close()
         thread.join(timeout=10)
     assert _files(cache) == []
+
+
+def test_verify_and_inspect_read_a_url_we_only_read_as_a_load_does(served, cache):
+    from lightning_ckpt.integrity import CORRUPT, MISSING, UNVERIFIED, VERIFIED, check_checkpoint, describe_checkpoint
+
+    root, base = served
+    saver = SyncCheckpointIO()
+    saver.save_checkpoint(_checkpoint(), str(root / "good.ckpt"))
+    saver.teardown()
+    good = check_checkpoint(f"{base}/good.ckpt")
+    assert good.status == VERIFIED and good.files == [f"{base}/good.ckpt"], good
+    assert describe_checkpoint(f"{base}/good.ckpt")["status"] == VERIFIED
+    data = bytearray((root / "good.ckpt").read_bytes())
+    data[bytes(data).find(torch.arange(6.0).numpy().tobytes()) + 5] ^= 0x10
+    (root / "bad.ckpt").write_bytes(bytes(data))
+    bad = check_checkpoint(f"{base}/bad.ckpt")
+    assert bad.status == CORRUPT and f"{base}/bad.ckpt" in bad.detail and str(cache) not in bad.detail, bad
+    torch.save(_checkpoint(), root / "plain.ckpt")
+    assert check_checkpoint(f"{base}/plain.ckpt").status == UNVERIFIED
+    assert check_checkpoint(f"{base}/none.ckpt").status == MISSING
+    assert _files(cache) == []
