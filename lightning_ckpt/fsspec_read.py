@@ -26,14 +26,17 @@ HTTP_PROTOCOLS = ("http", "https")
 
 
 def is_read_only_url(path: object) -> bool:
-    """Whether ``path`` is a URL of a protocol fsspec knows that we only read (not local, ``s3://`` or ``gs://``)."""
+    """Whether ``path`` is a URL we only read, through fsspec: a protocol fsspec knows other than local paths,
+    ``s3://`` and ``gs://``, or a chained URL (``simplecache::...``)."""
     if isinstance(path, paths.RemotePath) or not isinstance(path, (str, os.PathLike)):
         return False
     text = os.fsdecode(os.fspath(path))
     if "://" not in text:
         return False
+    if "::" in text.split("?", 1)[0]:
+        return True  # a chained URL (simplecache::https://...): fsspec opens it, as Lightning's default does
     protocol = paths.protocol_of(text)
-    if protocol in paths.LOCAL_PROTOCOLS or protocol in paths.REMOTE_PROTOCOLS or "::" in text.split("?", 1)[0]:
+    if protocol in paths.LOCAL_PROTOCOLS or protocol in paths.REMOTE_PROTOCOLS:
         return False
     from fsspec.registry import known_implementations, registry
 

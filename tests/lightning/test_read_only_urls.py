@@ -201,3 +201,14 @@ def test_verify_and_inspect_read_a_url_we_only_read_as_a_load_does(served, cache
     assert check_checkpoint(f"{base}/plain.ckpt").status == UNVERIFIED
     assert check_checkpoint(f"{base}/none.ckpt").status == MISSING
     assert _files(cache) == []
+
+
+def test_a_chained_url_loads_through_fsspec(served, tmp_path, monkeypatch):
+    import tempfile
+
+    root, base = served
+    saver = SyncCheckpointIO()
+    saver.save_checkpoint(_checkpoint(), str(root / "good.ckpt"))
+    saver.teardown()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where fsspec's simplecache keeps its copy
+    helpers.assert_trees_equal(SyncCheckpointIO().load_checkpoint(f"simplecache::{base}/good.ckpt"), _checkpoint())
