@@ -244,12 +244,16 @@ def open_remote_rank_file(location: Any, rank: int) -> tuple[OpenedFile, str, di
     local, url, entry = remote_dirs.fetch_for_read(location, rank)
     dir_fd = os.open(os.path.dirname(local), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        name = os.path.basename(local)
-        shown = url.rsplit("/", 1)[0]
-        opened = open_rank_file(shown, dir_fd, name, entry) if entry else OpenedFile(url, dir_fd=dir_fd, name=name)
+        opened = OpenedFile(url, dir_fd=dir_fd, name=os.path.basename(local))  # named by its URL in errors
     finally:
         os.close(dir_fd)
         remove_download(local)
+    if entry:
+        try:
+            check_size(opened, entry)
+        except CorruptCheckpointError:
+            opened.close()
+            raise
     return opened, url, entry
 
 

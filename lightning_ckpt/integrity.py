@@ -103,8 +103,8 @@ def _check_read_only(url: str, deep: bool, keep_rank: int | None) -> tuple[Check
 
     try:
         local = fsspec_read.download(url, remote_files.LOOKUP_TIMEOUT_SECS)
-    except FileNotFoundError as e:
-        return CheckResult(url, MISSING, str(e) or f"nothing at {url}"), None
+    except FileNotFoundError:
+        return CheckResult(url, MISSING, f"nothing at {url}"), None
     except (CheckpointError, OSError, ImportError) as e:
         return CheckResult(url, UNREADABLE, f"{type(e).__name__}: {e}"), None
     try:

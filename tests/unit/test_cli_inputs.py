@@ -109,11 +109,14 @@ def test_verify_and_inspect_read_file_urls_as_the_library_does(tmp_path, capsys)
 
 @pytest.mark.timeout(120)
 def test_verify_of_a_location_no_store_reads_says_why_not_missing(tmp_path, capsys):
-    assert main(["verify", "memory://ckpt/a.ckpt", "s3://bucket-without-key"]) == 1
+    """A URL no store reads is UNREADABLE with the reason; a URL fsspec reads (``memory://``, this process's) is
+    read as a load reads it: nothing there is MISSING."""
+    assert main(["verify", "memory://ckpt/a.ckpt", "s3://bucket-without-key", "zz://x/a.ckpt"]) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["UNREADABLE", "UNREADABLE"]
-    assert "memory://" in lines[0] and "separate writer process" in lines[0]
+    assert [line.split()[0] for line in lines] == ["MISSING", "UNREADABLE", "UNREADABLE"]
+    assert "nothing at memory://ckpt/a.ckpt" in lines[0]
     assert "needs a bucket and a key" in lines[1]
+    assert "unknown protocol 'zz'" in lines[2]
 
 
 @pytest.mark.timeout(60)
