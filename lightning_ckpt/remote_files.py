@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from lightning_ckpt import paths
 from lightning_ckpt.commit import Commit, remove_path
 from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
 from lightning_ckpt.manifest import ChecksumRecord
@@ -64,8 +65,6 @@ def download(target: RemotePath, dest: str, config: RemoteConfig, timeout_secs: 
 
 def remove_download(local: str) -> None:
     """Remove a download once read, and its per-URL folder when no other download is in it."""
-    from lightning_ckpt.commit import remove_path
-
     remove_path(local)
     try:
         os.rmdir(os.path.dirname(local))
@@ -314,11 +313,11 @@ def is_complete(target: RemotePath, verify: bool = False) -> bool:
         if read_checksum_record(target, config, LOOKUP_TIMEOUT_SECS) is None:
             return False
         if verify:
-            local = download(target, target.cache_path("download"), config, LOOKUP_TIMEOUT_SECS)
+            local = download(target, paths.download_path(target.url, target.name), config, LOOKUP_TIMEOUT_SECS)
             try:
                 result = check_checkpoint(local)
             finally:
-                remove_path(local)
+                remove_download(local)
             if not result.ok:
                 log.warning("skipping %s: %s (%s)", target.url, result.status, result.detail)
                 return False
