@@ -142,19 +142,28 @@ class TCPStoreBarrier(KeyedBarrier):
             raise
         except BaseException as e:
             with contextlib.suppress(Exception):  # the store may be what failed
-                self._close_round(meeting, f"rank {self.global_rank} stopped waiting ({type(e).__name__}: {e})")
+                reason = f"rank {self.global_rank} stopped waiting ({type(e).__name__}: {e})"
+                if not self._close_round(meeting, reason):
+                    self._check_in(meeting)  # every rank had arrived: the round is complete for the others
             raise
-        # every rank arrived: PyTorch's store barrier for this round returns at once, unless a peer failed between
-        # its arrival and that barrier: bounded by this barrier's timeout, not PyTorch's 300 s default
+        # every rank arrived: PyTorch's store barrier for this round returns at once (called as PyTorch's does)
         try:
             store_util.barrier(store=self._store, world_size=self.global_world_size,
-                               key_prefix=meeting.pytorch_prefix, barrier_timeout=self.timeout_secs)
+                               key_prefix=meeting.pytorch_prefix)
         except Exception as e:  # noqa: BLE001 - torch raises its store's own errors here
             raise BarrierTimeoutError(
-                f"{self._describe(meeting, label)}: every rank arrived, but not every rank finished it within "
-                f"{self.timeout_secs}s on rank {self.global_rank} (a peer failed right after arriving): "
-                f"{type(e).__name__}: {e}") from e
+                f"{self._describe(meeting, label)}: every rank arrived, but not every rank finished it on rank "
+                f"{self.global_rank}: {type(e).__name__}: {e}") from e
         return meeting
+
+    def _check_in(self, meeting: _Round) -> None:
+        """This rank's arrival in PyTorch's store barrier of ``meeting``, without waiting there: a rank that fails
+        after every rank arrived leaves its peers nothing to wait for (PyTorch's barrier would hold them 300 s)."""
+        import torch.distributed.elastic.utils.store as store_util
+
+        check_in = getattr(store_util, "_barrier_nonblocking", None)  # private in torch 2.13; absent: they wait
+        if check_in is not None:
+            check_in(store=self._store, world_size=self.global_world_size, key_prefix=meeting.pytorch_prefix)
 
     def _next_round(self, point: str, refuse_duplicate: bool = False) -> _Round:
         """Takes this rank's next round at ``point``: its n-th arrival there meets the other ranks' n-th.

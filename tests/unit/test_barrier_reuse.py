@@ -199,9 +199,9 @@ class _FailsAfterArriving:
 
 
 @pytest.mark.timeout(60)
-def test_a_peer_failing_right_after_it_arrived_fails_the_others_within_their_timeout(make_barrier):
-    """Every rank arrived, then rank 1 failed before finishing the round: rank 0 raises within its own timeout,
-    naming the barrier (PyTorch's store barrier that ends a round waited 300 s by default)."""
+def test_a_peer_failing_right_after_it_arrived_leaves_the_others_nothing_to_wait_for(make_barrier):
+    """Every rank arrived, then rank 1 failed before finishing the round: the round is complete, so rank 0
+    returns at once (it waited 300 s in PyTorch's store barrier that ends a round), and rank 1 raises its error."""
     import time
 
     rank0 = make_barrier(0, 2.0, wrap=lambda s: _PollSignallingStore(s))
@@ -212,6 +212,5 @@ def test_a_peer_failing_right_after_it_arrived_fails_the_others_within_their_tim
     second = _Rank(lambda: rank1.execute_barrier(key="k"))
     with pytest.raises(RuntimeError, match="store connection reset"):
         second.outcome()
-    with pytest.raises(BarrierTimeoutError, match=r"ckpt/k.*every rank arrived, but not every rank finished"):
-        first.outcome()
+    first.outcome()
     assert time.monotonic() - start < 30
