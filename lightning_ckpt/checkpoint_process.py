@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Callable, ClassVar, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from lightning_ckpt._writer_main import make_default_writer
 from lightning_ckpt.barriers import BarrierConfig, needs_main_thread
@@ -65,9 +65,11 @@ class CheckpointProcessConfig:
     wait_log_interval_secs: float = 30.0
     writer_niceness: int = 10
 
-    FIELD_RANGES: ClassVar[dict[str, Range]] = {"subprocess_init_timeout_secs": TIMEOUT, "subprocess_shutdown_timeout_secs": TIMEOUT,
-                                                "write_timeout_secs": TIMEOUT, "stall_timeout_secs": TIMEOUT,
-                                                "wait_log_interval_secs": TIMEOUT, "writer_niceness": Range(ge=0, le=19)}
+    FIELD_RANGES: ClassVar[dict[str, Range]] = {
+        "subprocess_init_timeout_secs": TIMEOUT, "subprocess_shutdown_timeout_secs": TIMEOUT,
+        "write_timeout_secs": TIMEOUT, "stall_timeout_secs": TIMEOUT, "wait_log_interval_secs": TIMEOUT,
+        "writer_niceness": Range(ge=0, le=19),
+    }
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -239,15 +239,9 @@ def open_remote_rank_file(location: Any, rank: int) -> tuple[OpenedFile, str, di
         As ``remote_dirs.fetch_for_read``; CorruptCheckpointError: not the size its manifest says.
     """
     from lightning_ckpt import remote_dirs
-    from lightning_ckpt.remote_files import remove_download
 
     local, url, entry = remote_dirs.fetch_for_read(location, rank)
-    dir_fd = os.open(os.path.dirname(local), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        opened = OpenedFile(url, dir_fd=dir_fd, name=os.path.basename(local))  # named by its URL in errors
-    finally:
-        os.close(dir_fd)
-        remove_download(local)
+    opened = open_download(local, url)
     if entry:
         try:
             check_size(opened, entry)
@@ -255,6 +249,21 @@ def open_remote_rank_file(location: Any, rank: int) -> tuple[OpenedFile, str, di
             opened.close()
             raise
     return opened, url, entry
+
+
+def open_download(local: str, url: str) -> OpenedFile:
+    """Open the download ``local`` of the object at ``url``, named by its URL in errors, and remove the download
+    (the descriptor keeps its bytes)."""
+    from lightning_ckpt.commit import remove_path
+
+    try:
+        dir_fd = os.open(os.path.dirname(local), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return OpenedFile(url, dir_fd=dir_fd, name=os.path.basename(local))
+        finally:
+            os.close(dir_fd)
+    finally:
+        remove_path(local)
 
 
 def rank_file_names(rank: int) -> list[str]:

@@ -20,7 +20,7 @@ class ConfigTypeError(TypeError, ValueError):
 
 @dataclass(frozen=True)
 class Range:
-    """Bounds of a number (None: unbounded on that side); ``real``: any finite real number is taken whatever the
+    """Bounds of a number (None: unbounded on that side); ``real``: any int or finite float is taken whatever the
     field's annotation (a duration in seconds is one, even where the seed annotates it ``int``)."""
 
     gt: float | None = None
@@ -141,10 +141,7 @@ def check_call_args(target: Callable, args: Mapping[str, Any], where: str,
     if unknown and not takes_any:
         raise ValueError(f"{where} has unknown argument(s) {unknown}; {getattr(target, '__name__', target)} "
                          f"takes {known}")
-    try:
-        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
-    except Exception:  # noqa: BLE001 - annotations that do not resolve here: names are checked, types are not
-        hints = {}
+    hints = _call_hints(target)  # annotations that do not resolve here: names are checked, types are not
     for name, value in args.items():
         check_value(hints.get(name, Any), value, f"{where}[{name!r}]", (ranges or {}).get(name))
 
@@ -153,10 +150,7 @@ def coerce_int_args(target: Callable, args: Mapping[str, Any], aliases: Mapping[
     """``args`` with the values of ``target``'s int parameters that are whole numbers of another type (a numpy
     int, a string of digits from YAML or the environment) turned into ints; anything else is left for
     ``check_call_args`` to refuse. ``aliases`` maps former argument names to ``target``'s."""
-    try:
-        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
-    except Exception:  # noqa: BLE001 - as check_call_args: nothing to coerce against
-        return dict(args)
+    hints = _call_hints(target)
     out = dict(args)
     for name, value in args.items():
         tp = hints.get((aliases or {}).get(name, name))
@@ -166,6 +160,14 @@ def coerce_int_args(target: Callable, args: Mapping[str, Any], aliases: Mapping[
             if whole is not None:
                 out[name] = whole
     return out
+
+
+def _call_hints(target: Callable) -> dict[str, Any]:
+    """The parameter annotations of ``target`` (a class: its constructor's); {} where they do not resolve."""
+    try:
+        return typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # noqa: BLE001 - a forward reference or a builtin without annotations
+        return {}
 
 
 def _whole_number(value: Any) -> int | None:

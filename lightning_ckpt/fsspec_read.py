@@ -50,7 +50,7 @@ def weights_only_default(url: str, weights_only: bool | None) -> bool | None:
 
 def download(url: str, timeout_secs: float) -> str:
     """Copy the object at ``url`` through fsspec (with its defaults, as Lightning's loads use) into a new file of
-    the local cache; returns its path (the caller removes it: ``remote_files.remove_download``). An ``http(s)``
+    the local cache; returns its path (the caller removes it: ``commit.remove_path``). An ``http(s)``
     object is streamed (servers without range requests too), the whole request bounded by ``timeout_secs``;
     nothing is left behind when the copy fails.
 
@@ -59,10 +59,16 @@ def download(url: str, timeout_secs: float) -> str:
         CheckpointTimeoutError: the copy took longer than ``timeout_secs``.
         OSError: the copy failed (naming ``url``). ImportError: the protocol's package is not installed.
     """
-    import fsspec
-
     dest = paths.download_path(url, url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1])
     os.makedirs(os.path.dirname(dest), exist_ok=True)
+    _copy(url, dest, timeout_secs)  # a failed copy leaves nothing: its temp is removed
+    log.debug("read %s through fsspec into %s", url, dest)
+    return dest
+
+
+def _copy(url: str, dest: str, timeout_secs: float) -> None:
+    import fsspec
+
     deadline = time.monotonic() + timeout_secs
     options: dict = {}
     if paths.protocol_of(url) in HTTP_PROTOCOLS:
@@ -89,15 +95,3 @@ def download(url: str, timeout_secs: float) -> str:
         raise CheckpointTimeoutError(f"reading {url} took longer than {timeout_secs:.0f}s") from e
     except Exception as e:  # fsspec's and its clients' errors (aiohttp's are not OSErrors)
         raise OSError(f"could not read {url}: {type(e).__name__}: {e}") from e
-    finally:
-        _drop_folder_if_empty(dest)
-    log.debug("read %s through fsspec into %s", url, dest)
-    return dest
-
-
-def _drop_folder_if_empty(dest: str) -> None:
-    """After a failed copy, its per-URL folder of the cache goes when empty (a copy that is there keeps it)."""
-    try:
-        os.rmdir(os.path.dirname(dest))
-    except OSError:
-        pass

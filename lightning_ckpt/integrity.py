@@ -12,7 +12,7 @@ from typing import Any
 
 from lightning_ckpt import fsspec_read, layout, paths
 from lightning_ckpt.checkpoint_reader import (
-    open_rank_file, open_remote_rank_file, open_unmanifested, rank_file_names, read_manifest,
+    open_download, open_rank_file, open_remote_rank_file, open_unmanifested, rank_file_names, read_manifest,
 )
 from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError, IncompleteCheckpointError
 from lightning_ckpt.paths import RemotePath
@@ -107,14 +107,7 @@ def _check_read_only(url: str, deep: bool, keep_rank: int | None) -> tuple[Check
         return CheckResult(url, MISSING, f"nothing at {url}"), None
     except (CheckpointError, OSError, ImportError) as e:
         return CheckResult(url, UNREADABLE, f"{type(e).__name__}: {e}"), None
-    try:
-        dir_fd = os.open(os.path.dirname(local), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            opened = OpenedFile(url, dir_fd=dir_fd, name=os.path.basename(local))
-        finally:
-            os.close(dir_fd)
-    finally:
-        remote_files.remove_download(local)
+    opened = open_download(local, url)
     try:
         result = _check_file(opened, url, deep)
     except (IncompleteCheckpointError, CorruptCheckpointError, OSError) as e:

@@ -77,13 +77,15 @@ def url_cache_path(url: str, name: str, kind: str) -> str:
 
 
 def download_path(url: str, name: str) -> str:
-    """A new local path for one download of the object at ``url``: ``<cache>/download/<hash of url>/<random>-<name>``,
-    so concurrent loads of one URL (the ranks of a node, several processes) never share or remove each other's
-    copy. The caller removes it (``remote_files.remove_download``)."""
+    """A new local path for one download of the object at ``url``:
+    ``<cache>/download/<hash of url>-<random>-<name made safe>``, so concurrent loads of one URL (the ranks of a
+    node, several processes) never share or remove each other's copy, and no per-URL folder is left to remove
+    (one that a load removed while another was about to write into it would fail that load). The caller removes
+    the file (``commit.remove_path``)."""
     import secrets
 
-    where = url_cache_path(url, name, "download")
-    return os.path.join(os.path.dirname(where), f"{secrets.token_hex(8)}-{os.path.basename(where)}")
+    digest = hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return os.path.join(cache_dir(), "download", f"{digest}-{secrets.token_hex(8)}-{_cache_name(name)}")
 
 
 def _cache_name(name: str) -> str:

@@ -63,15 +63,6 @@ def download(target: RemotePath, dest: str, config: RemoteConfig, timeout_secs: 
     return dest
 
 
-def remove_download(local: str) -> None:
-    """Remove a download once read, and its per-URL folder when no other download is in it."""
-    remove_path(local)
-    try:
-        os.rmdir(os.path.dirname(local))
-    except OSError:
-        pass  # another download of that URL is there, or it is gone already
-
-
 async def _download(target: RemotePath, fd: int, config: RemoteConfig, timeout_secs: float) -> None:
     """All ranges of one version; an object replaced meanwhile is read again from its HEAD (the new version),
     ``_READ_ATTEMPTS`` times at most, as the local reader rereads a file replaced under it."""
@@ -317,7 +308,7 @@ def is_complete(target: RemotePath, verify: bool = False) -> bool:
             try:
                 result = check_checkpoint(local)
             finally:
-                remove_download(local)
+                remove_path(local)
             if not result.ok:
                 log.warning("skipping %s: %s (%s)", target.url, result.status, result.detail)
                 return False

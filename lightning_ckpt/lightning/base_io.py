@@ -18,7 +18,7 @@ from lightning.fabric.plugins.io import CheckpointIO
 from lightning.pytorch.trainer.states import TrainerStatus
 from typing_extensions import override
 
-from lightning_ckpt import fsspec_read, paths, remote_files
+from lightning_ckpt import commit, fsspec_read, paths, remote_files
 from lightning_ckpt.barriers import Barrier
 from lightning_ckpt.builder import make_sync_checkpointer
 from lightning_ckpt.checkpoint_reader import CheckpointReader
@@ -210,7 +210,7 @@ class LightningCkptIO(CheckpointIO):
             raise
         finally:
             if downloaded is not None:
-                remote_files.remove_download(local)  # a download is read once
+                commit.remove_path(local)  # a download is read once
         return loaded
 
     @override

@@ -26,21 +26,29 @@ def _overwrite(target: str, source: str) -> None:
         c.publish()
 
 
+def _trainer(world: int, root: str, max_steps: int, callbacks: list | None = None):
+    """A ModelParallel trainer of ``world`` CPU ranks, checkpointing only through ``callbacks``."""
+    import lightning.pytorch as pl
+
+    from tests.distributed.test_lightning_strategies import _strategy
+
+    return pl.Trainer(accelerator="cpu", devices=world, strategy=_strategy("model_parallel", True, world),
+                      max_steps=max_steps, logger=False, enable_checkpointing=bool(callbacks), callbacks=callbacks,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+
+
 def _resume_while_overwritten(rank: int, world: int, root: str) -> dict:
     import lightning.pytorch as pl
     import torch.distributed as dist
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightning_ckpt.lightning import strategies
-    from tests.distributed.test_lightning_strategies import _full_params, _module_class, _strategy
+    from tests.distributed.test_lightning_strategies import _full_params, _module_class
 
     module_cls = _module_class("model_parallel")
 
     def trainer(max_steps: int, callbacks: list | None = None) -> pl.Trainer:
-        return pl.Trainer(accelerator="cpu", devices=world, strategy=_strategy("model_parallel", True, world),
-                          max_steps=max_steps, logger=False, enable_checkpointing=bool(callbacks),
-                          callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
-                          default_root_dir=root)
+        return _trainer(world, root, max_steps, callbacks)
 
     def fit(name: str, seed: int, steps: int) -> tuple[str, dict]:
         dirpath = os.path.join(root, name)
@@ -97,15 +105,12 @@ def _resume_from_damaged(rank: int, world: int, root: str) -> list[str]:
     import torch.distributed as dist
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from tests.distributed.test_lightning_strategies import _module_class, _strategy
+    from tests.distributed.test_lightning_strategies import _module_class
 
     module_cls = _module_class("model_parallel")
 
     def trainer(max_steps: int, callbacks: list | None = None) -> pl.Trainer:
-        return pl.Trainer(accelerator="cpu", devices=world, strategy=_strategy("model_parallel", True, world),
-                          max_steps=max_steps, logger=False, enable_checkpointing=bool(callbacks),
-                          callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
-                          default_root_dir=root)
+        return _trainer(world, root, max_steps, callbacks)
 
     dirpath = os.path.join(root, "ckpts")
     trainer(2, [ModelCheckpoint(dirpath=dirpath, filename="{step}", every_n_train_steps=2)]).fit(module_cls(seed=0))

@@ -14,6 +14,7 @@ import torch
 
 from lightning_ckpt import CheckpointerConfig, CheckpointProcessConfig, CheckpointTimeoutError, CorruptCheckpointError
 from lightning_ckpt.lightning import AsyncCheckpointIO, SyncCheckpointIO
+from tests._threads import errors_of_concurrent_calls
 from tests.lightning import helpers
 
 pytestmark = [pytest.mark.lightning, pytest.mark.timeout(120), pytest.mark.usefixtures("fsspec_loop")]
@@ -114,21 +115,9 @@ def test_concurrent_loads_of_one_url_never_share_a_copy(served, cache):
     saver = SyncCheckpointIO()
     saver.save_checkpoint(_checkpoint(), str(root / "good.ckpt"))
     saver.teardown()
-    plugin, errors = SyncCheckpointIO(), []
-
-    def load_five() -> None:
-        for _ in range(5):
-            try:
-                helpers.assert_trees_equal(plugin.load_checkpoint(f"{base}/good.ckpt"), _checkpoint())
-            except Exception as e:  # noqa: BLE001 - collected for the assertion
-                errors.append(e)
-
-    threads = [threading.Thread(target=load_five) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert errors == [] and not any(t.is_alive() for t in threads)
+    plugin = SyncCheckpointIO()
+    assert errors_of_concurrent_calls(
+        lambda: helpers.assert_trees_equal(plugin.load_checkpoint(f"{base}/good.ckpt"), _checkpoint())) == []
     assert _files(cache) == []
 
 

@@ -18,6 +18,7 @@ from lightning_ckpt.latest import find_latest_checkpoint, is_complete
 from lightning_ckpt.lightning import SyncCheckpointIO
 from lightning_ckpt.remote import RemoteConfig
 from lightning_ckpt.remote_s3 import S3Store
+from tests._threads import errors_of_concurrent_calls
 from tests.remote.test_remote_paths import all_files
 
 pytestmark = pytest.mark.remote
@@ -171,8 +172,6 @@ def test_an_object_replaced_on_every_read_fails_after_a_bounded_number_of_tries(
 def test_concurrent_loads_of_one_remote_checkpoint_never_share_a_download(s3, tmp_path):
     """The ranks of a node load the same ``ckpt_path`` at once: each download is its own file (a shared cache path
     let one load remove the copy another was about to read: FileNotFoundError), and none is left behind."""
-    import threading
-
     single, directory = f"{s3.url}/run/a.ckpt", f"{s3.url}/run/dir"
     state = {"w": torch.arange(1000.0)}
     plugin = SyncCheckpointIO()
@@ -180,25 +179,17 @@ def test_concurrent_loads_of_one_remote_checkpoint_never_share_a_download(s3, tm
     checkpointer = make_sync_checkpointer()
     checkpointer.save(directory, state)
     checkpointer.close()
-    errors = []
 
-    def load_five() -> None:
-        for _ in range(5):
-            try:
-                assert torch.equal(plugin.load_checkpoint(single)["state_dict"]["w"], state["w"])
-                reader = make_sync_checkpointer()
-                try:
-                    assert torch.equal(reader.load(directory)["w"], state["w"])
-                finally:
-                    reader.close()
-            except Exception as e:  # noqa: BLE001 - collected for the assertion
-                errors.append(e)
+    def load_both() -> None:
+        assert torch.equal(plugin.load_checkpoint(single)["state_dict"]["w"], state["w"])
+        reader = make_sync_checkpointer()
+        try:
+            assert torch.equal(reader.load(directory)["w"], state["w"])
+        finally:
+            reader.close()
 
-    threads = [threading.Thread(target=load_five) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    plugin.teardown()
-    assert errors == [] and not any(t.is_alive() for t in threads)
+    try:
+        assert errors_of_concurrent_calls(load_both, timeout_secs=120) == []
+    finally:
+        plugin.teardown()
     assert all_files(tmp_path / "cache") == []
